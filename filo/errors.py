@@ -1,0 +1,40 @@
+"""User-facing errors.
+
+Every problem a user can fix (a missing file, a corrupt image, a wrong checkpoint, a malformed
+prompt file) is raised as :class:`FiloError` with a single line that names the file and the fix.
+Command-line entry points catch it, print ``error: <message>`` to stderr and exit non-zero, so a
+user never sees a stack trace for bad input.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+EXIT_USER_ERROR = 2
+
+F = TypeVar("F", bound=Callable[..., int | None])
+
+
+class FiloError(Exception):
+    """An error the user can fix; ``str(err)`` is one line naming the file and the fix."""
+
+
+def cli_entry(func: F) -> F:
+    """Decorate a CLI ``main`` so a :class:`FiloError` becomes one stderr line and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except FiloError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            print("interrupted: finished work is kept; run the same command again to resume",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper  # type: ignore[return-value]
