@@ -1,0 +1,317 @@
+"""Registry of every local file the pipeline can use, where it lives and how to verify it.
+
+filo never downloads anything at run time. Each model file is an :class:`Asset` with a default
+location under the project (overridable through environment variables set by ``env.sh``), its
+public source, and its size / sha256 where they are known. ``python -m filo doctor`` checks them
+(:mod:`filo.doctor`); ``python -m filo download`` fetches them on a machine with internet.
+
+Checksums of multi-GB files are cached by (path, size, mtime) in a small JSON file so that a
+second check is instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filo.errors import FiloError
+
+HF_FILO = "https://huggingface.co/FantasticGNU/FiLo/resolve/main"
+HF_BERT = "https://huggingface.co/google-bert/bert-base-uncased/resolve/main"
+OPENAI_CLIP_L14_336 = (
+    "https://openaipublic.azureedge.net/clip/models/"
+    "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt"
+)
+GDINO_SWINT_OGC = (
+    "https://github.com/IDEA-Research/GroundingDINO/releases/download/"
+    "v0.1.0-alpha/groundingdino_swint_ogc.pth"
+)
+
+BERT_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+
+
+@dataclass(frozen=True)
+class AssetFile:
+    """One downloadable file: where it comes from and what it must hash to (when known)."""
+
+    relpath: str  # path inside the asset (the file name for single-file assets)
+    url: str
+    size: int | None = None
+    sha256: str | None = None
+    required: bool = True  # a directory asset may hold optional files (config.json)
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A model file or directory the pipeline can use."""
+
+    name: str
+    description: str
+    path: Path  # resolved location (file, or directory for kind == "dir")
+    kind: str  # "file" or "dir"
+    files: tuple[AssetFile, ...]
+    env_var: str  # the variable that moves it
+    source_page: str
+    note: str = ""
+
+    def file_paths(self) -> list[tuple[AssetFile, Path]]:
+        if self.kind == "file":
+            return [(self.files[0], self.path)]
+        return [(f, self.path / f.relpath) for f in self.files]
+
+
+@dataclass(frozen=True)
+class DatasetRoot:
+    """A dataset directory and the file whose presence shows it is laid out as expected."""
+
+    name: str
+    description: str
+    path: Path
+    marker: str  # relative path that must exist inside the root
+    env_var: str
+    source_page: str
+
+
+@dataclass
+class AssetPaths:
+    """Where assets and datasets live; built from the environment that ``env.sh`` exports."""
+
+    root: Path
+    ckpt_dir: Path
+    bert_dir: Path
+    mvtec_root: Path
+    visa_root: Path
+    clip_weights: Path
+    overrides: dict[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AssetPaths:
+        env = os.environ if env is None else env
+        root = Path(env.get("FILO_ROOT") or Path(__file__).resolve().parent.parent)
+        ckpt = Path(env.get("CKPT_DIR") or root / "ckpt")
+
+        def rel(value: str | None, default: Path) -> Path:
+            if not value:
+                return default
+            p = Path(value)
+            return p if p.is_absolute() else root / p
+
+        return cls(
+            root=root,
+            ckpt_dir=rel(str(ckpt), root / "ckpt"),
+            bert_dir=rel(env.get("FILO_BERT_LOCAL"), root / "third_party" / "bert-base-uncased"),
+            mvtec_root=rel(env.get("MVTEC_ROOT"), root / "data" / "mvtec_anomaly_detection"),
+            visa_root=rel(env.get("VISA_ROOT"), root / "data" / "VisA_20220922"),
+            clip_weights=rel(env.get("FILO_CLIP_WEIGHTS"), ckpt / "ViT-L-14-336px.pt"),
+        )
+
+
+def build_registry(paths: AssetPaths) -> dict[str, Asset]:
+    """Every asset the pipeline knows, keyed by name, at the locations ``paths`` gives."""
+    ck = paths.ckpt_dir
+    assets = [
+        Asset(
+            name="clip-vit-l-14-336",
+            description="OpenAI CLIP ViT-L/14@336 weights (OpenAI .pt archive or open_clip state dict)",
+            path=paths.clip_weights,
+            kind="file",
+            files=(AssetFile("ViT-L-14-336px.pt", OPENAI_CLIP_L14_336,
+                             sha256="3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02"),),
+            env_var="FILO_CLIP_WEIGHTS",
+            source_page="https://github.com/openai/CLIP",
+            note="needed to train; testing needs it only if the FiLo checkpoint lacks clip_model.*",
+        ),
+        Asset(
+            name="bert-base-uncased",
+            description="bert-base-uncased tokenizer directory (vocab.txt; config.json optional)",
+            path=paths.bert_dir,
+            kind="dir",
+            files=(
+                AssetFile("vocab.txt", f"{HF_BERT}/vocab.txt", size=231508,
+                          sha256=BERT_VOCAB_SHA256),
+                AssetFile("config.json", f"{HF_BERT}/config.json", required=False),
+            ),
+            env_var="FILO_BERT_LOCAL",
+            source_page="https://huggingface.co/google-bert/bert-base-uncased",
+            note="GroundingDINO's text tokenizer; its weights come from the grounding checkpoint",
+        ),
+        Asset(
+            name="groundingdino-swint-ogc",
+            description="public GroundingDINO Swin-T OGC checkpoint",
+            path=ck / "groundingdino_swint_ogc.pth",
+            kind="file",
+            files=(AssetFile("groundingdino_swint_ogc.pth", GDINO_SWINT_OGC, size=693_997_677,
+                             sha256="3b3ca2563c77c69f651d7bd133e97139c186df06231157a64c507099c52bc799"),),
+            env_var="CKPT_DIR",
+            source_page="https://github.com/IDEA-Research/GroundingDINO",
+            note="GroundingDINO-only runs with the public, not fine-tuned, detector",
+        ),
+    ]
+    for ds in ("mvtec", "visa"):
+        assets.append(Asset(
+            name=f"filo-train-on-{ds}",
+            description=f"released FiLo checkpoint trained on {'MVTec AD' if ds == 'mvtec' else 'VisA'}",
+            path=ck / f"filo_train_on_{ds}.pth",
+            kind="file",
+            files=(AssetFile(f"filo_train_on_{ds}.pth", f"{HF_FILO}/filo_train_on_{ds}.pth"),),
+            env_var="CKPT_DIR",
+            source_page="https://huggingface.co/FantasticGNU/FiLo",
+        ))
+        assets.append(Asset(
+            name=f"grounding-train-on-{ds}",
+            description=f"released GroundingDINO fine-tuned on {'MVTec AD' if ds == 'mvtec' else 'VisA'}",
+            path=ck / f"grounding_train_on_{ds}.pth",
+            kind="file",
+            files=(AssetFile(f"grounding_train_on_{ds}.pth", f"{HF_FILO}/grounding_train_on_{ds}.pth"),),
+            env_var="CKPT_DIR",
+            source_page="https://huggingface.co/FantasticGNU/FiLo",
+        ))
+    return {a.name: a for a in assets}
+
+
+def build_datasets(paths: AssetPaths) -> dict[str, DatasetRoot]:
+    return {
+        "mvtec": DatasetRoot(
+            name="mvtec", description="MVTec AD", path=paths.mvtec_root,
+            marker="bottle/test", env_var="MVTEC_ROOT",
+            source_page="https://www.mvtec.com/company/research/datasets/mvtec-ad",
+        ),
+        "visa": DatasetRoot(
+            name="visa", description="VisA (VisA_20220922)", path=paths.visa_root,
+            marker="split_csv/1cls.csv", env_var="VISA_ROOT",
+            source_page="https://github.com/amazon-science/spot-diff",
+        ),
+    }
+
+
+# --------------------------------------------------------------------------- checksums
+
+def default_checksum_cache() -> Path:
+    base = os.environ.get("FILO_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
+    base_path = Path(base) if base else Path.home() / ".cache"
+    if not os.environ.get("FILO_CACHE_DIR"):
+        base_path = base_path / "filo"
+    return base_path / "sha256.json"
+
+
+class ChecksumCache:
+    """sha256 of files, remembered by (absolute path, size, mtime_ns)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or default_checksum_cache()
+        self._entries: dict[str, dict] | None = None
+        self.hits = 0
+        self.misses = 0
+
+    def _load(self) -> dict[str, dict]:
+        if self._entries is None:
+            try:
+                self._entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._entries = {}
+        return self._entries
+
+    def sha256(self, file: Path) -> str:
+        st = file.stat()
+        key = str(file.resolve())
+        entries = self._load()
+        hit = entries.get(key)
+        if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+            self.hits += 1
+            return hit["sha256"]
+        self.misses += 1
+        digest = sha256_file(file)
+        entries[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        self._save()
+        return digest
+
+    def _save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self._entries, fh, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+
+
+def sha256_file(file: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def looks_like_torch_file(file: Path) -> bool:
+    """A torch checkpoint is a zip archive (torch >= 1.6, TorchScript) or a raw pickle."""
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+# --------------------------------------------------------------------------- download
+
+def download_asset(asset: Asset, *, timeout: float = 10.0, cache: ChecksumCache | None = None,
+                   log=print) -> None:
+    """Fetch every missing file of ``asset`` over plain HTTPS and verify it."""
+    for spec, target in asset.file_paths():
+        if target.exists():
+            log(f"[filo] {target} exists; skipped")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log(f"[filo] downloading {spec.url} -> {target}")
+        part = target.with_name(target.name + ".part")
+        try:
+            with urllib.request.urlopen(spec.url, timeout=timeout) as resp, open(part, "wb") as out:
+                total = int(resp.headers.get("Content-Length") or 0)
+                _copy_with_progress(resp, out, total, target.name)
+        except (urllib.error.URLError, OSError, TimeoutError) as err:
+            part.unlink(missing_ok=True)
+            if not spec.required:
+                log(f"[filo] optional {spec.relpath} not fetched ({_reason(err)}); continuing")
+                continue
+            raise FiloError(
+                f"cannot download {spec.url} ({_reason(err)}): on a machine with internet fetch it "
+                f"and place it at {target}"
+            ) from None
+        if spec.sha256:
+            got = sha256_file(part)
+            if got != spec.sha256:
+                part.unlink(missing_ok=True)
+                raise FiloError(f"download of {spec.url} has sha256 {got}, expected {spec.sha256}; "
+                                "try again")
+        os.replace(part, target)
+        if cache is not None and spec.sha256:
+            cache.sha256(target)
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, urllib.error.URLError) and err.reason is not None:
+        return str(err.reason)
+    return str(err) or type(err).__name__
+
+
+def _copy_with_progress(src, dst, total: int, label: str) -> None:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        shutil.copyfileobj(src, dst)
+        return
+    with tqdm(total=total or None, unit="B", unit_scale=True, desc=label, file=sys.stderr) as bar:
+        while block := src.read(1 << 20):
+            dst.write(block)
+            bar.update(len(block))

@@ -1,0 +1,262 @@
+"""``python -m filo doctor``: is every file a job needs present and intact?
+
+Prints one table row per asset and dataset root (found, missing, wrong size, wrong checksum)
+followed by the exact step that fixes each problem, and exits 0 only when everything the named
+job needs is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tabulate import tabulate
+
+from filo.assets import (
+    Asset,
+    AssetPaths,
+    ChecksumCache,
+    DatasetRoot,
+    build_datasets,
+    build_registry,
+    looks_like_torch_file,
+)
+
+OK = "ok"
+MISSING = "missing"
+OPTIONAL_MISSING = "missing (optional)"
+WRONG_SIZE = "wrong size"
+WRONG_SHA = "wrong checksum"
+NOT_TORCH = "not a torch file"
+SKIPPED = "not needed"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job needs: a dataset, checkpoints in given roles, the BERT tokenizer, CLIP."""
+
+    name: str
+    description: str
+    dataset: str | None = None
+    filo_ckpt: str | None = None  # asset name used as --ckpt_path by default
+    grounding_ckpt: str | None = None  # asset name used as --grounded_checkpoint by default
+    bert: bool = False
+    clip: bool = False  # required (training) or only optional (testing)
+    optional: tuple[str, ...] = ()
+
+
+JOBS: dict[str, JobSpec] = {
+    j.name: j for j in [
+        JobSpec("test-mvtec", "test on MVTec AD with the VisA-trained checkpoints (paper protocol)",
+                "mvtec", "filo-train-on-visa", "grounding-train-on-visa", bert=True,
+                optional=("clip-vit-l-14-336",)),
+        JobSpec("test-visa", "test on VisA with the MVTec-trained checkpoints (paper protocol)",
+                "visa", "filo-train-on-mvtec", "grounding-train-on-mvtec", bert=True,
+                optional=("clip-vit-l-14-336",)),
+        JobSpec("test-mvtec-indomain", "test on MVTec AD with the MVTec-trained checkpoints",
+                "mvtec", "filo-train-on-mvtec", "grounding-train-on-mvtec", bert=True,
+                optional=("clip-vit-l-14-336",)),
+        JobSpec("test-visa-indomain", "test on VisA with the VisA-trained checkpoints",
+                "visa", "filo-train-on-visa", "grounding-train-on-visa", bert=True,
+                optional=("clip-vit-l-14-336",)),
+        JobSpec("gdino-only", "GroundingDINO alone on MVTec AD (VisA fine-tuned detector)",
+                "mvtec", None, "grounding-train-on-visa", bert=True),
+        JobSpec("gdino-only-visa", "GroundingDINO alone on VisA (MVTec fine-tuned detector)",
+                "visa", None, "grounding-train-on-mvtec", bert=True),
+        JobSpec("train-mvtec", "train FiLo heads on MVTec AD", "mvtec", clip=True),
+        JobSpec("train-visa", "train FiLo heads on VisA", "visa", clip=True),
+        JobSpec("all", "every asset and dataset", None, bert=True, clip=True),
+    ]
+}
+
+
+@dataclass
+class Row:
+    item: str
+    status: str
+    path: Path
+    fix: str = ""
+    needed: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (OK, OPTIONAL_MISSING, SKIPPED)
+
+
+@dataclass
+class Report:
+    job: JobSpec | None
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return all(r.ok for r in self.rows if r.needed)
+
+    def problems(self) -> list[Row]:
+        return [r for r in self.rows if r.needed and not r.ok]
+
+    def render(self) -> str:
+        table = tabulate(
+            [(r.item, r.status if r.needed or r.status != OK else OK, str(r.path)) for r in self.rows],
+            headers=("item", "status", "path"), tablefmt="simple",
+        )
+        lines = [table]
+        fixes = [r for r in self.rows if r.fix and not r.ok]
+        optional = [r for r in self.rows if r.status == OPTIONAL_MISSING and r.fix]
+        if fixes:
+            lines.append("")
+            lines.append("To fix:")
+            lines += [f"  {i}. {r.item}: {r.fix}" for i, r in enumerate(fixes, 1)]
+        if optional:
+            lines.append("")
+            lines.append("Optional:")
+            lines += [f"  - {r.item}: {r.fix}" for r in optional]
+        lines.append("")
+        if self.job is None:
+            lines.append("no job named: every item listed; `--job NAME` checks what one job needs")
+        elif self.ready:
+            lines.append(f"job {self.job.name}: ready")
+        else:
+            n = len(self.problems())
+            lines.append(f"job {self.job.name}: NOT ready, {n} item(s) to fix (see above)")
+        return "\n".join(lines)
+
+
+def check_asset(asset: Asset, cache: ChecksumCache, *, needed: bool = True,
+                optional: bool = False, path: Path | None = None) -> Row:
+    """Check one asset; ``path`` replaces its location (a user-given checkpoint path)."""
+    custom = path is not None and Path(path).resolve() != asset.path.resolve()
+    location = Path(path) if path is not None else asset.path
+    fetch = f"python -m filo download {asset.name}"
+    if asset.kind == "dir":
+        return _check_dir(asset, location, cache, needed, optional, fetch)
+    spec = asset.files[0]
+    if not location.is_file():
+        how = (f"place the file at {location} (from {spec.url}; on a machine with internet: "
+               f"{fetch})") if not custom else f"the file {location} does not exist; fix the path"
+        if asset.env_var and not custom:
+            how += f"; or set {asset.env_var} to point at it"
+        return Row(asset.name, OPTIONAL_MISSING if optional else MISSING, location, how, needed)
+    size = location.stat().st_size
+    if not custom and spec.size is not None and size != spec.size:
+        return Row(asset.name, WRONG_SIZE, location,
+                   f"{size:,} bytes, expected {spec.size:,}: delete it and download again "
+                   f"from {spec.url}", needed)
+    if not looks_like_torch_file(location):
+        return Row(asset.name, NOT_TORCH, location,
+                   f"{location} is not a PyTorch checkpoint (truncated or wrong file): download "
+                   f"it again from {spec.url}", needed)
+    if not custom and spec.sha256 is not None:
+        got = cache.sha256(location)
+        if got != spec.sha256:
+            return Row(asset.name, WRONG_SHA, location,
+                       f"sha256 {got[:12]}..., expected {spec.sha256[:12]}...: delete it and "
+                       f"download again from {spec.url}", needed)
+    return Row(asset.name, OK, location, "", needed)
+
+
+def _check_dir(asset: Asset, location: Path, cache: ChecksumCache, needed: bool,
+               optional: bool, fetch: str) -> Row:
+    if not location.is_dir():
+        names = ", ".join(f.relpath for f in asset.files if f.required)
+        return Row(asset.name, OPTIONAL_MISSING if optional else MISSING, location,
+                   f"create {location}/ holding {names} (from {asset.source_page}; with internet: "
+                   f"{fetch}); or set {asset.env_var} to such a directory", needed)
+    for spec in asset.files:
+        file = location / spec.relpath
+        if not file.is_file():
+            if spec.required:
+                return Row(asset.name, MISSING, location,
+                           f"{file} is missing: put {spec.relpath} from {spec.url} there", needed)
+            continue
+        if spec.size is not None and file.stat().st_size != spec.size:
+            return Row(asset.name, WRONG_SIZE, file,
+                       f"{file.stat().st_size:,} bytes, expected {spec.size:,}: replace it with "
+                       f"{spec.url}", needed)
+        if spec.sha256 is not None and cache.sha256(file) != spec.sha256:
+            return Row(asset.name, WRONG_SHA, file,
+                       f"{file} is not bert-base-uncased's {spec.relpath}: replace it with "
+                       f"{spec.url}", needed)
+    return Row(asset.name, OK, location, "", needed)
+
+
+def check_dataset(ds: DatasetRoot, *, needed: bool = True, path: Path | None = None) -> Row:
+    location = Path(path) if path is not None else ds.path
+    item = f"dataset {ds.name}"
+    how = (f"download {ds.description} from {ds.source_page} and extract it so that "
+           f"{location / ds.marker} exists; or set {ds.env_var} (or --data_path) to its root")
+    if not location.is_dir():
+        return Row(item, MISSING, location, how, needed)
+    if not (location / ds.marker).exists() and not (location / "meta.json").is_file():
+        return Row(item, "incomplete", location, f"{location / ds.marker} not found: {how}", needed)
+    return Row(item, OK, location, "", needed)
+
+
+def run_doctor(job_name: str | None = None, *, paths: AssetPaths | None = None,
+               ckpt_path: Path | None = None, grounded_checkpoint: Path | None = None,
+               data_path: Path | None = None, cache: ChecksumCache | None = None) -> Report:
+    paths = paths or AssetPaths.from_env()
+    cache = cache or ChecksumCache()
+    registry = build_registry(paths)
+    datasets = build_datasets(paths)
+    job = JOBS.get(job_name) if job_name else None
+    report = Report(job)
+    everything = job is None or job.name == "all"
+
+    for name, asset in registry.items():
+        override = None
+        needed = everything
+        optional = False
+        if job is not None and not everything:
+            if name == job.filo_ckpt:
+                needed, override = True, ckpt_path
+            elif name == job.grounding_ckpt:
+                needed, override = True, grounded_checkpoint
+            elif name == "bert-base-uncased":
+                needed = job.bert
+            elif name == "clip-vit-l-14-336":
+                needed = job.clip or name in job.optional
+                optional = name in job.optional and not job.clip
+        if job is None:
+            optional = True  # a plain overview demands nothing
+        row = check_asset(asset, cache, needed=needed, optional=optional, path=override)
+        if not needed and job is not None:
+            row.status = SKIPPED if row.status != OK else OK
+            row.fix = ""
+        report.rows.append(row)
+    for ds_name, ds in datasets.items():
+        needed = everything or (job is not None and job.dataset == ds_name)
+        override = data_path if job is not None and job.dataset == ds_name else None
+        row = check_dataset(ds, needed=needed, path=override)
+        if job is None and row.status != OK:
+            row.status = OPTIONAL_MISSING
+        if not needed and job is not None:
+            row.status, row.fix = (OK if row.status == OK else SKIPPED), ""
+        report.rows.append(row)
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--job", choices=sorted(JOBS), default=None,
+                        help="check only what this job needs; exit 0 only if it is ready")
+    parser.add_argument("--ckpt_path", type=Path, default=None,
+                        help="FiLo checkpoint the job will use instead of the default")
+    parser.add_argument("--grounded_checkpoint", type=Path, default=None,
+                        help="GroundingDINO checkpoint the job will use instead of the default")
+    parser.add_argument("--data_path", type=Path, default=None,
+                        help="dataset root the job will use instead of MVTEC_ROOT / VISA_ROOT")
+    parser.add_argument("--list-jobs", action="store_true", help="list the job names and exit")
+
+
+def main_doctor(args: argparse.Namespace) -> int:
+    if args.list_jobs:
+        for job in JOBS.values():
+            print(f"{job.name:22s} {job.description}")
+        return 0
+    report = run_doctor(args.job, ckpt_path=args.ckpt_path,
+                        grounded_checkpoint=args.grounded_checkpoint, data_path=args.data_path)
+    print(report.render())
+    if args.job is None:
+        return 0 if not any(r.status in (WRONG_SIZE, WRONG_SHA, NOT_TORCH) for r in report.rows) else 1
+    return 0 if report.ready else 1

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run the test suite offline. Use after `source env.sh` (the README's test command):
+#   source env.sh && bash scripts/run_tests.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
+    # shellcheck disable=SC1091
+    . .venv/bin/activate
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+export PYTHONHASHSEED=0
+# Tests write only under pytest's tmp dirs; keep the checksum cache out of $HOME.
+export FILO_CACHE_DIR="${FILO_CACHE_DIR:-$(mktemp -d)}"
+set +e
+python -m pytest -q "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "run_tests.sh: pytest collected no tests" >&2
+fi
+exit "$rc"
