@@ -267,32 +267,41 @@ def looks_like_torch_file(file: Path) -> bool:
 
 def download_asset(asset: Asset, *, timeout: float = 10.0, cache: ChecksumCache | None = None,
                    log=print) -> None:
-    """Fetch every missing file of ``asset`` over plain HTTPS and verify it."""
+    """Fetch every missing file of ``asset`` over plain HTTPS and verify it.
+
+    ``FILO_ASSET_MIRROR=https://host/path`` fetches ``{mirror}/{asset name}/{file name}`` instead
+    of the public source (for sites with an internal mirror).
+    """
+    mirror = os.environ.get("FILO_ASSET_MIRROR", "").rstrip("/")
     for spec, target in asset.file_paths():
+        url = f"{mirror}/{asset.name}/{spec.relpath}" if mirror else spec.url
         if target.exists():
             log(f"[filo] {target} exists; skipped")
             continue
+        made_dir = not target.parent.exists()
         target.parent.mkdir(parents=True, exist_ok=True)
-        log(f"[filo] downloading {spec.url} -> {target}")
+        log(f"[filo] downloading {url} -> {target}")
         part = target.with_name(target.name + ".part")
         try:
-            with urllib.request.urlopen(spec.url, timeout=timeout) as resp, open(part, "wb") as out:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as out:
                 total = int(resp.headers.get("Content-Length") or 0)
                 _copy_with_progress(resp, out, total, target.name)
         except (urllib.error.URLError, OSError, TimeoutError) as err:
             part.unlink(missing_ok=True)
+            if made_dir and not any(target.parent.iterdir()):
+                target.parent.rmdir()
             if not spec.required:
                 log(f"[filo] optional {spec.relpath} not fetched ({_reason(err)}); continuing")
                 continue
             raise FiloError(
-                f"cannot download {spec.url} ({_reason(err)}): on a machine with internet fetch it "
+                f"cannot download {url} ({_reason(err)}): on a machine with internet fetch it "
                 f"and place it at {target}"
             ) from None
         if spec.sha256:
             got = sha256_file(part)
             if got != spec.sha256:
                 part.unlink(missing_ok=True)
-                raise FiloError(f"download of {spec.url} has sha256 {got}, expected {spec.sha256}; "
+                raise FiloError(f"download of {url} has sha256 {got}, expected {spec.sha256}; "
                                 "try again")
         os.replace(part, target)
         if cache is not None and spec.sha256:
