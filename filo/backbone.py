@@ -1,0 +1,413 @@
+"""CLIP backbone with the two-stream ("v-v", CLIP-surgery) vision forward used by FiLo.
+
+The model *definition* is open_clip's (``open_clip.model.CLIP``) built from a local config
+dict, so state-dict names follow the OpenAI / open_clip layout. No download ever happens:
+weights come from a local file (:func:`load_clip_weights`).
+
+The vision forward is written out block by block (:func:`encode_image_two_stream`):
+
+* ori stream: the ordinary CLIP block,
+  ``mid_k = ori_{k-1} + attn_k(ln1_k(ori_{k-1}))``, ``ori_k = mid_k + mlp_k(ln2_k(mid_k))``.
+* vv stream, for blocks after ``dual_start``:
+  ``vv_k = vv_{k-1} + out_proj(vvattn(ln1_k(ori_{k-1})))`` with ``vv_{dual_start} = ori_{dual_start}``;
+  v-v attention uses the block's value projection as query, key and value.
+
+Reference taps (what the released FiLo heads were trained on, see FILO_REFERENCE.md section 2):
+linear heads ``[V, M_a, M_b, O_L]``, MMCI heads ``[V, V, V]``, with ``V`` the final vv stream,
+``M_k`` the mid-block state of block ``k`` and ``O_L`` the final ori stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from filo.errors import FiloError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLIP_WEIGHTS = Path("ckpt/ViT-L-14-336px.pt")
+CLIP_WEIGHTS_HINT = (
+    "download OpenAI's ViT-L-14-336px.pt (the file open_clip/OpenAI CLIP fetch for "
+    "'ViT-L/14@336px') and put it at ckpt/ViT-L-14-336px.pt, or pass its path"
+)
+
+# OpenAI TorchScript archives carry these scalars besides the weights.
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+# Key names the research code's surgery attention used for blocks after the dual-path start.
+_SURGERY_KEY_MAP = {
+    "attn.qkv.weight": "attn.in_proj_weight",
+    "attn.qkv.bias": "attn.in_proj_bias",
+    "attn.proj.weight": "attn.out_proj.weight",
+    "attn.proj.bias": "attn.out_proj.bias",
+}
+
+
+@dataclass
+class ClipConfig:
+    """open_clip CLIP hyper-parameters (defaults: ViT-L-14-336 at FiLo's 518 px input)."""
+
+    embed_dim: int = 768
+    image_size: int = 518
+    patch_size: int = 14
+    vision_width: int = 1024
+    vision_layers: int = 24
+    vision_heads: int = 16
+    text_context_length: int = 77
+    text_vocab_size: int = 49408
+    text_width: int = 768
+    text_heads: int = 12
+    text_layers: int = 12
+    quick_gelu: bool = True  # OpenAI weights were trained with QuickGELU
+
+    @classmethod
+    def vit_l_14_336(cls, image_size: int = 518) -> ClipConfig:
+        return cls(image_size=image_size)
+
+    @classmethod
+    def tiny(cls) -> ClipConfig:
+        """A few-hundred-kilobyte CLIP for tests: 4 vision blocks of width 64, 4x4 patch grid."""
+        return cls(
+            embed_dim=32,
+            image_size=32,
+            patch_size=8,
+            vision_width=64,
+            vision_layers=4,
+            vision_heads=4,
+            text_width=32,
+            text_heads=4,
+            text_layers=2,
+        )
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    def open_clip_dict(self) -> dict:
+        """The open_clip model-config dict (same shape as ``model_configs/ViT-L-14-336.json``)."""
+        if self.vision_width % self.vision_heads:
+            raise FiloError(
+                f"clip config: vision_width {self.vision_width} is not divisible by "
+                f"vision_heads {self.vision_heads}"
+            )
+        return {
+            "embed_dim": self.embed_dim,
+            "quick_gelu": self.quick_gelu,
+            "vision_cfg": {
+                "image_size": self.image_size,
+                "layers": self.vision_layers,
+                "width": self.vision_width,
+                "head_width": self.vision_width // self.vision_heads,
+                "patch_size": self.patch_size,
+            },
+            "text_cfg": {
+                "context_length": self.text_context_length,
+                "vocab_size": self.text_vocab_size,
+                "width": self.text_width,
+                "heads": self.text_heads,
+                "layers": self.text_layers,
+            },
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TapConfig:
+    """Which residual-stream states feed the heads.
+
+    ``mode="reference"`` (default) reproduces the taps of the released checkpoints;
+    ``mode="true"`` returns the per-layer features the research code meant to use
+    (ori at ``true_layers`` for the linear heads, vv at ``true_layers[1:]`` for MMCI).
+    Layers and blocks are 1-based.
+    """
+
+    dual_start: int = 6
+    mid_tap_blocks: tuple[int, ...] = (13, 19)
+    true_layers: tuple[int, ...] = (6, 12, 18, 24)
+    mode: str = "reference"
+    n_mmci: int = 3
+
+    @classmethod
+    def for_depth(cls, layers: int, mode: str = "reference") -> TapConfig:
+        """The reference pattern scaled to ``layers`` blocks (24 -> 6, (13, 19), (6, 12, 18, 24))."""
+        q = layers // 4
+        if q < 1:
+            raise FiloError(f"tap config: need at least 4 vision blocks, got {layers}")
+        return cls(
+            dual_start=q,
+            mid_tap_blocks=(2 * q + 1, 3 * q + 1),
+            true_layers=(q, 2 * q, 3 * q, 4 * q),
+            mode=mode,
+        )
+
+    @property
+    def n_linear(self) -> int:
+        return len(self.mid_tap_blocks) + 2 if self.mode == "reference" else len(self.true_layers)
+
+    def validate(self, layers: int) -> None:
+        if self.mode not in ("reference", "true"):
+            raise FiloError(f"tap config: mode must be 'reference' or 'true', got {self.mode!r}")
+        if not 0 <= self.dual_start < layers:
+            raise FiloError(
+                f"tap config: dual_start {self.dual_start} must be in [0, {layers - 1}]"
+            )
+        for b in self.mid_tap_blocks:
+            if not 1 <= b <= layers:
+                raise FiloError(f"tap config: mid tap block {b} outside 1..{layers}")
+        for b in self.true_layers:
+            if not 1 <= b <= layers:
+                raise FiloError(f"tap config: true tap layer {b} outside 1..{layers}")
+        if self.mode == "true":
+            vv = [b for b in self.true_layers if b > self.dual_start]
+            if len(vv) != self.n_mmci:
+                raise FiloError(
+                    f"tap config: true taps give {len(vv)} vv features, n_mmci is {self.n_mmci}"
+                )
+
+
+@dataclass
+class VisionFeatures:
+    """Outputs of the two-stream forward; every tap is ``[B, 1 + N, width]`` (class token first)."""
+
+    linear_taps: list[torch.Tensor]
+    mmci_taps: list[torch.Tensor]
+    global_tokens: torch.Tensor  # [B, 1 + N, embed_dim] = ln_post(ori_L) @ proj
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def build_clip(config: ClipConfig) -> nn.Module:
+    """Construct ``open_clip.model.CLIP`` from the local config (random init, no download)."""
+    from open_clip.model import CLIP
+
+    cfg = config.open_clip_dict()
+    model = CLIP(
+        embed_dim=cfg["embed_dim"],
+        vision_cfg=cfg["vision_cfg"],
+        text_cfg=cfg["text_cfg"],
+        quick_gelu=cfg["quick_gelu"],
+    )
+    for block in model.visual.transformer.resblocks:
+        if not isinstance(block.attn, nn.MultiheadAttention):
+            raise FiloError("open_clip built a custom attention block; FiLo needs the standard one")
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# two-stream forward
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, w = x.shape
+    return x.reshape(b, n, heads, w // heads).transpose(1, 2)  # [B, H, N, d]
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def block_qkv(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of an open_clip block for (already ln_1-normalised) tokens ``h`` [B, N, W]."""
+    attn: nn.MultiheadAttention = block.attn
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.chunk(3, dim=-1)
+    heads = attn.num_heads
+    return _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` per head (fused kernel; tests check it against matmuls)."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def vision_embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Patch embedding + class token + position embedding + ln_pre -> [B, 1 + N, W]."""
+    x = visual.conv1(images.to(visual.conv1.weight.dtype))
+    b, w, gh, gw = x.shape
+    pos = visual.positional_embedding
+    if pos.shape[0] != gh * gw + 1:
+        raise FiloError(
+            f"input of {images.shape[-2]}x{images.shape[-1]} px gives a {gh}x{gw} patch grid but the "
+            f"model's position embedding has {pos.shape[0] - 1} patches; build the model with "
+            f"image_size={images.shape[-1]} (positions are resized when weights are loaded)"
+        )
+    x = x.reshape(b, w, gh * gw).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).reshape(1, 1, w).expand(b, 1, w)
+    x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)
+    return visual.ln_pre(x)
+
+
+def encode_image_two_stream(
+    visual: nn.Module, images: torch.Tensor, taps: TapConfig | None = None
+) -> VisionFeatures:
+    """Run the vision tower with the ori and vv streams; return head taps and global tokens."""
+    blocks = visual.transformer.resblocks
+    n_layers = len(blocks)
+    taps = taps or TapConfig.for_depth(n_layers)
+    taps.validate(n_layers)
+
+    ori = vision_embed(visual, images)
+    vv: torch.Tensor | None = None
+    mids: dict[int, torch.Tensor] = {}
+    ori_at: dict[int, torch.Tensor] = {}
+    vv_at: dict[int, torch.Tensor] = {}
+
+    for idx, block in enumerate(blocks, start=1):
+        h = block.ln_1(ori)
+        q, k, v = block_qkv(block, h)
+        attn_out = block.attn.out_proj(_merge_heads(_attend(q, k, v)))
+        mid = ori + block.ls_1(attn_out)
+        if idx > taps.dual_start:
+            if vv is None:
+                vv = ori  # vv_{dual_start} = ori_{dual_start}
+            vv_out = block.attn.out_proj(_merge_heads(_attend(v, v, v)))
+            vv = vv + block.ls_1(vv_out)
+        ori = mid + block.ls_2(block.mlp(block.ln_2(mid)))
+        if idx in taps.mid_tap_blocks:
+            mids[idx] = mid
+        if idx in taps.true_layers:
+            ori_at[idx] = ori
+            if vv is not None:
+                vv_at[idx] = vv
+
+    if vv is None:  # dual_start == n_layers cannot happen after validate(); keep types honest
+        vv = ori
+    if taps.mode == "reference":
+        linear = [vv] + [mids[b] for b in taps.mid_tap_blocks] + [ori]
+        mmci = [vv] * taps.n_mmci
+    else:
+        linear = [ori_at[b] for b in taps.true_layers]
+        mmci = [vv_at[b] for b in taps.true_layers if b > taps.dual_start]
+
+    global_tokens = visual.ln_post(ori) @ visual.proj
+    return VisionFeatures(
+        linear_taps=linear, mmci_taps=mmci, global_tokens=global_tokens, extras={"ori": ori, "vv": vv}
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
+    """Resize a ``[1 + g*g, W]`` position embedding to ``grid`` (bicubic, align_corners=False).
+
+    The class-token row is kept unchanged. Same size -> returned unchanged.
+    """
+    gh, gw = (grid, grid) if isinstance(grid, int) else grid
+    if pos.shape[0] == gh * gw + 1:
+        return pos
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    old = math.isqrt(patch_pos.shape[0])
+    if old * old != patch_pos.shape[0]:
+        raise FiloError(f"position embedding with {patch_pos.shape[0]} patches is not a square grid")
+    dtype = pos.dtype
+    img = patch_pos.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=(gh, gw), mode="bicubic", align_corners=False)
+    patch_pos = img.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(dtype)
+    return torch.cat([cls_pos, patch_pos], dim=0)
+
+
+def normalize_clip_state_dict(state: dict) -> dict:
+    """Bring a CLIP state dict to open_clip names.
+
+    Accepts OpenAI / open_clip layouts, ``module.`` or ``clip_model.`` prefixes and the
+    research code's surgery attention names (``attn.qkv.*``, ``attn.proj.*``).
+    """
+    out = {}
+    for key, value in state.items():
+        if key in _OPENAI_EXTRA_KEYS or not isinstance(value, torch.Tensor):
+            continue
+        for prefix in ("module.", "clip_model."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        for old, new in _SURGERY_KEY_MAP.items():
+            if key.endswith("." + old):
+                key = key[: -len(old)] + new
+        out[key] = value
+    return out
+
+
+def read_clip_state_dict(path: str | Path) -> dict:
+    """Read CLIP weights from a local file: OpenAI TorchScript ``.pt`` or a (open_clip) state dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise FiloError(f"CLIP weights not found at {p}: {CLIP_WEIGHTS_HINT}")
+    is_torchscript = False
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as zf:
+                is_torchscript = any(n.endswith("constants.pkl") for n in zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        is_torchscript = False
+    try:
+        if is_torchscript:
+            state = torch.jit.load(str(p), map_location="cpu").state_dict()
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any decode failure is a bad file for the user
+        raise FiloError(
+            f"cannot read CLIP weights {p} ({type(err).__name__}): the file is corrupt or not a "
+            f"CLIP checkpoint; {CLIP_WEIGHTS_HINT}"
+        ) from err
+    if isinstance(state, dict):
+        for wrapper in ("state_dict", "model"):
+            if wrapper in state and isinstance(state[wrapper], dict):
+                state = state[wrapper]
+    if not isinstance(state, dict) or not any(
+        str(k).split(".", 2)[0] in ("visual", "clip_model", "module") for k in state
+    ):
+        raise FiloError(f"{p} holds no CLIP vision weights (no 'visual.*' keys); {CLIP_WEIGHTS_HINT}")
+    return dict(state)
+
+
+def load_clip_weights(clip: nn.Module, path: str | Path, *, strict: bool = True) -> None:
+    """Load CLIP weights from ``path`` into ``clip`` (position grid resized to the model's)."""
+    state = normalize_clip_state_dict(read_clip_state_dict(path))
+    load_clip_state_dict(clip, state, source=str(path), strict=strict)
+
+
+def load_clip_state_dict(
+    clip: nn.Module, state: dict, *, source: str = "<state dict>", strict: bool = True
+) -> None:
+    """Load an open_clip-named state dict; resizes ``visual.positional_embedding`` if needed."""
+    state = dict(state)
+    key = "visual.positional_embedding"
+    if key in state:
+        target = clip.visual.positional_embedding
+        if state[key].shape != target.shape:
+            gh, gw = clip.visual.grid_size
+            logger.info("resizing %s from %s to %s", key, tuple(state[key].shape), tuple(target.shape))
+            state[key] = resize_pos_embed(state[key], (gh, gw))
+    own = clip.state_dict()
+    bad = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if bad:
+        raise FiloError(
+            f"{source}: CLIP weights do not fit the configured model ({'; '.join(bad[:3])}); "
+            "use ViT-L-14-336 weights or change the clip config"
+        )
+    result = clip.load_state_dict(state, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise FiloError(
+            f"{source}: CLIP weights do not match open_clip ViT layout "
+            f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); "
+            f"{CLIP_WEIGHTS_HINT}"
+        )
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
