@@ -1,0 +1,336 @@
+"""Convert GroundingDINO checkpoints from the ORIGINAL (IDEA-Research) layout to transformers.
+
+Every original key is handled by exactly one rule of :data:`KEY_RULES` (renamed, or split into
+query/key/value), or is a known leftover listed in :data:`IGNORED_KEYS` with the reason. Anything
+else is reported as unknown. Conversion is pure (state dict in, state dict + report out);
+:func:`read_checkpoint` reads a file and tells the layouts apart by their keys.
+
+Layouts:
+- original: ``groundingdino_swint_ogc.pth`` (``{"model": sd}``, keys maybe prefixed ``module.``)
+  and FiLo's ``grounding_train_on_{mvtec,visa}.pth`` (a flat state dict);
+- transformers: the output of ``python -m filo.detector convert IN OUT`` (``{"format":
+  "filo-gdino-hf", "arch": {...}, "state_dict": {...}}``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from filo.detector.config import DetectorArch, arch_from_state_dict
+from filo.errors import FiloError
+
+log = logging.getLogger(__name__)
+
+HF_FORMAT = "filo-gdino-hf"
+
+SWIN = "model.backbone.conv_encoder.model.swin"
+SWIN_NORMS = "model.backbone.conv_encoder.model.hidden_states_norms"
+ENC = "model.encoder.layers"
+DEC = "model.decoder.layers"
+
+# (original-key regex, transformers template, kind). "copy" renames; "qkv" splits a stacked
+# [q; k; v] matrix (rows) or bias into three tensors named with {part} = the three names.
+# Templates use \1, \2 ... for the regex groups.
+KEY_RULES: list[tuple[str, str, str]] = [
+    # ---- Swin vision backbone
+    (r"backbone\.0\.patch_embed\.proj\.(weight|bias)",
+     SWIN + r".embeddings.patch_embeddings.projection.\1", "copy"),
+    (r"backbone\.0\.patch_embed\.norm\.(weight|bias)", SWIN + r".embeddings.norm.\1", "copy"),
+    (r"backbone\.0\.layers\.(\d+)\.blocks\.(\d+)\.norm1\.(weight|bias)",
+     SWIN + r".encoder.layers.\1.blocks.\2.layernorm_before.\3", "copy"),
+    (r"backbone\.0\.layers\.(\d+)\.blocks\.(\d+)\.norm2\.(weight|bias)",
+     SWIN + r".encoder.layers.\1.blocks.\2.layernorm_after.\3", "copy"),
+    (r"backbone\.0\.layers\.(\d+)\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)",
+     SWIN + r".encoder.layers.\1.blocks.\2.attention.{part}.\3", "qkv_swin"),
+    (r"backbone\.0\.layers\.(\d+)\.blocks\.(\d+)\.attn\.proj\.(weight|bias)",
+     SWIN + r".encoder.layers.\1.blocks.\2.attention.o_proj.\3", "copy"),
+    (r"backbone\.0\.layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table",
+     SWIN + r".encoder.layers.\1.blocks.\2.attention.relative_position_bias"
+            r".relative_position_bias_table", "copy"),
+    (r"backbone\.0\.layers\.(\d+)\.blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)",
+     SWIN + r".encoder.layers.\1.blocks.\2.mlp.\3.\4", "copy"),
+    (r"backbone\.0\.layers\.(\d+)\.downsample\.(reduction|norm)\.(weight|bias)",
+     SWIN + r".encoder.layers.\1.downsample.\2.\3", "copy"),
+    # original norm{i} (i = 1..3 for out indices 1,2,3) -> transformers stage{i+1}
+    (r"backbone\.0\.norm(\d)\.(weight|bias)", SWIN_NORMS + r".stage{norm_stage}.\2", "copy"),
+    # ---- input projections, text projection, BERT
+    (r"input_proj\.(\d+)\.([01])\.(weight|bias)", r"model.input_proj_vision.\1.\2.\3", "copy"),
+    (r"feat_map\.(weight|bias)", r"model.text_projection.\1", "copy"),
+    (r"bert\.(embeddings\.(?:word|position|token_type)_embeddings\.weight)",
+     r"model.text_backbone.\1", "copy"),
+    (r"bert\.embeddings\.LayerNorm\.(weight|bias)",
+     r"model.text_backbone.embeddings.LayerNorm.\1", "copy"),
+    (r"bert\.encoder\.layer\.(\d+)\.((?:attention\.self\.(?:query|key|value)|attention\.output\.dense"
+     r"|attention\.output\.LayerNorm|intermediate\.dense|output\.dense|output\.LayerNorm)"
+     r"\.(?:weight|bias))",
+     r"model.text_backbone.encoder.layer.\1.\2", "copy"),
+    # ---- encoder: deformable image layers
+    (r"transformer\.encoder\.layers\.(\d+)\.self_attn\."
+     r"(sampling_offsets|attention_weights|value_proj|output_proj)\.(weight|bias)",
+     ENC + r".\1.deformable_layer.self_attn.\2.\3", "copy"),
+    (r"transformer\.encoder\.layers\.(\d+)\.norm1\.(weight|bias)",
+     ENC + r".\1.deformable_layer.self_attn_layer_norm.\2", "copy"),
+    (r"transformer\.encoder\.layers\.(\d+)\.linear1\.(weight|bias)",
+     ENC + r".\1.deformable_layer.fc1.\2", "copy"),
+    (r"transformer\.encoder\.layers\.(\d+)\.linear2\.(weight|bias)",
+     ENC + r".\1.deformable_layer.fc2.\2", "copy"),
+    (r"transformer\.encoder\.layers\.(\d+)\.norm2\.(weight|bias)",
+     ENC + r".\1.deformable_layer.final_layer_norm.\2", "copy"),
+    # ---- encoder: text enhancer layers
+    (r"transformer\.encoder\.text_layers\.(\d+)\.self_attn\.in_proj_(weight|bias)",
+     ENC + r".\1.text_enhancer_layer.self_attn.{part}.\2", "qkv_mha"),
+    (r"transformer\.encoder\.text_layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)",
+     ENC + r".\1.text_enhancer_layer.self_attn.out_proj.\2", "copy"),
+    (r"transformer\.encoder\.text_layers\.(\d+)\.linear1\.(weight|bias)",
+     ENC + r".\1.text_enhancer_layer.fc1.\2", "copy"),
+    (r"transformer\.encoder\.text_layers\.(\d+)\.linear2\.(weight|bias)",
+     ENC + r".\1.text_enhancer_layer.fc2.\2", "copy"),
+    (r"transformer\.encoder\.text_layers\.(\d+)\.norm1\.(weight|bias)",
+     ENC + r".\1.text_enhancer_layer.layer_norm_before.\2", "copy"),
+    (r"transformer\.encoder\.text_layers\.(\d+)\.norm2\.(weight|bias)",
+     ENC + r".\1.text_enhancer_layer.layer_norm_after.\2", "copy"),
+    # ---- encoder: bi-directional image/text fusion layers
+    (r"transformer\.encoder\.fusion_layers\.(\d+)\.gamma_v", ENC + r".\1.fusion_layer.vision_param",
+     "copy"),
+    (r"transformer\.encoder\.fusion_layers\.(\d+)\.gamma_l", ENC + r".\1.fusion_layer.text_param",
+     "copy"),
+    (r"transformer\.encoder\.fusion_layers\.(\d+)\.layer_norm_v\.(weight|bias)",
+     ENC + r".\1.fusion_layer.layer_norm_vision.\2", "copy"),
+    (r"transformer\.encoder\.fusion_layers\.(\d+)\.layer_norm_l\.(weight|bias)",
+     ENC + r".\1.fusion_layer.layer_norm_text.\2", "copy"),
+    (r"transformer\.encoder\.fusion_layers\.(\d+)\.attn\.v_proj\.(weight|bias)",
+     ENC + r".\1.fusion_layer.attn.vision_proj.\2", "copy"),
+    (r"transformer\.encoder\.fusion_layers\.(\d+)\.attn\.l_proj\.(weight|bias)",
+     ENC + r".\1.fusion_layer.attn.text_proj.\2", "copy"),
+    (r"transformer\.encoder\.fusion_layers\.(\d+)\.attn\.values_v_proj\.(weight|bias)",
+     ENC + r".\1.fusion_layer.attn.values_vision_proj.\2", "copy"),
+    (r"transformer\.encoder\.fusion_layers\.(\d+)\.attn\.values_l_proj\.(weight|bias)",
+     ENC + r".\1.fusion_layer.attn.values_text_proj.\2", "copy"),
+    (r"transformer\.encoder\.fusion_layers\.(\d+)\.attn\.out_v_proj\.(weight|bias)",
+     ENC + r".\1.fusion_layer.attn.out_vision_proj.\2", "copy"),
+    (r"transformer\.encoder\.fusion_layers\.(\d+)\.attn\.out_l_proj\.(weight|bias)",
+     ENC + r".\1.fusion_layer.attn.out_text_proj.\2", "copy"),
+    # ---- two-stage proposal head and query embeddings
+    (r"transformer\.level_embed", r"model.level_embed", "copy"),
+    (r"transformer\.tgt_embed\.weight", r"model.query_position_embeddings.weight", "copy"),
+    (r"transformer\.enc_output\.(weight|bias)", r"model.enc_output.\1", "copy"),
+    (r"transformer\.enc_output_norm\.(weight|bias)", r"model.enc_output_norm.\1", "copy"),
+    (r"transformer\.enc_out_bbox_embed\.layers\.(\d+)\.(weight|bias)",
+     r"model.encoder_output_bbox_embed.layers.\1.\2", "copy"),
+    # ---- decoder layers
+    (r"transformer\.decoder\.layers\.(\d+)\.cross_attn\."
+     r"(sampling_offsets|attention_weights|value_proj|output_proj)\.(weight|bias)",
+     DEC + r".\1.encoder_attn.\2.\3", "copy"),
+    (r"transformer\.decoder\.layers\.(\d+)\.norm1\.(weight|bias)",
+     DEC + r".\1.encoder_attn_layer_norm.\2", "copy"),
+    (r"transformer\.decoder\.layers\.(\d+)\.ca_text\.in_proj_(weight|bias)",
+     DEC + r".\1.encoder_attn_text.{part}.\2", "qkv_mha"),
+    (r"transformer\.decoder\.layers\.(\d+)\.ca_text\.out_proj\.(weight|bias)",
+     DEC + r".\1.encoder_attn_text.out_proj.\2", "copy"),
+    (r"transformer\.decoder\.layers\.(\d+)\.catext_norm\.(weight|bias)",
+     DEC + r".\1.encoder_attn_text_layer_norm.\2", "copy"),
+    (r"transformer\.decoder\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)",
+     DEC + r".\1.self_attn.{part}.\2", "qkv_mha"),
+    (r"transformer\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)",
+     DEC + r".\1.self_attn.out_proj.\2", "copy"),
+    (r"transformer\.decoder\.layers\.(\d+)\.norm2\.(weight|bias)",
+     DEC + r".\1.self_attn_layer_norm.\2", "copy"),
+    (r"transformer\.decoder\.layers\.(\d+)\.linear1\.(weight|bias)", DEC + r".\1.fc1.\2", "copy"),
+    (r"transformer\.decoder\.layers\.(\d+)\.linear2\.(weight|bias)", DEC + r".\1.fc2.\2", "copy"),
+    (r"transformer\.decoder\.layers\.(\d+)\.norm3\.(weight|bias)",
+     DEC + r".\1.final_layer_norm.\2", "copy"),
+    (r"transformer\.decoder\.norm\.(weight|bias)", r"model.decoder.layer_norm.\1", "copy"),
+    (r"transformer\.decoder\.ref_point_head\.layers\.(\d+)\.(weight|bias)",
+     r"model.decoder.reference_points_head.layers.\1.\2", "copy"),
+    # ---- box heads: the original stores the shared decoder box MLP twice (bbox_embed.{l} and
+    # transformer.decoder.bbox_embed.{l}); transformers ties bbox_embed.{l} and
+    # model.decoder.bbox_embed.{l}. Both copies are mapped; convert() checks they agree.
+    (r"bbox_embed\.(\d+)\.layers\.(\d+)\.(weight|bias)", r"bbox_embed.\1.layers.\2.\3", "copy"),
+    (r"transformer\.decoder\.bbox_embed\.(\d+)\.layers\.(\d+)\.(weight|bias)",
+     r"model.decoder.bbox_embed.\1.layers.\2.\3", "copy"),
+]
+
+# Original keys with no transformers counterpart, and why dropping them is harmless.
+IGNORED_KEYS: list[tuple[str, str]] = [
+    (r"backbone\.0\.layers\.\d+\.blocks\.\d+\.attn\.relative_position_index",
+     "constant index buffer, recomputed by transformers"),
+    (r"bert\.embeddings\.position_ids", "constant buffer of old transformers versions"),
+    (r"bert\.pooler\.dense\.(weight|bias)", "BERT pooler, unused by GroundingDINO"),
+    (r"label_enc\.weight", "denoising label embedding, training only"),
+]
+
+# transformers keys that no original key fills, and why that is harmless.
+HF_ONLY_KEYS: list[tuple[str, str]] = [
+    (r"model\.backbone\.conv_encoder\.model\.swin\.layernorm\.(weight|bias)",
+     "final Swin norm, not used by the feature maps GroundingDINO takes"),
+]
+
+_COMPILED = [(re.compile(rx + r"\Z"), tpl, kind) for rx, tpl, kind in KEY_RULES]
+_IGNORED = [(re.compile(rx + r"\Z"), why) for rx, why in IGNORED_KEYS]
+_HF_ONLY = [(re.compile(rx + r"\Z"), why) for rx, why in HF_ONLY_KEYS]
+
+QKV_PARTS = {"qkv_swin": ("q_proj", "k_proj", "v_proj"), "qkv_mha": ("query", "key", "value")}
+
+
+@dataclass
+class ConversionReport:
+    """What happened to every original key."""
+
+    converted: dict[str, list[str]] = field(default_factory=dict)  # original -> transformers keys
+    ignored: dict[str, str] = field(default_factory=dict)  # original key -> reason
+    unknown: list[str] = field(default_factory=list)  # original keys no rule knows
+
+    def summary(self) -> str:
+        return (f"{len(self.converted)} keys converted, {len(self.ignored)} known leftovers "
+                f"ignored, {len(self.unknown)} unknown")
+
+
+def strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop a DataParallel ``module.`` prefix from every key that has it."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def _split_qkv(tensor: torch.Tensor, key: str) -> tuple[torch.Tensor, ...]:
+    if tensor.shape[0] % 3:
+        raise FiloError(f"checkpoint key {key}: first dimension {tensor.shape[0]} is not 3*d")
+    return tuple(t.clone() for t in tensor.chunk(3, dim=0))
+
+
+def convert_key(key: str, value: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+    """transformers (key, tensor) pairs for one original key; ``None`` if no rule applies."""
+    for rx, template, kind in _COMPILED:
+        match = rx.match(key)
+        if not match:
+            continue
+        if "{norm_stage}" in template:
+            template = template.replace("{norm_stage}", str(int(match.group(1)) + 1))
+        if kind == "copy":
+            return [(match.expand(template), value)]
+        parts = _split_qkv(value, key)
+        return [(match.expand(template.replace("{part}", name)), part)
+                for name, part in zip(QKV_PARTS[kind], parts, strict=True)]
+    return None
+
+
+def convert_state_dict(original: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                                   ConversionReport]:
+    """Original-layout state dict -> transformers ``GroundingDinoForObjectDetection`` state dict."""
+    original = strip_prefix(original)
+    report = ConversionReport()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in original.items():
+        pairs = convert_key(key, value)
+        if pairs is not None:
+            report.converted[key] = [k for k, _ in pairs]
+            out.update(pairs)
+            continue
+        reason = next((why for rx, why in _IGNORED if rx.match(key)), None)
+        if reason is not None:
+            report.ignored[key] = reason
+        else:
+            report.unknown.append(key)
+    _check_shared_box_heads(out)
+    return out, report
+
+
+def _check_shared_box_heads(hf: dict[str, torch.Tensor]) -> None:
+    """The decoder box MLP is shared across layers and with the top-level copy: verify it."""
+    groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for key, value in hf.items():
+        match = re.fullmatch(r"(?:model\.decoder\.)?bbox_embed\.\d+\.(layers\.\d+\.(?:weight|bias))",
+                             key)
+        if match:
+            groups.setdefault(match.group(1), []).append((key, value))
+    for items in groups.values():
+        ref_key, ref = items[0]
+        for key, value in items[1:]:
+            if value.shape != ref.shape or not torch.equal(value, ref):
+                raise FiloError(
+                    f"checkpoint: box heads {ref_key} and {key} differ; only GroundingDINO "
+                    "checkpoints with a shared decoder box head (dec_pred_bbox_embed_share) "
+                    "are supported"
+                )
+
+
+def hf_only_reason(key: str) -> str | None:
+    """Why a transformers key may stay unfilled by a converted checkpoint (or None)."""
+    return next((why for rx, why in _HF_ONLY if rx.match(key)), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint in transformers layout plus what its conversion did."""
+
+    state_dict: dict[str, torch.Tensor]
+    arch: DetectorArch
+    layout: str  # "original" or "transformers"
+    report: ConversionReport | None = None
+
+
+def detect_layout(obj: object, path: str | Path = "checkpoint") -> tuple[str, dict]:
+    """Tell apart the layouts by their keys; return (layout, state dict or payload)."""
+    if isinstance(obj, dict) and obj.get("format") == HF_FORMAT:
+        return "transformers", obj
+    if isinstance(obj, dict) and "filo" in obj:
+        raise FiloError(f"{path}: this is a FiLo checkpoint ('filo' key), not a GroundingDINO "
+                        "one; pass it as the FiLo checkpoint and give --grounded_checkpoint "
+                        "grounding_train_on_{mvtec,visa}.pth or groundingdino_swint_ogc.pth")
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = strip_prefix(obj)
+        if "backbone.0.patch_embed.proj.weight" in keys and any(k.startswith("bert.")
+                                                                for k in keys):
+            return "original", obj
+        if any(k.startswith("model.text_backbone.") for k in keys):
+            raise FiloError(f"{path}: a bare transformers state dict without architecture; "
+                            "convert the original checkpoint with `python -m filo.detector "
+                            "convert IN OUT`")
+    raise FiloError(f"{path}: not a GroundingDINO checkpoint (expected the original layout, "
+                    "e.g. groundingdino_swint_ogc.pth or grounding_train_on_{mvtec,visa}.pth, "
+                    "or a file written by `python -m filo.detector convert`)")
+
+
+def read_checkpoint(path: str | Path, bert_heads: int | None = None) -> LoadedCheckpoint:
+    """Read a GroundingDINO checkpoint of either layout, converting the original one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FiloError(f"{path}: GroundingDINO checkpoint not found; put "
+                        "grounding_train_on_{mvtec,visa}.pth or groundingdino_swint_ogc.pth there")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is a user error here
+        raise FiloError(f"{path}: cannot read as a torch checkpoint ({type(err).__name__}); "
+                        "download it again") from None
+    layout, payload = detect_layout(obj, path)
+    if layout == "transformers":
+        return LoadedCheckpoint(state_dict=payload["state_dict"],
+                                arch=DetectorArch.from_dict(payload["arch"]), layout=layout)
+    original = strip_prefix(payload)
+    arch = arch_from_state_dict(original, source=str(path), bert_heads=bert_heads)
+    state_dict, report = convert_state_dict(original)
+    log.info("%s: original GroundingDINO layout, %s", path, report.summary())
+    if report.unknown:
+        raise FiloError(f"{path}: {len(report.unknown)} keys no conversion rule knows "
+                        f"(first: {report.unknown[0]}); is this a GroundingDINO Swin-T checkpoint?")
+    return LoadedCheckpoint(state_dict=state_dict, arch=arch, layout=layout, report=report)
+
+
+def convert_file(src: str | Path, dst: str | Path, bert_heads: int | None = None) -> ConversionReport:
+    """Convert an original-layout checkpoint file to the transformers layout file ``dst``."""
+    loaded = read_checkpoint(src, bert_heads=bert_heads)
+    if loaded.layout != "original" or loaded.report is None:
+        raise FiloError(f"{src}: already in the transformers layout; nothing to convert")
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": HF_FORMAT, "arch": loaded.arch.to_dict(),
+                "state_dict": loaded.state_dict}, dst)
+    return loaded.report
