@@ -1,0 +1,146 @@
+"""Per-image predictions on disk, so a long run never loses finished work.
+
+Entries live in ``{directory}/{settings key}/{image path relative to the dataset root}.npz`` and
+hold the anomaly map (float32, evaluation size), the image score, the label, the ground-truth
+mask (bit-packed) and a small JSON of extras (detector boxes, position). The settings key is a
+hash of everything that changes the predictions (checkpoints, thresholds, prompts, image size,
+switches), not of batch size, workers or device. Every write goes to a temporary file in the
+same directory and is renamed into place, so a kill never leaves a half-written entry; an
+unreadable entry is treated as missing and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Prediction:
+    """What the model said about one image, plus its ground truth."""
+
+    img_path: str
+    cls_name: str
+    label: int
+    image_score: float
+    anomaly_map: np.ndarray  # float32 [S, S]
+    mask: np.ndarray  # bool [S, S]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """A short, stable hash of the settings that change predictions."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_fingerprint(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """Identify a (possibly multi-GB) file cheaply: absolute path, size and mtime."""
+    if not path:
+        return None
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return {"path": str(p)}
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+class PredictionCache:
+    """Atomic, resumable per-image storage of predictions for one set of settings."""
+
+    def __init__(self, directory: str | os.PathLike, settings: dict[str, Any]) -> None:
+        self.key = settings_key(settings)
+        self.dir = Path(directory) / self.key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "settings.json"
+        if not meta.exists():
+            _atomic_write_bytes(meta, json.dumps(settings, indent=1, sort_keys=True,
+                                                 default=str).encode())
+
+    def path_for(self, img_path: str) -> Path:
+        rel = Path(img_path)
+        if rel.is_absolute():  # images outside the root: keep them apart, stably named
+            rel = Path("_abs") / hashlib.sha1(str(rel).encode()).hexdigest()[:16] / rel.name
+        return self.dir / rel.parent / (rel.name + ".npz")
+
+    def has(self, img_path: str) -> bool:
+        return self.path_for(img_path).is_file()
+
+    def put(self, pred: Prediction) -> None:
+        target = self.path_for(pred.img_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mask = np.asarray(pred.mask, dtype=bool)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(
+                    fh,
+                    anomaly_map=np.asarray(pred.anomaly_map, dtype=np.float32),
+                    mask_bits=np.packbits(mask.ravel()),
+                    mask_shape=np.asarray(mask.shape, dtype=np.int64),
+                    image_score=np.float64(pred.image_score),
+                    label=np.int64(pred.label),
+                    meta=np.frombuffer(json.dumps({
+                        "img_path": pred.img_path, "cls_name": pred.cls_name,
+                        "extras": pred.extras}, default=_jsonable).encode(), dtype=np.uint8),
+                )
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, img_path: str) -> Prediction | None:
+        """The cached prediction, or ``None`` when absent or unreadable (then it is removed)."""
+        path = self.path_for(img_path)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                shape = tuple(int(v) for v in z["mask_shape"])
+                mask = np.unpackbits(z["mask_bits"], count=int(np.prod(shape))).reshape(shape)
+                meta = json.loads(bytes(z["meta"]).decode())
+                return Prediction(
+                    img_path=meta["img_path"], cls_name=meta["cls_name"],
+                    label=int(z["label"]), image_score=float(z["image_score"]),
+                    anomaly_map=z["anomaly_map"], mask=mask.astype(bool),
+                    extras=meta.get("extras", {}),
+                )
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            path.unlink(missing_ok=True)
+            return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _atomic_write_bytes(target: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(target, text.encode())
