@@ -1,0 +1,102 @@
+"""Torch dataset over :class:`~filo.data.records.Sample` lists (evaluation and training inputs)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from filo.data.records import Sample
+from filo.data.transforms import (
+    DEFAULT_IMAGE_SIZE,
+    DETECTOR_MAX_SIZE,
+    DETECTOR_SHORT_SIDE,
+    clip_tensor,
+    decode_image,
+    detector_tensor,
+    load_mask,
+    mask_tensor,
+)
+from filo.errors import FiloError
+
+
+class EvalDataset(Dataset):
+    """Items of a list of samples, each image decoded once.
+
+    ``samples[i]`` paths are resolved against ``root`` (absolute paths are used as they are).
+    Each item is a dict:
+
+    - ``image``: float Tensor[3, S, S] (CLIP input, reference section 1)
+    - ``mask``: bool Tensor[S, S] (all False for normal images)
+    - ``label``: int (0 normal, 1 anomalous)
+    - ``cls_name``: str, ``specie_name``: str, ``img_path``: str (as in the sample, relative)
+    - ``orig_size``: (w, h) of the image file
+    - ``det_image``: float Tensor[3, h', w'] (GroundingDINO input), only when
+      ``with_detector_input`` is true
+
+    Only paths are stored, so the dataset is safe with DataLoader workers.
+    """
+
+    def __init__(self, samples: Sequence[Sample], root: str | os.PathLike,
+                 image_size: int = DEFAULT_IMAGE_SIZE, with_detector_input: bool = False,
+                 detector_short_side: int = DETECTOR_SHORT_SIDE,
+                 detector_max_size: int | None = DETECTOR_MAX_SIZE) -> None:
+        self.samples = list(samples)
+        self.root = Path(root)
+        self.image_size = int(image_size)
+        self.with_detector_input = bool(with_detector_input)
+        self.detector_short_side = int(detector_short_side)
+        self.detector_max_size = detector_max_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        img_file = self.root / s.img_path
+        img = decode_image(img_file)
+        size = self.image_size
+        if s.anomaly:
+            if not s.mask_path:
+                raise FiloError(f"anomalous image {img_file} has no mask_path; add its mask and "
+                                f"rebuild meta.json (`python -m filo.data build-meta`)")
+            mask = mask_tensor(load_mask(self.root / s.mask_path, img.size, img_file), size)
+        else:
+            mask = torch.zeros((size, size), dtype=torch.bool)
+        item: dict[str, Any] = {
+            "image": clip_tensor(img, size),
+            "mask": mask,
+            "label": int(s.anomaly),
+            "cls_name": s.cls_name,
+            "specie_name": s.specie_name,
+            "img_path": s.img_path,
+            "orig_size": (img.size[0], img.size[1]),
+        }
+        if self.with_detector_input:
+            item["det_image"], _ = detector_tensor(img, self.detector_short_side,
+                                                   self.detector_max_size)
+        return item
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch EvalDataset items: ``image`` [B,3,S,S], ``mask`` [B,S,S] bool, ``label`` [B] long,
+    lists for ``cls_name``, ``specie_name``, ``img_path``, ``orig_size`` and (variable-size)
+    ``det_image``."""
+    if not items:
+        raise ValueError("collate needs at least one item")
+    batch: dict[str, Any] = {
+        "image": torch.stack([it["image"] for it in items]),
+        "mask": torch.stack([it["mask"] for it in items]),
+        "label": torch.tensor([int(it["label"]) for it in items], dtype=torch.long),
+        "cls_name": [it["cls_name"] for it in items],
+        "specie_name": [it.get("specie_name", "") for it in items],
+        "img_path": [it["img_path"] for it in items],
+        "orig_size": [tuple(it["orig_size"]) for it in items],
+    }
+    if "det_image" in items[0]:
+        batch["det_image"] = [it["det_image"] for it in items]
+    return batch

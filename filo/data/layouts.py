@@ -1,0 +1,425 @@
+"""Dataset layouts: MVTec AD, VisA (``split_csv/1cls.csv``), a generic folder layout, ``meta.json``.
+
+Every scanner returns ``{cls_name: [Sample, ...]}`` in dataset order:
+
+- MVTec: the research code's class order (``MVTEC_CLASSES``), then any extra class folders
+  sorted by name; within a class, defect folders sorted by name, images sorted by file name.
+- VisA: the research code's class order (``VISA_CLASSES``) for the known classes, then any other
+  class in order of first appearance in the csv; within a class, csv row order.
+- folder: classes sorted by name; otherwise as MVTec.
+- meta: the key order of ``meta.json`` (what the research code iterates).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from filo.data.records import Sample
+from filo.errors import FiloError
+
+logger = logging.getLogger(__name__)
+
+MVTEC_CLASSES: tuple[str, ...] = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)
+VISA_CLASSES: tuple[str, ...] = (
+    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
+    "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
+)
+DATASETS = ("mvtec", "visa", "folder", "meta")
+SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VISA_CSV = Path("split_csv") / "1cls.csv"
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+META_NAME = "meta.json"
+GOOD = "good"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+def _check_root(root: str | os.PathLike, source: str) -> Path:
+    path = Path(root)
+    if not str(root):
+        raise FiloError(f"no dataset root given; set it with {source}")
+    if not path.exists():
+        raise FiloError(f"dataset root {path} does not exist; set the right folder with {source}")
+    if not path.is_dir():
+        raise FiloError(f"dataset root {path} is not a folder; set the right folder with {source}")
+    return path
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise FiloError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    return split
+
+
+def _normalize_classes(classes: str | Sequence[str] | None) -> list[str] | None:
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        classes = [c for c in (part.strip() for part in classes.split(",")) if c]
+    out = list(classes)
+    return out or None
+
+
+def _select(found: dict[str, list[Sample]], classes: str | Sequence[str] | None,
+            where: str) -> dict[str, list[Sample]]:
+    wanted = _normalize_classes(classes)
+    if wanted is None:
+        return found
+    unknown = [c for c in wanted if c not in found]
+    if unknown:
+        raise FiloError(f"unknown class {', '.join(repr(c) for c in unknown)} in {where}; "
+                        f"available: {', '.join(found) or '(none)'}")
+    keep = set(wanted)
+    return {c: s for c, s in found.items() if c in keep}
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and \
+        path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _subdirs(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+# --------------------------------------------------------------------------------------------
+# MVTec and folder layouts
+# --------------------------------------------------------------------------------------------
+
+def _mask_candidates(gt_dir: Path, stem: str, strict_mvtec: bool) -> list[Path]:
+    if strict_mvtec:
+        return [gt_dir / f"{stem}_mask.png"]
+    names = [f"{stem}_mask{ext}" for ext in IMAGE_EXTENSIONS] + \
+            [f"{stem}{ext}" for ext in IMAGE_EXTENSIONS]
+    return [gt_dir / n for n in names]
+
+
+def _find_mask(gt_dir: Path, stem: str, strict_mvtec: bool) -> Path | None:
+    for cand in _mask_candidates(gt_dir, stem, strict_mvtec):
+        if cand.is_file():
+            return cand
+    if not strict_mvtec and gt_dir.is_dir():
+        # case-insensitive extensions (e.g. 000_mask.PNG)
+        wanted = {c.name.lower() for c in _mask_candidates(gt_dir, stem, strict_mvtec)}
+        for p in sorted(gt_dir.iterdir()):
+            if p.name.lower() in wanted and p.is_file():
+                return p
+    return None
+
+
+def _scan_class_dir(root: Path, cls_dir: Path, split: str, strict_mvtec: bool) -> list[Sample]:
+    cls_name = cls_dir.name
+    samples: list[Sample] = []
+    for specie_dir in _subdirs(cls_dir / split):
+        specie = specie_dir.name
+        images = sorted((p for p in specie_dir.iterdir() if _is_image(p)), key=lambda p: p.name)
+        abnormal = specie != GOOD
+        for img in images:
+            mask_rel = ""
+            if abnormal:
+                gt_dir = cls_dir / "ground_truth" / specie
+                mask = _find_mask(gt_dir, img.stem, strict_mvtec)
+                if mask is None:
+                    expected = _mask_candidates(gt_dir, img.stem, strict_mvtec)[0]
+                    raise FiloError(f"anomalous image {img} has no mask: expected {expected} "
+                                    f"(normal images belong in {cls_dir / split / GOOD})")
+                mask_rel = _rel(mask, root)
+            samples.append(Sample(img_path=_rel(img, root), mask_path=mask_rel, cls_name=cls_name,
+                                  specie_name=specie, anomaly=int(abnormal)))
+    return samples
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    """Folders of ``root`` that look like classes (they hold a ``train`` or ``test`` folder)."""
+    return [d for d in _subdirs(root) if (d / "test").is_dir() or (d / "train").is_dir()]
+
+
+def scan_mvtec(root: str | os.PathLike, split: str = "test",
+               classes: str | Sequence[str] | None = None, *, source: str = "--root",
+               ) -> dict[str, list[Sample]]:
+    """Scan an MVTec AD tree (``{cls}/{split}/{defect}/*.png``, masks ``ground_truth/{defect}/{name}_mask.png``)."""
+    return _scan_tree(root, split, classes, source=source, mvtec=True)
+
+
+def scan_folder(root: str | os.PathLike, split: str = "test",
+                classes: str | Sequence[str] | None = None, *, source: str = "--root",
+                ) -> dict[str, list[Sample]]:
+    """Scan a generic folder tree: ``{cls}/train/good``, ``{cls}/test/{defect}``, masks in
+    ``{cls}/ground_truth/{defect}/{name}_mask.<ext>`` (or ``{name}.<ext>``); any of
+    png/jpg/jpeg/bmp/tif; classes with only normal images are allowed."""
+    return _scan_tree(root, split, classes, source=source, mvtec=False)
+
+
+def _scan_tree(root: str | os.PathLike, split: str, classes: str | Sequence[str] | None,
+               *, source: str, mvtec: bool, allow_empty: bool = False) -> dict[str, list[Sample]]:
+    root_path = _check_root(root, source)
+    _check_split(split)
+    layout = "MVTec" if mvtec else "folder"
+    dirs = _class_dirs(root_path)
+    if not dirs:
+        raise FiloError(f"no classes found under {root_path}: expected {layout} layout "
+                        f"{{class}}/test/{{defect}}/<images> (and {{class}}/train/good)")
+    if mvtec:
+        by_name = {d.name: d for d in dirs}
+        ordered = [by_name[c] for c in MVTEC_CLASSES if c in by_name]
+        ordered += [d for d in dirs if d.name not in MVTEC_CLASSES]
+    else:
+        ordered = dirs
+    wanted = _normalize_classes(classes)
+    if wanted is not None:
+        names = [d.name for d in ordered]
+        unknown = [c for c in wanted if c not in names]
+        if unknown:
+            raise FiloError(f"unknown class {', '.join(repr(c) for c in unknown)} in {root_path} "
+                            f"({layout} layout); available: {', '.join(names)}")
+        ordered = [d for d in ordered if d.name in set(wanted)]
+    out = {d.name: _scan_class_dir(root_path, d, split, strict_mvtec=mvtec) for d in ordered}
+    if not any(out.values()) and not allow_empty:
+        raise FiloError(f"no {split} images found under {root_path} ({layout} layout): expected "
+                        f"{{class}}/{split}/{{defect}}/<images> with extensions "
+                        f"{', '.join(IMAGE_EXTENSIONS)}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# VisA
+# --------------------------------------------------------------------------------------------
+
+def _read_visa_rows(csv_path: Path) -> list[dict[str, str]]:
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in VISA_COLUMNS if c not in header]
+            if missing:
+                raise FiloError(f"{csv_path} is missing column(s) {', '.join(missing)}: needs "
+                                f"{','.join(VISA_COLUMNS)}, found {','.join(header) or '(empty file)'}")
+            rows = []
+            for raw in reader:
+                rows.append({(k or "").strip(): (v or "").strip() for k, v in raw.items()})
+            return rows
+    except UnicodeDecodeError as err:
+        raise FiloError(f"{csv_path} is not a UTF-8 text csv ({err}); re-export it as csv") from None
+    except csv.Error as err:
+        raise FiloError(f"{csv_path} is not a valid csv ({err})") from None
+
+
+def scan_visa(root: str | os.PathLike, split: str = "test",
+              classes: str | Sequence[str] | None = None, *, source: str = "--root",
+              check_files: bool = True) -> dict[str, list[Sample]]:
+    """Read a VisA tree through ``{root}/split_csv/1cls.csv`` (columns object,split,label,image,mask)."""
+    root_path = _check_root(root, source)
+    _check_split(split)
+    csv_path = root_path / VISA_CSV
+    if not csv_path.is_file():
+        raise FiloError(f"VisA split file {csv_path} not found; VisA needs split_csv/1cls.csv "
+                        f"under the dataset root (set with {source})")
+    rows = _read_visa_rows(csv_path)
+    order: list[str] = []
+    per_class: dict[str, list[Sample]] = {}
+    for line, row in enumerate(rows, start=2):
+        cls_name = row["object"]
+        if not cls_name:
+            raise FiloError(f"{csv_path} line {line}: empty object column")
+        if cls_name not in per_class:
+            order.append(cls_name)
+            per_class[cls_name] = []
+        label = row["label"].lower()
+        if label not in ("normal", "anomaly"):
+            raise FiloError(f"{csv_path} line {line}: label must be normal or anomaly, "
+                            f"got {row['label']!r}")
+        if row["split"] not in SPLITS:
+            raise FiloError(f"{csv_path} line {line}: split must be train or test, "
+                            f"got {row['split']!r}")
+        if row["split"] != split:
+            continue
+        abnormal = label == "anomaly"
+        if not row["image"]:
+            raise FiloError(f"{csv_path} line {line}: empty image column")
+        if abnormal and not row["mask"]:
+            raise FiloError(f"anomalous image {root_path / row['image']} has no mask: "
+                            f"{csv_path} line {line} has an empty mask column")
+        per_class[cls_name].append(Sample(
+            img_path=row["image"], mask_path=row["mask"] if abnormal else "", cls_name=cls_name,
+            specie_name="", anomaly=int(abnormal)))
+    if not order:
+        raise FiloError(f"no classes found in {csv_path}: the csv has no rows")
+    known = [c for c in VISA_CLASSES if c in per_class]
+    ordered = {c: per_class[c] for c in known + [c for c in order if c not in VISA_CLASSES]}
+    out = _select(ordered, classes, str(csv_path))
+    if check_files:
+        check_files_exist(root_path, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# meta.json
+# --------------------------------------------------------------------------------------------
+
+def read_meta(path: str | os.PathLike) -> dict[str, dict[str, list[Sample]]]:
+    """Read a research-style ``meta.json``: ``{split: {cls: [Sample, ...]}}`` in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FiloError(f"meta file {path} not found; create it with "
+                        f"`python -m filo.data build-meta --dataset mvtec|visa|folder --root DIR`")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FiloError(f"{path} is not valid JSON ({err}); rebuild it with "
+                        f"`python -m filo.data build-meta`") from None
+    if not isinstance(data, dict) or not any(s in data for s in SPLITS):
+        raise FiloError(f"{path} must be an object {{\"train\": {{cls: [items]}}, "
+                        f"\"test\": {{cls: [items]}}}}; rebuild it with `python -m filo.data build-meta`")
+    out: dict[str, dict[str, list[Sample]]] = {}
+    for split, by_class in data.items():
+        if not isinstance(by_class, dict):
+            raise FiloError(f"{path}: {split!r} must map class names to lists of items")
+        out[split] = {}
+        for cls_name, items in by_class.items():
+            if not isinstance(items, list):
+                raise FiloError(f"{path}: {split}/{cls_name} must be a list of items")
+            out[split][cls_name] = [
+                Sample.from_meta(item, where=f"{path} {split}/{cls_name}[{i}]")
+                for i, item in enumerate(items)
+            ]
+    return out
+
+
+def meta_to_json(meta: dict[str, dict[str, list[Sample]]]) -> dict:
+    """The JSON-ready form of ``{split: {cls: [Sample]}}``."""
+    return {split: {c: [s.to_meta() for s in samples] for c, samples in by_class.items()}
+            for split, by_class in meta.items()}
+
+
+def build_meta(root: str | os.PathLike, dataset: str, *, source: str = "--root",
+               ) -> dict[str, dict[str, list[Sample]]]:
+    """Both splits of a scanned dataset: ``{"train": {...}, "test": {...}}``.
+
+    Classes follow the test split's order; a class without train images gets an empty list.
+    """
+    if dataset not in ("mvtec", "visa", "folder"):
+        raise FiloError(f"cannot build meta.json for dataset {dataset!r}; use mvtec, visa or folder")
+    root_path = _check_root(root, source)
+    if dataset == "visa":
+        test = scan_visa(root_path, "test", source=source)
+        train = scan_visa(root_path, "train", source=source)
+    else:
+        mvtec = dataset == "mvtec"
+        test = _scan_tree(root_path, "test", None, source=source, mvtec=mvtec)
+        # a test-only dataset (no train folders at all) is fine
+        train = _scan_tree(root_path, "train", None, source=source, mvtec=mvtec, allow_empty=True)
+    train = {c: train.get(c, []) for c in list(test) + [c for c in train if c not in test]}
+    return {"train": train, "test": test}
+
+
+def write_meta(root: str | os.PathLike, dataset: str, out: str | os.PathLike | None = None,
+               *, source: str = "--root") -> Path:
+    """Scan ``root`` and write the research-code ``meta.json`` (default ``{root}/meta.json``)."""
+    meta = build_meta(root, dataset, source=source)
+    out_path = Path(out) if out is not None else Path(root) / META_NAME
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(meta_to_json(meta), indent=4) + "\n")
+    os.replace(tmp, out_path)
+    n = sum(len(v) for split in meta.values() for v in split.values())
+    logger.info("wrote %s (%d classes, %d images)", out_path, len(meta["test"]), n)
+    return out_path
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+
+def detect_dataset(root: str | os.PathLike) -> str:
+    """Guess the layout of ``root``: meta, visa, mvtec or folder."""
+    root_path = Path(root)
+    if (root_path / META_NAME).is_file():
+        return "meta"
+    if (root_path / VISA_CSV).is_file():
+        return "visa"
+    if any((root_path / c / "test").is_dir() for c in MVTEC_CLASSES):
+        return "mvtec"
+    return "folder"
+
+
+def check_files_exist(root: Path, split: dict[str, list[Sample]], limit: int = 3) -> None:
+    """Raise one FiloError naming the first missing image/mask files listed in ``split``."""
+    missing: list[str] = []
+    total = 0
+    for samples in split.values():
+        for s in samples:
+            for rel in (s.img_path, s.mask_path):
+                if rel and not (root / rel).is_file():
+                    total += 1
+                    if len(missing) < limit:
+                        missing.append(str(root / rel))
+    if total:
+        more = f" and {total - len(missing)} more" if total > len(missing) else ""
+        raise FiloError(f"{total} listed file(s) missing under {root}: {', '.join(missing)}{more}; "
+                        f"check the dataset root or rebuild meta.json")
+
+
+def load_split(root: str | os.PathLike, dataset: str = "auto", split: str = "test",
+               classes: str | Sequence[str] | None = None, *, source: str = "--root",
+               check_files: bool = True) -> dict[str, list[Sample]]:
+    """The samples of one split, ``{cls_name: [Sample, ...]}`` in dataset order.
+
+    ``dataset`` is ``mvtec``, ``visa``, ``folder``, ``meta`` (read ``{root}/meta.json``) or
+    ``auto`` (meta.json if present, else split_csv/1cls.csv -> visa, else a folder named like an
+    MVTec class -> mvtec, else folder). ``classes`` (list or comma-separated string) keeps those
+    classes, in dataset order. ``source`` names the flag or variable that set ``root``, for error
+    messages.
+    """
+    root_path = _check_root(root, source)
+    _check_split(split)
+    if dataset == "auto":
+        dataset = detect_dataset(root_path)
+        logger.info("dataset layout of %s: %s", root_path, dataset)
+    if dataset == "mvtec":
+        return scan_mvtec(root_path, split, classes, source=source)
+    if dataset == "folder":
+        return scan_folder(root_path, split, classes, source=source)
+    if dataset == "visa":
+        return scan_visa(root_path, split, classes, source=source, check_files=check_files)
+    if dataset == "meta":
+        meta_path = root_path / META_NAME
+        meta = read_meta(meta_path)
+        if split not in meta:
+            raise FiloError(f"{meta_path} has no {split!r} split (has {', '.join(meta)})")
+        if not meta[split]:
+            raise FiloError(f"no classes found in {meta_path} under {split!r}")
+        out = _select(meta[split], classes, str(meta_path))
+        if check_files:
+            check_files_exist(root_path, out)
+        return out
+    raise FiloError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)} or auto")
+
+
+def iter_samples(split: dict[str, list[Sample]]) -> Iterable[Sample]:
+    """All samples of a split, class by class, in dataset order."""
+    for samples in split.values():
+        yield from samples
+
+
+def flatten(split: dict[str, list[Sample]]) -> list[Sample]:
+    """All samples of a split as one list, class by class, in dataset order."""
+    return list(iter_samples(split))
