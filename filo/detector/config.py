@@ -101,11 +101,12 @@ def _count(keys, pattern: str) -> int:
 
 
 def arch_from_state_dict(sd: dict[str, torch.Tensor], source: str = "checkpoint",
-                         bert_heads: int | None = None) -> DetectorArch:
+                         bert_config: dict | None = None) -> DetectorArch:
     """Read the architecture from an original-layout GroundingDINO state dict (prefix-free).
 
-    Everything but the BERT head count is in the tensor shapes; ``bert_heads`` defaults to
-    ``hidden / 64`` (12 for bert-base-uncased) or comes from the BERT directory's config.json.
+    Everything but the BERT head count is in the tensor shapes; the head count comes from the
+    BERT directory's config.json (``bert_config``) when its hidden size matches, else it is
+    ``hidden / 64`` (12 for bert-base-uncased).
     """
     try:
         keys = list(sd)
@@ -123,12 +124,15 @@ def arch_from_state_dict(sd: dict[str, torch.Tensor], source: str = "checkpoint"
         num_heads = int(offsets.shape[0]) // (NUM_FEATURE_LEVELS * NUM_POINTS * 2)
         word = sd["bert.embeddings.word_embeddings.weight"]
         bert_hidden = int(word.shape[1])
+        bert_heads = max(1, bert_hidden // 64)
+        if bert_config and bert_config.get("hidden_size") == bert_hidden:
+            bert_heads = int(bert_config.get("num_attention_heads", bert_heads))
         return DetectorArch(
             swin_embed_dim=int(embed), swin_depths=depths, swin_num_heads=heads,
             swin_window_size=window,
             bert_hidden_size=bert_hidden,
             bert_layers=_count(keys, r"bert\.encoder\.layer\.(\d+)\."),
-            bert_heads=bert_heads or max(1, bert_hidden // 64),
+            bert_heads=bert_heads,
             bert_intermediate_size=int(sd["bert.encoder.layer.0.intermediate.dense.weight"].shape[0]),
             bert_vocab_size=int(word.shape[0]),
             bert_max_positions=int(sd["bert.embeddings.position_embeddings.weight"].shape[0]),

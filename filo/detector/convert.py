@@ -300,7 +300,7 @@ def detect_layout(obj: object, path: str | Path = "checkpoint") -> tuple[str, di
                     "or a file written by `python -m filo.detector convert`)")
 
 
-def read_checkpoint(path: str | Path, bert_heads: int | None = None) -> LoadedCheckpoint:
+def read_checkpoint(path: str | Path, bert_config: dict | None = None) -> LoadedCheckpoint:
     """Read a GroundingDINO checkpoint of either layout, converting the original one."""
     path = Path(path)
     if not path.is_file():
@@ -316,7 +316,7 @@ def read_checkpoint(path: str | Path, bert_heads: int | None = None) -> LoadedCh
         return LoadedCheckpoint(state_dict=payload["state_dict"],
                                 arch=DetectorArch.from_dict(payload["arch"]), layout=layout)
     original = strip_prefix(payload)
-    arch = arch_from_state_dict(original, source=str(path), bert_heads=bert_heads)
+    arch = arch_from_state_dict(original, source=str(path), bert_config=bert_config)
     state_dict, report = convert_state_dict(original)
     log.info("%s: original GroundingDINO layout, %s", path, report.summary())
     if report.unknown:
@@ -325,9 +325,10 @@ def read_checkpoint(path: str | Path, bert_heads: int | None = None) -> LoadedCh
     return LoadedCheckpoint(state_dict=state_dict, arch=arch, layout=layout, report=report)
 
 
-def convert_file(src: str | Path, dst: str | Path, bert_heads: int | None = None) -> ConversionReport:
+def convert_file(src: str | Path, dst: str | Path,
+                 bert_config: dict | None = None) -> ConversionReport:
     """Convert an original-layout checkpoint file to the transformers layout file ``dst``."""
-    loaded = read_checkpoint(src, bert_heads=bert_heads)
+    loaded = read_checkpoint(src, bert_config=bert_config)
     if loaded.layout != "original" or loaded.report is None:
         raise FiloError(f"{src}: already in the transformers layout; nothing to convert")
     Path(dst).parent.mkdir(parents=True, exist_ok=True)

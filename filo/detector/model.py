@@ -72,15 +72,23 @@ def load_state_dict_checked(model, state_dict: dict[str, torch.Tensor],
 def load_detector_model(checkpoint: str | Path, device: str | torch.device = "cpu",
                         bert_dir: str | Path | None = None):
     """Read an original-layout or converted checkpoint and return ``(model, LoadReport)``."""
-    heads = None
-    bert_path = _bert_dir_or_none(bert_dir)
-    if bert_path is not None and (bert_path / "config.json").is_file():
-        heads = json.loads((bert_path / "config.json").read_text()).get("num_attention_heads")
-    loaded = read_checkpoint(checkpoint, bert_heads=heads)
+    loaded = read_checkpoint(checkpoint, bert_config=read_bert_config(bert_dir))
     model = build_model(loaded.arch)
     report = load_state_dict_checked(model, loaded.state_dict, source=str(checkpoint))
     report.conversion = loaded.report
     return model.to(device).eval(), report
+
+
+def read_bert_config(bert_dir: str | Path | None = None) -> dict | None:
+    """config.json of the local BERT directory, if there is one (it is optional)."""
+    path = _bert_dir_or_none(bert_dir)
+    if path is None or not (path / "config.json").is_file():
+        return None
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        raise FiloError(f"{path / 'config.json'}: not valid JSON; delete it (optional) or "
+                        "replace it with bert-base-uncased's config.json") from None
 
 
 def _bert_dir_or_none(bert_dir: str | Path | None) -> Path | None:
@@ -114,9 +122,13 @@ def load_tokenizer(bert_dir: str | Path | None = None):
 
     path = resolve_bert_dir(bert_dir)
     try:
-        if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
-            return BertTokenizerFast.from_pretrained(str(path), local_files_only=True)
-        return BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+        tokenizer = BertTokenizerFast.from_pretrained(str(path), local_files_only=True,
+                                                      do_lower_case=True)
     except (OSError, ValueError) as err:
         raise FiloError(f"{path}: cannot build the BERT tokenizer from vocab.txt ({err}); put "
                         "the bert-base-uncased vocab.txt there") from None
+    probe = tokenizer("defect")["input_ids"]
+    if tokenizer.unk_token_id in probe or len(probe) < 3:
+        raise FiloError(f"{path / 'vocab.txt'}: does not tokenize plain English words; put the "
+                        "bert-base-uncased vocab.txt there")
+    return tokenizer

@@ -1,0 +1,46 @@
+"""Captions, phrases and phrase matching for the GroundingDINO step (reference section 6)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def preprocess_caption(caption: str) -> str:
+    """Lower-case, strip, and end with "." (GroundingDINO's own caption rule)."""
+    text = caption.lower().strip()
+    return text if text.endswith(".") else text + "."
+
+
+def build_caption(general_words: Sequence[str], detail_phrases: Sequence[str]) -> str:
+    """The general words then the class's detail phrases, joined with " . ", preprocessed."""
+    return preprocess_caption(" . ".join([*general_words, *detail_phrases]))
+
+
+def phrase_from_token_probs(token_probs: torch.Tensor, input_ids: Sequence[int], tokenizer,
+                            text_threshold: float) -> str:
+    """Decode the caption tokens whose probability exceeds ``text_threshold``.
+
+    Same as GroundingDINO's ``get_phrases_from_posmap``: the selected token ids (special tokens
+    and "." included when selected) go through ``tokenizer.decode`` in caption order.
+    ``token_probs`` covers at least the caption's tokens; positions past them are ignored.
+    """
+    n = len(input_ids)
+    probs = token_probs[:n]
+    picked = [int(input_ids[i]) for i in torch.nonzero(probs > text_threshold).flatten().tolist()]
+    if not picked:
+        return ""
+    return tokenizer.decode(picked, clean_up_tokenization_spaces=True)
+
+
+def phrase_matches(phrase: str, words: Sequence[str], case_sensitive: bool = False) -> bool:
+    """True if any of ``words`` (detail phrases or general words) is a substring of ``phrase``.
+
+    Case-insensitive by default. ``case_sensitive=True`` is the research code's behaviour, where
+    detail phrases with capitals never match the lower-case decoded phrase.
+    """
+    if case_sensitive:
+        return any(w and w in phrase for w in words)
+    low = phrase.lower()
+    return any(w and w.lower() in low for w in words)

@@ -1,0 +1,114 @@
+"""Fusing GroundingDINO boxes with FiLo anomaly maps (reference section 6).
+
+Boxes here are x1, y1, x2, y2 in MAP pixel coordinates (the size x size CLIP input). Detector
+boxes come in original-image pixels; map them with :func:`boxes_to_map` (the CLIP input is a
+non-aspect-preserving resize, so x and y scale separately).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_SIZE = 518
+# Research-code cells per axis (closed intervals); centres between them match no cell.
+LEGACY_CELLS = ((0, 172), (173, 344), (345, 517))
+
+
+def boxes_to_map(boxes: torch.Tensor | np.ndarray | Sequence, image_size: tuple[int, int],
+                 size: int = DEFAULT_SIZE) -> torch.Tensor:
+    """Original-image pixel boxes [N, 4] of an image of (w, h) -> size x size map pixels."""
+    b = torch.as_tensor(np.asarray(boxes, dtype=np.float64) if not isinstance(boxes, torch.Tensor)
+                        else boxes, dtype=torch.float64).reshape(-1, 4)
+    w, h = image_size
+    return b * torch.tensor([size / w, size / h, size / w, size / h], dtype=torch.float64)
+
+
+def _cell_half_open(v: float, size: int) -> int:
+    """Third of [0, size) holding v: [0, s/3) -> 0, [s/3, 2s/3) -> 1, [2s/3, size] -> 2."""
+    return min(max(int(math.floor(v * 3.0 / size)), 0), 2)
+
+
+def _cell_legacy(v: float) -> int | None:
+    for i, (lo, hi) in enumerate(LEGACY_CELLS):
+        if lo <= v <= hi:
+            return i
+    return None
+
+
+def position_from_boxes(boxes_518, scores, matched, positions: Sequence[str],
+                        size: int = DEFAULT_SIZE, legacy_grid: bool = False) -> str | None:
+    """Position word of the highest-scoring counted box's centre (3x3 grid, row-major).
+
+    ``boxes_518`` [N, 4] x1, y1, x2, y2 in map pixels; ``scores`` [N]; ``matched`` [N] bools;
+    ``positions`` the 9 words in row-major order (top left, top, top right, left, ...). No
+    counted box -> the centre (size / 2 rounded down, i.e. 259 for 518). Ties go to the first box.
+    ``legacy_grid``: the research code's closed cells [0,172], [173,344], [345,517] (for size
+    518); a centre falling between two cells then gets no position (``None``, meaning all).
+    """
+    if len(positions) != 9:
+        raise ValueError(f"need 9 position words, got {len(positions)}")
+    b = np.asarray(boxes_518, dtype=np.float64).reshape(-1, 4)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    m = np.asarray(matched, dtype=bool).reshape(-1)
+    if not (len(b) == len(s) == len(m)):
+        raise ValueError("boxes, scores and matched differ in length")
+    if m.any():
+        idx = np.flatnonzero(m)
+        best = idx[int(np.argmax(s[idx]))]
+        cx, cy = (b[best, 0] + b[best, 2]) / 2.0, (b[best, 1] + b[best, 3]) / 2.0
+    else:
+        cx = cy = float(size // 2)
+    if legacy_grid:
+        col, row = _cell_legacy(cx), _cell_legacy(cy)
+        if col is None or row is None:
+            return None
+    else:
+        col, row = _cell_half_open(cx, size), _cell_half_open(cy, size)
+    return positions[row * 3 + col]
+
+
+def box_mask(boxes, height: int, width: int) -> np.ndarray:
+    """Boolean [H, W] mask of the union of boxes (x1, y1, x2, y2 map pixels).
+
+    Pixel columns floor(x1) .. floor(x2) - 1 (rows alike) are inside, as the research code's
+    ``map[y1:y2, x1:x2]`` with integer corners; corners are clamped to the map first.
+    """
+    inside = np.zeros((height, width), dtype=bool)
+    for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        c0 = int(np.clip(math.floor(x1), 0, width))
+        c1 = int(np.clip(math.floor(x2), 0, width))
+        r0 = int(np.clip(math.floor(y1), 0, height))
+        r1 = int(np.clip(math.floor(y2), 0, height))
+        inside[r0:r1, c0:c1] = True
+    return inside
+
+
+def fuse_with_boxes(anomaly_map, boxes, outside_factor: float = 0.7):
+    """Keep the map inside any counted box, multiply it by ``outside_factor`` elsewhere.
+
+    ``anomaly_map``: [H, W] or [B, H, W], torch tensor or numpy array (same type returned).
+    ``boxes``: the COUNTED boxes in map pixels, [N, 4] (or, for a batch, a list of B such
+    arrays). With no counted box the whole map is scaled. 1.0 disables the step.
+    """
+    is_torch = isinstance(anomaly_map, torch.Tensor)
+    arr = anomaly_map
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"anomaly_map must be [H, W] or [B, H, W], got shape {tuple(arr.shape)}")
+    batched = arr.ndim == 3
+    maps = arr if batched else arr[None]
+    per_image = list(boxes) if batched else [boxes]
+    if len(per_image) != maps.shape[0]:
+        raise ValueError(f"{maps.shape[0]} maps but {len(per_image)} box lists")
+    h, w = int(maps.shape[-2]), int(maps.shape[-1])
+    masks = np.stack([box_mask(b if b is not None else np.zeros((0, 4)), h, w)
+                      for b in per_image])
+    if is_torch:
+        keep = torch.from_numpy(masks).to(arr.device)
+        out = torch.where(keep, maps, maps * outside_factor)
+    else:
+        out = np.where(masks, maps, maps * outside_factor).astype(maps.dtype, copy=False)
+    return out if batched else out[0]
