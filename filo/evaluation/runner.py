@@ -148,6 +148,9 @@ def run_test(settings: EvalSettings, *, predictor_factory: Callable[[EvalSetting
                             f"--from_cache to compute them")
         if predictor_factory is None:
             from filo.evaluation.predictor import build_predictor as predictor_factory
+            from filo.evaluation.predictor import check_classes, load_prompts_for
+
+            check_classes(load_prompts_for(settings), list(split), str(settings.data_path))
         predictor = predictor_factory(settings)
         _predict_missing(settings, todo, cache, predictor)
 

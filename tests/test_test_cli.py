@@ -1,0 +1,117 @@
+"""test.py end to end on a tiny random-weight FiLo and a generated dataset, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from filo.checkpoint import save_filo_checkpoint
+from filo.cli.test import main
+from filo.data.synthetic import make_mvtec_like
+from filo.model import FiLo, FiLoConfig
+from filo.prompts import load_prompt_table
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = """name: synthetic
+classes:
+  tex a: [scratch, blob, colour spot]
+  tex b: [scratch, blob, colour spot]
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    data = base / "data"
+    make_mvtec_like(data, classes=("tex_a", "tex_b"), n_train_good=0, n_test_good=2,
+                    n_test_defect=3, size=48, seed=1)
+    prompts = base / "prompts.yaml"
+    prompts.write_text(PROMPTS)
+    torch.manual_seed(0)
+    model = FiLo(FiLoConfig.tiny(), load_prompt_table(prompts))
+    ckpt = base / "filo_tiny.pth"
+    save_filo_checkpoint(ckpt, model)
+    return base, data, prompts, ckpt, model
+
+
+def run_main(args: list[str]) -> int:
+    try:
+        return main(args)
+    except SystemExit as exc:  # cli_entry turns errors into SystemExit(2)
+        return int(exc.code)
+
+
+def test_no_grounding_run_matches_direct_model(setup, capsys) -> None:
+    base, data, prompts, ckpt, model = setup
+    out = base / "run"
+    rc = run_main(["--dataset", "mvtec", "--data_path", str(data), "--ckpt_path", str(ckpt),
+                   "--prompts", str(prompts), "--image_size", "32", "--batch_size", "3",
+                   "--num_workers", "0", "--device", "cpu", "--save_path", str(out),
+                   "--save_maps", str(base / "maps")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| objects" in printed and "| tex a" in printed and "| mean" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["classes"]) == ["tex_a", "tex_b"]
+    # the saved map of one image equals a direct forward of the same model on the same input
+    from filo.data.transforms import clip_tensor, decode_image
+
+    rel = "tex_b/test/blob/000.png"
+    saved = np.load(base / "maps" / "tex_b/test/blob/000.npy")
+    x = clip_tensor(decode_image(data / rel), 32)[None]
+    direct = model.predict(x, ["tex_b"], [None]).anomaly_map[0].numpy()
+    assert saved.shape == (32, 32)
+    np.testing.assert_allclose(saved, direct, atol=1e-5)
+    scores = (base / "maps" / "scores.csv").read_text().splitlines()
+    assert len(scores) == 1 + 10
+
+
+def test_errors_are_one_line(setup, tmp_path, capsys) -> None:
+    base, data, prompts, ckpt, _ = setup
+    common = ["--dataset", "mvtec", "--data_path", str(data), "--image_size", "32",
+              "--num_workers", "0", "--device", "cpu", "--save_path", str(tmp_path / "o")]
+
+    def err_of(args):
+        rc = run_main(args)
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        return rc, lines
+
+    rc, lines = err_of([*common, "--ckpt_path", str(tmp_path / "nope.pth"), "--prompts", str(prompts)])
+    assert rc == 2 and len(lines) == 1 and "nope.pth" in lines[0]
+    # classes the prompt file does not know
+    rc, lines = err_of([*common, "--ckpt_path", str(ckpt)])
+    assert rc == 2 and len(lines) == 1 and "tex_a" in lines[0] and "--prompts" in lines[0]
+    # a GroundingDINO checkpoint given as --ckpt_path
+    wrong = tmp_path / "gdino.pth"
+    torch.save({"model": {"backbone.0.patch_embed.proj.weight": torch.zeros(1),
+                          "transformer.level_embed": torch.zeros(1), "bert.embeddings.x": torch.zeros(1)}}, wrong)
+    rc, lines = err_of([*common, "--ckpt_path", str(wrong), "--prompts", str(prompts)])
+    assert rc == 2 and len(lines) == 1 and "gdino.pth" in lines[0]
+    # a corrupt image in the dataset
+    bad = tmp_path / "bad"
+    make_mvtec_like(bad, classes=("tex_a",), n_train_good=0, n_test_good=1, n_test_defect=1, size=32)
+    (bad / "tex_a/test/good/000.png").write_bytes(b"not a png")
+    rc, lines = err_of(["--dataset", "mvtec", "--data_path", str(bad), "--image_size", "32",
+                        "--num_workers", "0", "--device", "cpu", "--save_path", str(tmp_path / "b"),
+                        "--ckpt_path", str(ckpt), "--prompts", str(prompts)])
+    errors = [ln for ln in lines if ln.startswith("error:")]  # progress bars may precede it
+    assert rc == 2 and len(errors) == 1 and lines[-1] == errors[0]
+    assert "tex_a/test/good/000.png" in errors[0]
+
+
+def test_cli_script_help_runs() -> None:
+    res = subprocess.run([sys.executable, str(ROOT / "test.py"), "--help"], text=True,
+                         capture_output=True, timeout=60)
+    assert res.returncode == 0
+    for flag in ("--dataset", "--data_path", "--ckpt_path", "--grounded_checkpoint",
+                 "--box_threshold", "--text_threshold", "--area_threshold", "--image_size",
+                 "--device", "--viz_dir", "--batch_size", "--classes", "--prompts",
+                 "--no_grounding", "--position", "--save_path", "--save_maps", "--num_workers",
+                 "--from_cache", "--save_boxes"):
+        assert flag in res.stdout
