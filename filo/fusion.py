@@ -28,7 +28,10 @@ def boxes_to_map(boxes: torch.Tensor | np.ndarray | Sequence, image_size: tuple[
 
 
 def _cell_half_open(v: float, size: int) -> int:
-    """Third of [0, size) holding v: [0, s/3) -> 0, [s/3, 2s/3) -> 1, [2s/3, size] -> 2."""
+    """Third of [0, size) holding v: [0, s/3) -> 0, [s/3, 2s/3) -> 1, [2s/3, size] -> 2.
+
+    For 518 the edges are 172.67 and 345.33: 172 -> 0, 173 -> 1, 345 -> 1 (legacy: 2).
+    """
     return min(max(int(math.floor(v * 3.0 / size)), 0), 2)
 
 

@@ -1,0 +1,138 @@
+"""Original-layout -> transformers key map on the tiny config: every key accounted for."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from filo.detector.__main__ import main as detector_main
+from filo.detector.config import DetectorArch
+from filo.detector.convert import (
+    HF_FORMAT,
+    convert_state_dict,
+    detect_layout,
+    read_checkpoint,
+)
+from filo.detector.model import build_model, load_state_dict_checked
+from filo.errors import FiloError
+
+FIXTURE_DIR = Path(__file__).parent / "fixtures" / "gdino"
+
+
+@pytest.fixture(scope="module")
+def original_sd():
+    spec = importlib.util.spec_from_file_location("gdino_make_fixture",
+                                                  FIXTURE_DIR / "make_fixture.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fx = json.loads((FIXTURE_DIR / "fixture.json").read_text())
+    sd = mod.seeded_state_dict(fx["float_keys"], fx["seed"])
+    for key, shape in fx["buffer_keys"]:
+        sd[key] = torch.zeros(shape, dtype=torch.long)
+    # leftovers real checkpoints carry
+    sd["label_enc.weight"] = torch.zeros(2001, 256)
+    sd["bert.embeddings.position_ids"] = torch.arange(512)[None]
+    return sd
+
+
+@pytest.fixture(scope="module")
+def hf_keys():
+    return build_model(DetectorArch.tiny()).state_dict()
+
+
+def test_every_key_accounted_for(original_sd, hf_keys):
+    converted, report = convert_state_dict(original_sd)
+    assert report.unknown == []
+    assert set(report.converted) | set(report.ignored) == set(original_sd)
+    assert set(report.ignored) == {k for k in original_sd if "relative_position_index" in k} | {
+        "label_enc.weight", "bert.embeddings.position_ids", "bert.pooler.dense.weight",
+        "bert.pooler.dense.bias"}
+    # every transformers key filled except the documented harmless one
+    missing = set(hf_keys) - set(converted)
+    assert missing == {"model.backbone.conv_encoder.model.swin.layernorm.weight",
+                       "model.backbone.conv_encoder.model.swin.layernorm.bias"}
+    assert set(converted) <= set(hf_keys)
+    for key, value in converted.items():
+        assert tuple(value.shape) == tuple(hf_keys[key].shape), key
+
+
+def test_specific_mappings(original_sd):
+    converted, _ = convert_state_dict(original_sd)
+    qkv = original_sd["backbone.0.layers.1.blocks.0.attn.qkv.weight"]  # [3*64, 64]
+    base = "model.backbone.conv_encoder.model.swin.encoder.layers.1.blocks.0.attention."
+    assert torch.equal(converted[base + "q_proj.weight"], qkv[:64])
+    assert torch.equal(converted[base + "k_proj.weight"], qkv[64:128])
+    assert torch.equal(converted[base + "v_proj.weight"], qkv[128:])
+    inp = original_sd["transformer.decoder.layers.1.ca_text.in_proj_bias"]
+    assert torch.equal(converted["model.decoder.layers.1.encoder_attn_text.value.bias"], inp[512:])
+    assert torch.equal(converted["model.backbone.conv_encoder.model.hidden_states_norms.stage2.weight"],
+                       original_sd["backbone.0.norm1.weight"])
+    assert torch.equal(converted["model.text_projection.weight"], original_sd["feat_map.weight"])
+    assert torch.equal(converted["model.encoder.layers.0.fusion_layer.vision_param"],
+                       original_sd["transformer.encoder.fusion_layers.0.gamma_v"])
+    assert torch.equal(converted["model.query_position_embeddings.weight"],
+                       original_sd["transformer.tgt_embed.weight"])
+    assert torch.equal(converted["model.encoder_output_bbox_embed.layers.2.bias"],
+                       original_sd["transformer.enc_out_bbox_embed.layers.2.bias"])
+
+
+def test_unknown_and_missing_reported(original_sd):
+    sd = dict(original_sd)
+    sd["transformer.something_new.weight"] = torch.zeros(3)
+    del sd["feat_map.bias"]
+    converted, report = convert_state_dict(sd)
+    assert report.unknown == ["transformer.something_new.weight"]
+    model = build_model(DetectorArch.tiny())
+    with pytest.raises(FiloError, match="1 missing.*model.text_projection.bias"):
+        load_state_dict_checked(model, converted)
+
+
+def test_unshared_box_heads_rejected(original_sd):
+    sd = dict(original_sd)
+    sd["bbox_embed.1.layers.0.bias"] = sd["bbox_embed.1.layers.0.bias"] + 1
+    with pytest.raises(FiloError, match="box heads"):
+        convert_state_dict(sd)
+
+
+def test_layout_detection(original_sd, tmp_path):
+    assert detect_layout(original_sd)[0] == "original"
+    assert detect_layout({"model": {"module." + k: v for k, v in original_sd.items()}})[0] \
+        == "original"
+    with pytest.raises(FiloError) as err:
+        detect_layout({"filo": {"x": torch.zeros(1)}}, "ckpt/filo_train_on_visa.pth")
+    assert "FiLo checkpoint" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(FiloError, match="not a GroundingDINO checkpoint"):
+        detect_layout({"state": 1}, "x.pth")
+    missing = tmp_path / "absent.pth"
+    with pytest.raises(FiloError, match="not found"):
+        read_checkpoint(missing)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(FiloError, match="cannot read"):
+        read_checkpoint(garbage)
+
+
+def test_convert_cli_round_trip(original_sd, tmp_path, capsys):
+    src, dst = tmp_path / "orig.pth", tmp_path / "hf.pth"
+    torch.save(original_sd, src)
+    assert detector_main(["convert", str(src), str(dst)]) == 0
+    assert "known leftovers ignored, 0 unknown" in capsys.readouterr().out
+    payload = torch.load(dst, map_location="cpu", weights_only=True)
+    assert payload["format"] == HF_FORMAT
+    loaded = read_checkpoint(dst)
+    assert loaded.layout == "transformers"
+    converted, _ = convert_state_dict(original_sd)
+    assert set(loaded.state_dict) == set(converted)
+    assert all(torch.equal(loaded.state_dict[k], converted[k]) for k in converted)
+    # a FiLo checkpoint given to the CLI: one clean error line, exit code 2
+    filo = tmp_path / "filo.pth"
+    torch.save({"filo": {"a": torch.zeros(1)}}, filo)
+    with pytest.raises(SystemExit) as exit_info:
+        detector_main(["convert", str(filo), str(tmp_path / "o.pth")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1

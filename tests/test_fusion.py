@@ -1,0 +1,100 @@
+"""Position word from boxes and outside-box down-weighting, on hand-made maps and boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from filo.fusion import box_mask, boxes_to_map, fuse_with_boxes, position_from_boxes
+
+POS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom",
+       "bottom right"]
+
+
+def _at(cx, cy, score=0.5, matched=True):
+    return [[cx - 1, cy - 1, cx + 1, cy + 1]], [score], [matched]
+
+
+@pytest.mark.parametrize("cx,expected_col", [(0, 0), (172, 0), (172.6, 0), (172.7, 1),
+                                             (173, 1), (344, 1), (345, 1), (345.3, 1),
+                                             (345.4, 2), (517, 2), (518, 2)])
+def test_half_open_grid_columns(cx, expected_col):
+    boxes, scores, matched = _at(cx, 259)
+    assert position_from_boxes(boxes, scores, matched, POS) == POS[3 + expected_col]
+
+
+@pytest.mark.parametrize("cy,expected_row", [(172, 0), (173, 1), (344, 1), (345, 1), (345.4, 2)])
+def test_half_open_grid_rows(cy, expected_row):
+    boxes, scores, matched = _at(100, cy)
+    assert position_from_boxes(boxes, scores, matched, POS) == POS[expected_row * 3]
+
+
+@pytest.mark.parametrize("c,cell", [(0, 0), (172, 0), (173, 1), (344, 1), (345, 2), (517, 2),
+                                    (172.5, None), (344.5, None)])
+def test_legacy_grid_cells(c, cell):
+    boxes, scores, matched = _at(c, c)
+    got = position_from_boxes(boxes, scores, matched, POS, legacy_grid=True)
+    assert got == (None if cell is None else POS[cell * 3 + cell])
+
+
+def test_best_counted_box_wins_and_default_centre():
+    boxes = [[0, 0, 20, 20], [400, 400, 500, 500], [400, 0, 500, 100]]
+    # box 0 has the top score but does not count; box 2 beats box 1
+    assert position_from_boxes(boxes, [0.9, 0.4, 0.6], [False, True, True], POS) == "top right"
+    assert position_from_boxes(boxes, [0.9, 0.4, 0.6], [False, False, False], POS) == "center"
+    assert position_from_boxes([], [], [], POS) == "center"
+    assert position_from_boxes([], [], [], POS, legacy_grid=True) == "center"
+
+
+def test_fuse_inside_outside():
+    amap = np.full((6, 8), 0.5, dtype=np.float32)
+    out = fuse_with_boxes(amap, [[1.0, 2.0, 4.0, 5.0]], outside_factor=0.7)
+    expected = np.full((6, 8), 0.35, dtype=np.float32)
+    expected[2:5, 1:4] = 0.5  # rows 2..4, columns 1..3
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-7)
+    assert out.dtype == np.float32
+
+
+def test_fuse_fractional_corners_truncate():
+    amap = np.ones((4, 4))
+    out = fuse_with_boxes(amap, [[0.9, 0.2, 2.99, 1.5]], outside_factor=0.0)
+    expected = np.zeros((4, 4))
+    expected[0:1, 0:2] = 1.0
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_fuse_boxes_past_border_are_clamped():
+    amap = torch.ones(5, 5)
+    out = fuse_with_boxes(amap, torch.tensor([[-3.0, -2.0, 2.0, 2.0], [3.0, 4.0, 9.0, 12.0]]),
+                          outside_factor=0.5)
+    expected = torch.full((5, 5), 0.5)
+    expected[0:2, 0:2] = 1.0   # the research code's negative starts would have emptied this
+    expected[4:5, 3:5] = 1.0
+    assert torch.equal(out, expected)
+
+
+def test_fuse_no_box_scales_whole_map_and_factor_one_disables():
+    amap = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = fuse_with_boxes(amap, [np.zeros((0, 4)), None], outside_factor=0.7)
+    assert torch.allclose(out, amap * 0.7)
+    same = fuse_with_boxes(amap, [[[0, 0, 1, 1]], []], outside_factor=1.0)
+    assert torch.equal(same, amap)
+
+
+def test_fuse_batched_per_image_boxes():
+    amap = np.ones((2, 3, 3))
+    out = fuse_with_boxes(amap, [[[0, 0, 1, 1]], [[2, 2, 3, 3]]], outside_factor=0.0)
+    assert out[0].sum() == 1 and out[0, 0, 0] == 1
+    assert out[1].sum() == 1 and out[1, 2, 2] == 1
+    with pytest.raises(ValueError):
+        fuse_with_boxes(amap, [[[0, 0, 1, 1]]])
+
+
+def test_boxes_to_map_non_aspect_resize():
+    mapped = boxes_to_map([[100, 50, 200, 150]], image_size=(1000, 500), size=518)
+    assert torch.allclose(mapped, torch.tensor([[51.8, 51.8, 103.6, 155.4]], dtype=torch.float64))
+
+
+def test_box_mask_empty_box():
+    assert not box_mask([[3, 3, 3, 5]], 6, 6).any()
