@@ -53,7 +53,8 @@ def test_no_grounding_run_matches_direct_model(setup, capsys) -> None:
     rc = run_main(["--dataset", "mvtec", "--data_path", str(data), "--ckpt_path", str(ckpt),
                    "--prompts", str(prompts), "--image_size", "32", "--batch_size", "3",
                    "--num_workers", "0", "--device", "cpu", "--save_path", str(out),
-                   "--save_maps", str(base / "maps")])
+                   "--save_maps", str(base / "maps"), "--viz_dir", str(base / "viz"),
+                   "--viz_limit", "2"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| objects" in printed and "| tex a" in printed and "| mean" in printed
@@ -70,6 +71,9 @@ def test_no_grounding_run_matches_direct_model(setup, capsys) -> None:
     np.testing.assert_allclose(saved, direct, atol=1e-5)
     scores = (base / "maps" / "scores.csv").read_text().splitlines()
     assert len(scores) == 1 + 10
+    panels = sorted(p.relative_to(base / "viz").as_posix() for p in (base / "viz").rglob("*.png"))
+    assert len([p for p in panels if not p.startswith("thumbs/")]) == 4  # --viz_limit 2 x 2 classes
+    assert (base / "viz" / "index.html").is_file()
 
 
 def test_errors_are_one_line(setup, tmp_path, capsys) -> None:

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--viz_limit", type=int, default=None, help="at most N visualisations per class")
     o.add_argument("--viz_only_errors", action="store_true",
                    help="visualise only misclassified images")
+    o.add_argument("--viz_lift_boxes", action="store_true",
+                   help="visual only: raise the shown heat inside detector boxes")
     o.add_argument("--from_cache", action="store_true",
                    help="recompute the tables from cached predictions without running any model")
     o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -100,7 +102,8 @@ def settings_from_args(args: argparse.Namespace):
         classes=classes, prompts=args.prompts, no_grounding=args.no_grounding,
         position=args.position, save_path=save_path, save_maps=args.save_maps,
         save_boxes=args.save_boxes, viz_dir=args.viz_dir, viz_limit=args.viz_limit,
-        viz_only_errors=args.viz_only_errors, from_cache=args.from_cache,
+        viz_only_errors=args.viz_only_errors, viz_lift_boxes=args.viz_lift_boxes,
+        from_cache=args.from_cache,
         score_mode=args.score_mode, legacy_macaroni=args.legacy_macaroni,
         legacy_phrase_case=args.legacy_phrase_case,
         legacy_text_threshold=args.legacy_text_threshold, legacy_grid=args.legacy_grid,

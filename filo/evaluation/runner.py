@@ -63,6 +63,7 @@ class EvalSettings:
     viz_dir: Path | None = None
     viz_limit: int | None = None
     viz_only_errors: bool = False
+    viz_lift_boxes: bool = False
     from_cache: bool = False
     score_mode: str = "research"
     legacy_macaroni: bool = False
@@ -215,12 +216,45 @@ def _write_outputs(settings: EvalSettings, split: dict[str, list[Sample]], cache
         _save_maps(settings.save_maps, split, cache)
     if settings.save_boxes is not None and settings.grounding:
         _save_boxes(settings.save_boxes, split, cache)
+    if settings.viz_dir is not None:
+        index = write_visualisations(settings, split, cache, table)
+        log(f"[filo] visualisations: {index}")
     log("")
     log(table)
     log("")
     log(f"[filo] aupro = legacy 200-threshold definition (as published); aupro_exact = MVTec AD "
         f"definition. Results: {paths['md']}, {paths['json']}, {paths['csv']}; log: "
         f"{out_dir / 'test_log.txt'}")
+
+
+def write_visualisations(settings: EvalSettings, split: dict[str, list[Sample]],
+                         cache: PredictionCache, table: str | None) -> Path:
+    """One panel per image (input, map overlay on a fixed 0..1 scale, GT outline, boxes) and
+    ``index.html``; visual options never touch the cached numbers."""
+    from filo.data.transforms import load_rgb
+    from filo.viz import VizWriter
+
+    root = Path(settings.data_path) if settings.data_path is not None else None
+
+    def load_image(img_path: str) -> np.ndarray:
+        return np.asarray(load_rgb(root / img_path if root is not None else img_path))
+
+    writer = VizWriter(settings.viz_dir, 0.0, 1.0, settings.viz_limit, settings.viz_only_errors,
+                       None, settings.viz_lift_boxes, load_image=load_image, root=root)
+    total = sum(len(g) for g in split.values())
+    with tqdm(total=total, desc="visualise", unit="img", dynamic_ncols=True) as bar:
+        for group in split.values():
+            for s in group:
+                bar.update(1)
+                pred = _must_get(cache, s)
+                if not writer.wants(s.cls_name, pred.label, pred.image_score):
+                    continue
+                det = pred.extras.get("detections") or {}
+                writer.add(s.img_path, s.cls_name, pred.label, pred.image_score, None,
+                           pred.anomaly_map, gt_mask=pred.mask if pred.label else None,
+                           boxes=det.get("boxes"), labels=det.get("phrases"),
+                           scores=det.get("scores"), matched=det.get("matched"))
+    return writer.finish(table, title=f"filo test: {settings.dataset} {settings.data_path}")
 
 
 def map_file_name(img_path: str, suffix: str) -> Path:
