@@ -119,3 +119,39 @@ def test_cli_script_help_runs() -> None:
                  "--no_grounding", "--position", "--save_path", "--save_maps", "--num_workers",
                  "--from_cache", "--save_boxes"):
         assert flag in res.stdout
+
+
+def test_grounded_run_fuses_boxes_as_specified(tmp_path, tiny_filo_ckpt, synthetic_prompts,
+                                               tiny_grounding_ckpt, bert_vocab_dir, capsys) -> None:
+    """With a grounding checkpoint: the saved map = FiLo map at the box position word, times
+    outside_box_factor outside the counted boxes (recomputed here from the saved boxes)."""
+    ckpt, model = tiny_filo_ckpt
+    data = tmp_path / "data"
+    make_mvtec_like(data, classes=("tex_a",), n_train_good=0, n_test_good=2, n_test_defect=2,
+                    size=(80, 60), seed=2)
+    rc = run_main(["--dataset", "mvtec", "--data_path", str(data), "--ckpt_path", str(ckpt),
+                   "--prompts", str(synthetic_prompts), "--image_size", "32", "--device", "cpu",
+                   "--num_workers", "0", "--grounded_checkpoint", str(tiny_grounding_ckpt),
+                   "--bert_dir", str(bert_vocab_dir), "--outside_box_factor", "0.5",
+                   "--save_path", str(tmp_path / "run"), "--save_maps", str(tmp_path / "maps"),
+                   "--save_boxes", str(tmp_path / "boxes")])
+    assert rc == 0, capsys.readouterr().err
+    from filo.data.transforms import clip_tensor, decode_image
+
+    for rel in ("tex_a/test/good/000.png", "tex_a/test/blob/000.png"):
+        det = json.loads((tmp_path / "boxes" / Path(rel).with_suffix(".json")).read_text())
+        assert set(det) >= {"boxes", "scores", "phrases", "matched", "position"}
+        assert len(det["boxes"]) >= 1
+        for x1, y1, x2, y2 in det["boxes"]:
+            assert 0 <= x1 <= x2 <= 80 and 0 <= y1 <= y2 <= 60
+        x = clip_tensor(decode_image(data / rel), 32)[None]
+        plain = model.predict(x, ["tex_a"], [det["position"]]).anomaly_map[0].numpy()
+        inside = np.zeros((32, 32), dtype=bool)
+        for (x1, y1, x2, y2), matched in zip(det["boxes"], det["matched"], strict=True):
+            if matched:  # original pixels -> 32x32 map pixels, integer corners as the research code
+                c0, c1 = int(np.floor(x1 * 32 / 80)), int(np.floor(x2 * 32 / 80))
+                r0, r1 = int(np.floor(y1 * 32 / 60)), int(np.floor(y2 * 32 / 60))
+                inside[r0:r1, c0:c1] = True
+        expected = np.where(inside, plain, plain * 0.5)
+        saved = np.load(tmp_path / "maps" / Path(rel).with_suffix(".npy"))
+        np.testing.assert_allclose(saved, expected, atol=2e-5)
