@@ -263,6 +263,19 @@ def test_resume_after_epoch_one_is_bit_identical(data_root, tmp_path):
         main(common[:-5] + ["--seed", "5", "--no_progress", "--save_dir", str(part), "--resume"])
     assert exc.value.code == 2
 
+    # an interruption (Ctrl-C) right after epoch 1 of the full 2 + 1 epoch run, then --resume
+    def stop_after_first(record):
+        if record.stage == 1 and record.epoch == 1:
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    kw = dict(epochs=2, adapter_epochs=1, batch_size=3, mosaic_prob=0.5, seed=4)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_settings(data_root, cut, **kw), on_epoch=stop_after_first).run()
+    Trainer(tiny_settings(data_root, cut, resume=True, **kw)).run()
+    c = torch.load(cut / "filo_train_on_mvtec.pth", map_location="cpu", weights_only=True)["filo"]
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
 
 # ------------------------------------------------------------------------------------------
 # CLI errors

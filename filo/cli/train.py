@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 from filo.errors import FiloError, cli_entry
@@ -119,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args)
     from filo.training import train
 
-    result = train(settings)
+    try:
+        result = train(settings)
+    except KeyboardInterrupt:
+        print(f"interrupted: every finished epoch is saved in {settings.save_dir}; run the same "
+              f"command with --resume to continue", file=sys.stderr)
+        raise SystemExit(130) from None
     print(f"[train] checkpoint: {result.checkpoint}")
     print(f"[train] resume state: {result.state_path}; log: {result.log_path}")
     return 0

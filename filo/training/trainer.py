@@ -90,10 +90,10 @@ class TrainSettings:
     def resolved(self) -> TrainSettings:
         """Defaults filled in (image size, mosaic probability), paths made Path objects."""
         s = replace(self)
-        s.data_path = Path(s.data_path)
+        s.data_path = Path(s.data_path).resolve()
         s.save_dir = Path(s.save_dir)
-        s.clip_weights = Path(s.clip_weights) if s.clip_weights is not None else None
-        s.prompts = Path(s.prompts) if s.prompts is not None else None
+        s.clip_weights = Path(s.clip_weights).resolve() if s.clip_weights is not None else None
+        s.prompts = Path(s.prompts).resolve() if s.prompts is not None else None
         if s.image_size is None:
             s.image_size = 518 if s.model_config == "vit-l-14-336" else 32
         if s.mosaic_prob is None:
