@@ -37,6 +37,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 CLASSES = ("carpet", "wood")  # real MVTec names: the bundled prompt table has them
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model is far faster on one thread on a shared 2-core machine (no spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_data")
@@ -243,8 +252,8 @@ def test_resume_after_epoch_one_is_bit_identical(data_root, tmp_path):
     from filo.cli.train import main
 
     common = ["--dataset", "mvtec", "--data_path", str(data_root), "--model_config", "tiny",
-              "--batch_size", "3", "--mosaic_prob", "0.5", "--seed", "4", "--num_workers", "0",
-              "--no_progress"]
+              "--classes", "carpet", "--batch_size", "3", "--mosaic_prob", "0.5", "--seed", "4",
+              "--num_workers", "0", "--no_progress"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(common + ["--save_dir", str(full), "--epochs", "2", "--adapter_epochs", "1"]) == 0
     assert main(common + ["--save_dir", str(part), "--epochs", "1", "--adapter_epochs", "0"]) == 0
@@ -269,7 +278,8 @@ def test_resume_after_epoch_one_is_bit_identical(data_root, tmp_path):
             raise KeyboardInterrupt
 
     cut = tmp_path / "cut"
-    kw = dict(epochs=2, adapter_epochs=1, batch_size=3, mosaic_prob=0.5, seed=4)
+    kw = dict(epochs=2, adapter_epochs=1, batch_size=3, mosaic_prob=0.5, seed=4,
+              classes=["carpet"])
     with pytest.raises(KeyboardInterrupt):
         Trainer(tiny_settings(data_root, cut, **kw), on_epoch=stop_after_first).run()
     Trainer(tiny_settings(data_root, cut, resume=True, **kw)).run()
