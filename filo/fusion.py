@@ -81,13 +81,38 @@ def box_mask(boxes, height: int, width: int) -> np.ndarray:
     ``map[y1:y2, x1:x2]`` with integer corners; corners are clamped to the map first.
     """
     inside = np.zeros((height, width), dtype=bool)
+    for rows, cols in _box_slices(boxes, height, width):
+        inside[rows, cols] = True
+    return inside
+
+
+def _box_slices(boxes, height: int, width: int) -> list[tuple[slice, slice]]:
+    """(rows, cols) slices of each box, with :func:`box_mask`'s pixel rule."""
+    out = []
     for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         c0 = int(np.clip(math.floor(x1), 0, width))
         c1 = int(np.clip(math.floor(x2), 0, width))
         r0 = int(np.clip(math.floor(y1), 0, height))
         r1 = int(np.clip(math.floor(y2), 0, height))
-        inside[r0:r1, c0:c1] = True
-    return inside
+        out.append((slice(r0, r1), slice(c0, c1)))
+    return out
+
+
+def box_score_map(boxes, scores, height: int, width: int) -> np.ndarray:
+    """Float32 [H, W] map of boxes: each pixel holds the highest score of the boxes covering it
+    (pixel rule of :func:`box_mask`), 0 outside every box.
+
+    The detector-only "anomaly map" (``python -m filo.detect``): pass the COUNTED boxes in map
+    pixels and their scores.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    slices = _box_slices(boxes, height, width)
+    if len(slices) != len(s):
+        raise ValueError(f"{len(slices)} boxes but {len(s)} scores")
+    out = np.zeros((height, width), dtype=np.float32)
+    for (rows, cols), score in zip(slices, s, strict=True):
+        np.maximum(out[rows, cols], np.float32(score), out=out[rows, cols])
+    return out
 
 
 def fuse_with_boxes(anomaly_map, boxes, outside_factor: float = 0.7):

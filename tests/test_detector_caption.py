@@ -11,6 +11,7 @@ import torch
 
 from filo.detector.caption import (
     build_caption,
+    matched_word,
     phrase_from_token_probs,
     phrase_matches,
     preprocess_caption,
@@ -165,3 +166,13 @@ def test_wrong_vocab_rejected(tmp_path):
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nfoo\n")
     with pytest.raises(FiloError, match="vocab.txt"):
         load_tokenizer(tmp_path)
+
+
+def test_matched_word_longest_and_case():
+    words = ["scratch", "scratch on surface", "hole", "Bent Wire"]
+    assert matched_word("scratch on surface hole", words) == "scratch on surface"
+    assert matched_word("a hole.", words) == "hole"
+    assert matched_word("bent wire", words) == "Bent Wire"
+    assert matched_word("bent wire", words, case_sensitive=True) is None
+    assert matched_word("nothing here", words) is None
+    assert matched_word("", ["", "x"]) is None

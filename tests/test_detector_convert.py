@@ -13,9 +13,17 @@ from filo.detector.__main__ import main as detector_main
 from filo.detector.config import DetectorArch
 from filo.detector.convert import (
     HF_FORMAT,
+    NAMING_V4,
+    NAMING_V5,
+    canonical_state_dict,
     convert_state_dict,
     detect_layout,
+    hf_only_reason,
+    hf_only_rule,
+    installed_naming,
     read_checkpoint,
+    rename_key,
+    to_naming,
 )
 from filo.detector.model import build_model, load_state_dict_checked
 from filo.errors import FiloError
@@ -44,6 +52,17 @@ def hf_keys():
     return build_model(DetectorArch.tiny()).state_dict()
 
 
+def _check_against(converted, hf_keys, naming):
+    """Renamed for ``naming``, the converted dict fills exactly the model keys minus the
+    documented harmless ones, with the right shapes."""
+    renamed = to_naming(converted, naming)
+    assert len(renamed) == len(converted)
+    assert set(renamed) <= set(hf_keys)
+    for key, value in renamed.items():
+        assert tuple(value.shape) == tuple(hf_keys[key]), key
+    return set(hf_keys) - set(renamed)
+
+
 def test_every_key_accounted_for(original_sd, hf_keys):
     converted, report = convert_state_dict(original_sd)
     assert report.unknown == []
@@ -51,13 +70,67 @@ def test_every_key_accounted_for(original_sd, hf_keys):
     assert set(report.ignored) == {k for k in original_sd if "relative_position_index" in k} | {
         "label_enc.weight", "bert.embeddings.position_ids", "bert.pooler.dense.weight",
         "bert.pooler.dense.bias"}
-    # every transformers key filled except the documented harmless one
-    missing = set(hf_keys) - set(converted)
-    assert missing == {"model.backbone.conv_encoder.model.swin.layernorm.weight",
-                       "model.backbone.conv_encoder.model.swin.layernorm.bias"}
-    assert set(converted) <= set(hf_keys)
-    for key, value in converted.items():
-        assert tuple(value.shape) == tuple(hf_keys[key].shape), key
+    # every key of the INSTALLED transformers' model filled except the documented harmless ones
+    naming = installed_naming(hf_keys)
+    shapes = {k: tuple(v.shape) for k, v in hf_keys.items()}
+    missing = _check_against(converted, shapes, naming)
+    if naming == NAMING_V5:
+        assert missing == {"model.backbone.conv_encoder.model.swin.layernorm.weight",
+                           "model.backbone.conv_encoder.model.swin.layernorm.bias"}
+    else:
+        assert missing == {k for k in hf_keys if k.endswith("relative_position_index")}
+    assert all(hf_only_reason(k, naming) for k in missing)
+
+
+def test_v4_names_match_recorded_transformers_4_model(original_sd):
+    """The 4.x rename table against the key list recorded from transformers 4.40.2 / 4.57.6."""
+    recorded = json.loads((FIXTURE_DIR / "hf_keys_v4.json").read_text())["keys"]
+    assert installed_naming(recorded) == NAMING_V4
+    converted, _ = convert_state_dict(original_sd)
+    missing = _check_against(converted, recorded, NAMING_V4)
+    # 4.x keeps the Swin relative_position_index buffers (one per block, 5 blocks in tiny)
+    assert len(missing) == 5
+    assert all(k.endswith(".attention.self.relative_position_index") for k in missing)
+    assert all(hf_only_rule(k, NAMING_V4)[1] == "keep" for k in missing)
+    # a few hand-checked renames
+    swin = "model.backbone.conv_encoder.model.swin.encoder.layers.2.blocks.1."
+    assert rename_key(swin + "attention.q_proj.weight", NAMING_V4) == \
+        "model.backbone.conv_encoder.model.encoder.layers.2.blocks.1.attention.self.query.weight"
+    assert rename_key(swin + "mlp.fc2.bias", NAMING_V4) == \
+        "model.backbone.conv_encoder.model.encoder.layers.2.blocks.1.output.dense.bias"
+    assert rename_key("model.backbone.conv_encoder.model.hidden_states_norms.stage2.weight",
+                      NAMING_V4) == "model.backbone.conv_encoder.model.hidden_states_norms.stage2.weight"
+    assert rename_key("model.text_backbone.encoder.layer.0.output.dense.bias", NAMING_V4) == \
+        "model.text_backbone.encoder.layer.0.output.dense.bias"
+    # a Swin key no rule knows is not silently passed through
+    assert rename_key("model.backbone.conv_encoder.model.swin.something.weight", NAMING_V4) is None
+
+
+def test_v4_canonical_round_trip():
+    """Recorded 4.x keys -> canonical (5.x) names -> back to 4.x: the same keys minus buffers."""
+    recorded = json.loads((FIXTURE_DIR / "hf_keys_v4.json").read_text())["keys"]
+    fake = {k: torch.zeros(1) for k in recorded}
+    canonical = canonical_state_dict(fake)
+    assert not any(k.startswith("model.backbone.conv_encoder.model.embeddings") for k in canonical)
+    assert all(".swin." in k for k in canonical if k.startswith("model.backbone.conv_encoder"
+                                                                 ".model.") and "norms" not in k)
+    back = to_naming(canonical, NAMING_V4)
+    assert set(back) == {k for k in recorded if not k.endswith("relative_position_index")}
+
+
+def test_canonical_of_installed_model_matches_converted(original_sd, hf_keys):
+    converted, _ = convert_state_dict(original_sd)
+    canonical = canonical_state_dict(dict(hf_keys))
+    assert set(converted) <= set(canonical)
+    v5_only = {"model.backbone.conv_encoder.model.swin.layernorm.weight",
+               "model.backbone.conv_encoder.model.swin.layernorm.bias"}
+    expected = v5_only if installed_naming(hf_keys) == NAMING_V5 else set()
+    assert set(canonical) - set(converted) == expected
+
+
+def test_unknown_naming_rejected():
+    with pytest.raises(FiloError, match="transformers .*not known"):
+        installed_naming(["model.foo.weight"])
 
 
 def test_specific_mappings(original_sd):

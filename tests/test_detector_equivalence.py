@@ -100,18 +100,33 @@ def test_converted_model_matches_original(fixture, maker, hf_model, tokenizer):
 
 
 def test_batched_equals_single(fixture, maker, hf_model, tokenizer):
-    """Same-size images with different captions in one batch == one at a time."""
+    """Batched (same size, different captions of one token count) == one at a time."""
     det = Detector(hf_model, tokenizer, DetectionParams(box_threshold=0.0, text_threshold=0.5))
     c0, c1 = fixture["cases"]
     img = maker.fixture_image(c0["height"], c0["width"], c0["phase"])
     img2 = maker.fixture_image(c0["height"], c0["width"], c1["phase"])
+    img3 = maker.fixture_image(c0["height"], c0["width"], 2.9)
     other = maker.fixture_image(c1["height"], c1["width"], c1["phase"])
-    images = [img, other, img2]
-    caps = [c0["caption"], c1["caption"], c1["caption"]]
-    sizes = [(200, 100), (90, 100), (40, 30)]
-    words = [["anomaly"], ["hole"], ["hole"]]
+    same_len = c1["caption"].replace("bent wire", "bent pin")
+    assert len(tokenizer(same_len)["input_ids"]) == len(tokenizer(c1["caption"])["input_ids"])
+    images = [img, other, img2, img3]
+    caps = [c0["caption"], c1["caption"], c1["caption"], same_len]
+    sizes = [(200, 100), (90, 100), (40, 30), (64, 64)]
+    words = [["anomaly"], ["hole"], ["hole"], ["pin"]]
+    calls: list[list[str]] = []
+    forward = det.forward
+
+    def recording_forward(pixel_values, captions):
+        calls.append(list(captions))
+        return forward(pixel_values, captions)
+
+    det.forward = recording_forward  # type: ignore[method-assign]
     batched = det.detect_tensors(images, sizes, caps, words)
-    for i in range(3):
+    del det.forward
+    # exact mode never pads texts: the two same-length captions share a batch, c0 runs alone
+    assert sorted(sorted(c) for c in calls) == sorted(
+        [[c0["caption"]], [c1["caption"]], sorted([c1["caption"], same_len])])
+    for i in range(4):
         probs, boxes, ids = det.forward([images[i]], [caps[i]])
         single = postprocess(probs[0], boxes[0], ids[0], tokenizer, sizes[i], words[i],
                              det.params)

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from filo.fusion import box_mask, boxes_to_map, fuse_with_boxes, position_from_boxes
+from filo.fusion import (
+    box_mask,
+    box_score_map,
+    boxes_to_map,
+    fuse_with_boxes,
+    position_from_boxes,
+)
 
 POS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom",
        "bottom right"]
@@ -98,3 +104,20 @@ def test_boxes_to_map_non_aspect_resize():
 
 def test_box_mask_empty_box():
     assert not box_mask([[3, 3, 3, 5]], 6, 6).any()
+
+
+def test_box_score_map_hand_values():
+    # box A covers cols 1..3, rows 0..1 with 0.4; box B cols 3..4, rows 1..2 with 0.9;
+    # pixel (1, 3) is in both -> max; a box past the edge is clamped; empty -> all zero
+    boxes = [[1.2, 0.0, 4.0, 2.5], [3.0, 1.0, 9.0, 3.0]]
+    got = box_score_map(boxes, [0.4, 0.9], 4, 5)
+    expected = np.array([[0, .4, .4, .4, 0],
+                         [0, .4, .4, .9, .9],
+                         [0, 0, 0, .9, .9],
+                         [0, 0, 0, 0, 0]], dtype=np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    assert (box_score_map(np.zeros((0, 4)), [], 3, 3) == 0).all()
+    np.testing.assert_array_equal(box_score_map(boxes, [0.4, 0.9], 4, 5) > 0, box_mask(boxes, 4, 5))
+    with pytest.raises(ValueError, match="2 boxes but 1 scores"):
+        box_score_map(boxes, [0.4], 4, 5)

@@ -7,7 +7,15 @@ Public API::
     results = det.detect(images, class_names, prompts)   # list[Detection], one per image
 
 Checkpoints in the ORIGINAL GroundingDINO layout are converted on load; ``python -m
-filo.detector convert IN OUT`` writes the converted file once.
+filo.detector convert IN OUT`` writes the converted file once (canonical transformers-5.x names,
+renamed on load for the installed transformers, so converted files work on every version).
+
+transformers versions verified (tests/test_detector_*.py and test_fusion.py pass; the converted
+tiny model reproduces the original groundingdino-py fixture to < 5e-6 in logits and < 1e-6 in
+boxes; tokenizer from a local vocab.txt with ``local_files_only``): 4.40.2, 4.57.6, 5.24.0.
+GroundingDINO first shipped in transformers 4.40.0 (4.39.3 has no ``grounding_dino``), so
+``transformers>=4.40,<6`` is the supported range. 4.x and 5.x differ only in the Swin backbone
+module names (see ``filo.detector.convert.V4_RENAMES``).
 """
 
 from __future__ import annotations

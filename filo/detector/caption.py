@@ -44,3 +44,13 @@ def phrase_matches(phrase: str, words: Sequence[str], case_sensitive: bool = Fal
         return any(w and w in phrase for w in words)
     low = phrase.lower()
     return any(w and w.lower() in low for w in words)
+
+
+def matched_word(phrase: str, words: Sequence[str], case_sensitive: bool = False) -> str | None:
+    """The longest of ``words`` found in ``phrase`` (the rule of :func:`phrase_matches`), or None.
+
+    Longest first, so a detail phrase ("scratch on surface") wins over a word inside it.
+    """
+    low = phrase if case_sensitive else phrase.lower()
+    found = [w for w in words if w and (w if case_sensitive else w.lower()) in low]
+    return max(found, key=len) if found else None

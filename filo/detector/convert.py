@@ -5,6 +5,13 @@ query/key/value), or is a known leftover listed in :data:`IGNORED_KEYS` with the
 else is reported as unknown. Conversion is pure (state dict in, state dict + report out);
 :func:`read_checkpoint` reads a file and tells the layouts apart by their keys.
 
+Names: :data:`KEY_RULES` produce CANONICAL names, the module names of transformers 5.x; converted
+files store those, so a file converted under one transformers version loads under any other.
+Installed transformers versions name the Swin backbone inside GroundingDINO differently (4.40 to
+4.57 use the old BERT-style Swin names, see :data:`V4_RENAMES`); :func:`installed_naming` reads
+the naming off the instantiated model's state dict and :func:`to_naming` renames the canonical
+state dict for it, again with every key handled by exactly one explicit rule.
+
 Layouts:
 - original: ``groundingdino_swint_ogc.pth`` (``{"model": sd}``, keys maybe prefixed ``module.``)
   and FiLo's ``grounding_train_on_{mvtec,visa}.pth`` (a flat state dict);
@@ -164,15 +171,86 @@ IGNORED_KEYS: list[tuple[str, str]] = [
     (r"label_enc\.weight", "denoising label embedding, training only"),
 ]
 
-# transformers keys that no original key fills, and why that is harmless.
-HF_ONLY_KEYS: list[tuple[str, str]] = [
-    (r"model\.backbone\.conv_encoder\.model\.swin\.layernorm\.(weight|bias)",
-     "final Swin norm, not used by the feature maps GroundingDINO takes"),
+# ---- installed transformers namings
+# "v5": transformers 5.x (the canonical names above). "v4": transformers 4.40 .. 4.57 (verified
+# on 4.40.2 and 4.57.6; GroundingDINO first shipped in 4.40.0). The two differ ONLY in the Swin
+# backbone: 4.x has no ``.swin`` level under ``conv_encoder.model`` and names the block
+# attention/MLP the BERT way. BERT, the encoder/decoder, heads and hidden_states_norms agree.
+NAMING_V5 = "v5"
+NAMING_V4 = "v4"
+_SWIN_V4 = "model.backbone.conv_encoder.model"
+_BLOCK = r"model\.backbone\.conv_encoder\.model\.swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\."
+_BLOCK_V4 = _SWIN_V4 + r".encoder.layers.\1.blocks.\2."
+
+# (canonical-key regex, transformers-4.x template). Every canonical key matches exactly one rule.
+V4_RENAMES: list[tuple[str, str]] = [
+    (r"model\.backbone\.conv_encoder\.model\.swin\.embeddings\."
+     r"(patch_embeddings\.projection|norm)\.(weight|bias)",
+     _SWIN_V4 + r".embeddings.\1.\2"),
+    (_BLOCK + r"attention\.q_proj\.(weight|bias)", _BLOCK_V4 + r"attention.self.query.\3"),
+    (_BLOCK + r"attention\.k_proj\.(weight|bias)", _BLOCK_V4 + r"attention.self.key.\3"),
+    (_BLOCK + r"attention\.v_proj\.(weight|bias)", _BLOCK_V4 + r"attention.self.value.\3"),
+    (_BLOCK + r"attention\.o_proj\.(weight|bias)", _BLOCK_V4 + r"attention.output.dense.\3"),
+    (_BLOCK + r"attention\.relative_position_bias\.relative_position_bias_table",
+     _BLOCK_V4 + r"attention.self.relative_position_bias_table"),
+    (_BLOCK + r"(layernorm_before|layernorm_after)\.(weight|bias)", _BLOCK_V4 + r"\3.\4"),
+    (_BLOCK + r"mlp\.fc1\.(weight|bias)", _BLOCK_V4 + r"intermediate.dense.\3"),
+    (_BLOCK + r"mlp\.fc2\.(weight|bias)", _BLOCK_V4 + r"output.dense.\3"),
+    (r"model\.backbone\.conv_encoder\.model\.swin\.encoder\.layers\.(\d+)\.downsample\."
+     r"(reduction|norm)\.(weight|bias)", _SWIN_V4 + r".encoder.layers.\1.downsample.\2.\3"),
+    # everything outside the Swin backbone keeps its name (hidden_states_norms included)
+    (r"((?!model\.backbone\.conv_encoder\.model\.swin\.).*)", r"\1"),
 ]
+
+# The inverse of V4_RENAMES (transformers-4.x key -> canonical), for writing a 4.x model's own
+# state dict in the canonical layout (see canonical_state_dict). ``None``: a buffer 4.x keeps
+# in its state dict that the canonical layout does not store.
+_B4 = r"model\.backbone\.conv_encoder\.model\.encoder\.layers\.(\d+)\.blocks\.(\d+)\."
+_B5 = SWIN + r".encoder.layers.\1.blocks.\2."
+V4_TO_CANONICAL: list[tuple[str, str | None]] = [
+    (r"model\.backbone\.conv_encoder\.model\.embeddings\."
+     r"(patch_embeddings\.projection|norm)\.(weight|bias)", SWIN + r".embeddings.\1.\2"),
+    (_B4 + r"attention\.self\.query\.(weight|bias)", _B5 + r"attention.q_proj.\3"),
+    (_B4 + r"attention\.self\.key\.(weight|bias)", _B5 + r"attention.k_proj.\3"),
+    (_B4 + r"attention\.self\.value\.(weight|bias)", _B5 + r"attention.v_proj.\3"),
+    (_B4 + r"attention\.output\.dense\.(weight|bias)", _B5 + r"attention.o_proj.\3"),
+    (_B4 + r"attention\.self\.relative_position_bias_table",
+     _B5 + r"attention.relative_position_bias.relative_position_bias_table"),
+    (_B4 + r"attention\.self\.relative_position_index", None),
+    (_B4 + r"(layernorm_before|layernorm_after)\.(weight|bias)", _B5 + r"\3.\4"),
+    (_B4 + r"intermediate\.dense\.(weight|bias)", _B5 + r"mlp.fc1.\3"),
+    (_B4 + r"output\.dense\.(weight|bias)", _B5 + r"mlp.fc2.\3"),
+    (r"model\.backbone\.conv_encoder\.model\.encoder\.layers\.(\d+)\.downsample\."
+     r"(reduction|norm)\.(weight|bias)", SWIN + r".encoder.layers.\1.downsample.\2.\3"),
+    (r"((?!model\.backbone\.conv_encoder\.model\.(?:embeddings|encoder)\.).*)", r"\1"),
+]
+
+# Model keys (per naming) that no original key fills, why that is harmless, and what to do:
+# "identity" fills weight 1 / bias 0, "keep" leaves the value transformers computed at init.
+HF_ONLY_KEYS: dict[str, list[tuple[str, str, str]]] = {
+    NAMING_V5: [
+        (r"model\.backbone\.conv_encoder\.model\.swin\.layernorm\.(weight|bias)",
+         "final Swin norm, not used by the feature maps GroundingDINO takes", "identity"),
+    ],
+    NAMING_V4: [
+        (r"model\.backbone\.conv_encoder\.model\.encoder\.layers\.\d+\.blocks\.\d+\."
+         r"attention\.self\.relative_position_index",
+         "constant index buffer, computed by transformers at init", "keep"),
+    ],
+}
+
+# A key only the given naming has, to tell the installed naming from the model's state dict.
+NAMING_PROBES: dict[str, str] = {
+    NAMING_V5: "model.backbone.conv_encoder.model.swin.embeddings.patch_embeddings.projection.weight",
+    NAMING_V4: "model.backbone.conv_encoder.model.embeddings.patch_embeddings.projection.weight",
+}
 
 _COMPILED = [(re.compile(rx + r"\Z"), tpl, kind) for rx, tpl, kind in KEY_RULES]
 _IGNORED = [(re.compile(rx + r"\Z"), why) for rx, why in IGNORED_KEYS]
-_HF_ONLY = [(re.compile(rx + r"\Z"), why) for rx, why in HF_ONLY_KEYS]
+_V4 = [(re.compile(rx + r"\Z"), tpl) for rx, tpl in V4_RENAMES]
+_V4_INV = [(re.compile(rx + r"\Z"), tpl) for rx, tpl in V4_TO_CANONICAL]
+_HF_ONLY = {naming: [(re.compile(rx + r"\Z"), why, action) for rx, why, action in rules]
+            for naming, rules in HF_ONLY_KEYS.items()}
 
 QKV_PARTS = {"qkv_swin": ("q_proj", "k_proj", "v_proj"), "qkv_mha": ("query", "key", "value")}
 
@@ -257,9 +335,76 @@ def _check_shared_box_heads(hf: dict[str, torch.Tensor]) -> None:
                 )
 
 
-def hf_only_reason(key: str) -> str | None:
+def hf_only_rule(key: str, naming: str = NAMING_V5) -> tuple[str, str] | None:
+    """(reason, action) if a model key may stay unfilled by a converted checkpoint, else None."""
+    return next(((why, action) for rx, why, action in _HF_ONLY[naming] if rx.match(key)), None)
+
+
+def hf_only_reason(key: str, naming: str = NAMING_V5) -> str | None:
     """Why a transformers key may stay unfilled by a converted checkpoint (or None)."""
-    return next((why for rx, why in _HF_ONLY if rx.match(key)), None)
+    rule = hf_only_rule(key, naming)
+    return rule[0] if rule else None
+
+
+def installed_naming(model_keys) -> str:
+    """The naming (``"v5"`` or ``"v4"``) of an instantiated model, from its state-dict keys."""
+    keys = set(model_keys)
+    found = [naming for naming, probe in NAMING_PROBES.items() if probe in keys]
+    if len(found) != 1:
+        import transformers
+
+        raise FiloError(
+            f"transformers {transformers.__version__}: its GroundingDINO module names are not "
+            "known to filo.detector.convert; install a verified version "
+            "(pip install 'transformers>=4.40,<6')"
+        )
+    return found[0]
+
+
+def rename_key(key: str, naming: str) -> str | None:
+    """The name of canonical ``key`` under ``naming`` (None: no rule knows the key)."""
+    if naming == NAMING_V5:
+        return key
+    if naming != NAMING_V4:
+        raise ValueError(f"unknown naming {naming!r}")
+    for rx, template in _V4:
+        match = rx.match(key)
+        if match:
+            return match.expand(template)
+    return None
+
+
+def to_naming(state_dict: dict[str, torch.Tensor], naming: str) -> dict[str, torch.Tensor]:
+    """Rename a canonical (transformers 5.x) state dict for the installed naming."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        new = rename_key(key, naming)
+        if new is None:
+            raise FiloError(f"converted checkpoint key {key}: no {naming} rename rule; "
+                            "is it a Swin-T GroundingDINO converted by filo?")
+        if new in out:
+            raise FiloError(f"converted checkpoint keys collide on {new} under naming {naming}")
+        out[new] = value
+    return out
+
+
+def canonical_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers GroundingDINO's own state dict (any supported version) in canonical names,
+    e.g. to save a ``filo-gdino-hf`` file that loads under every transformers version."""
+    naming = installed_naming(model_state)
+    if naming == NAMING_V5:
+        return dict(model_state)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model_state.items():
+        for rx, template in _V4_INV:
+            match = rx.match(key)
+            if match:
+                if template is not None:
+                    out[match.expand(template)] = value
+                break
+        else:  # pragma: no cover - the last rule matches every other key
+            raise FiloError(f"model key {key}: no canonical name")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 ``Detector.detect`` takes PIL images (or prepared tensors), one caption per image and the words
 that make a box count, and returns one :class:`Detection` per image with boxes in ORIGINAL image
-pixels. Images of the same detector size run as one batch (exactly the single-image result);
-``DetectionParams.pad_to_batch`` pads differently sized images into one batch with a pixel mask
-instead (faster, but padding changes the Swin windows, so results differ slightly).
+pixels. Images of the same detector size and caption token count run as one batch (exactly the
+single-image result); ``DetectionParams.pad_to_batch`` pads differently sized images (and captions) into one batch with
+a pixel mask instead (faster, but padding changes the Swin windows, so results differ slightly).
 """
 
 from __future__ import annotations
@@ -159,15 +159,19 @@ class Detector:
         if not (len(image_sizes) == len(captions) == len(match_words) == n):
             raise ValueError("pixel_values, image_sizes, captions and match_words differ in length")
         order = list(range(n))
-        if not self.params.pad_to_batch:  # same-size groups: exact single-image results
-            order.sort(key=lambda i: tuple(pixel_values[i].shape[-2:]))
+        # exact mode: groups of the same image size AND the same caption token count, so neither
+        # images nor texts get padded (transformers 4.40 lets padded text tokens change the
+        # result; 5.x does not, but unpadded batches are exact on every version)
+        group = [(tuple(pixel_values[i].shape[-2:]), len(self.tokenizer(captions[i])["input_ids"]))
+                 for i in range(n)]
+        if not self.params.pad_to_batch:
+            order.sort(key=lambda i: group[i])
         results: list[Detection | None] = [None] * n
         step = max(1, self.params.batch_size)
         chunks: list[list[int]] = []
         for i in order:
             same = (chunks and len(chunks[-1]) < step and (
-                self.params.pad_to_batch
-                or pixel_values[chunks[-1][0]].shape == pixel_values[i].shape))
+                self.params.pad_to_batch or group[chunks[-1][0]] == group[i]))
             if same:
                 chunks[-1].append(i)
             else:

@@ -11,7 +11,13 @@ from pathlib import Path
 import torch
 
 from filo.detector.config import DetectorArch
-from filo.detector.convert import ConversionReport, hf_only_reason, read_checkpoint
+from filo.detector.convert import (
+    ConversionReport,
+    hf_only_rule,
+    installed_naming,
+    read_checkpoint,
+    to_naming,
+)
 from filo.errors import FiloError
 
 log = logging.getLogger(__name__)
@@ -35,37 +41,46 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # model keys left unfilled (harmful)
     harmless_missing: dict[str, str] = field(default_factory=dict)  # key -> reason
     unexpected: list[str] = field(default_factory=list)
+    naming: str = ""  # installed transformers naming ("v5" or "v4"), see filo.detector.convert
     conversion: ConversionReport | None = None
 
 
 def load_state_dict_checked(model, state_dict: dict[str, torch.Tensor],
                             source: str = "checkpoint") -> LoadReport:
-    """Load into ``model``; any key mismatch that is not a listed harmless one is a FiloError."""
+    """Load a CANONICAL (converted) state dict into ``model``, renamed for the installed
+    transformers; any key mismatch that is not a listed harmless one is a FiloError."""
     expected = model.state_dict()
-    report = LoadReport()
+    naming = installed_naming(expected)
+    state_dict = to_naming(state_dict, naming)
+    report = LoadReport(naming=naming)
+    fill: list[str] = []
     for key in expected:
         if key not in state_dict:
-            reason = hf_only_reason(key)
-            if reason is None:
+            rule = hf_only_rule(key, naming)
+            if rule is None:
                 report.missing.append(key)
             else:
-                report.harmless_missing[key] = reason
+                report.harmless_missing[key] = rule[0]
+                if rule[1] == "identity":
+                    fill.append(key)
     report.unexpected = [k for k in state_dict if k not in expected]
     bad_shapes = [k for k, v in state_dict.items()
                   if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if report.missing or report.unexpected or bad_shapes:
+        import transformers
+
         first = (report.missing or report.unexpected or bad_shapes)[0]
         raise FiloError(
             f"{source}: weights do not fit the GroundingDINO model ({len(report.missing)} missing, "
-            f"{len(report.unexpected)} unexpected, {len(bad_shapes)} wrong shape; first: {first}); "
-            "is the installed transformers >= 5 and the checkpoint a Swin-T GroundingDINO?"
+            f"{len(report.unexpected)} unexpected, {len(bad_shapes)} wrong shape; first: {first}; "
+            f"transformers {transformers.__version__}, naming {naming}); is the checkpoint a "
+            "Swin-T GroundingDINO?"
         )
     model.load_state_dict(state_dict, strict=False)
-    # keys transformers keeps but the original lacks: fill them with identity values
+    # parameters transformers keeps but the original lacks: fill them with identity values
     with torch.no_grad():
-        for key in report.harmless_missing:
-            param = model.get_parameter(key)
-            param.fill_(1.0 if key.endswith("weight") else 0.0)
+        for key in fill:
+            model.get_parameter(key).fill_(1.0 if key.endswith("weight") else 0.0)
     return report
 
 
