@@ -4,11 +4,29 @@
 probability maps, the final anomaly map and the image score (FILO_REFERENCE.md section 5).
 Each image has its own class and position; ``None`` averages the abnormal prompts over all
 positions.
+
+Inference speed (all exact to float rounding, switchable in :class:`FiLoConfig` so the
+benchmark can time a research-code-like configuration of this same code):
+
+* text: only the prompts an image needs are encoded (``encode_all_positions=False``), all images
+  of a batch in one text-transformer pass, cut after the longest end-of-text token
+  (``truncate_context=True``); tokenization is cached per class (:class:`filo.text.PromptTokens`).
+  The text transformer itself must run per image: the prompt learner adds
+  ``meta_net(image_feature)`` to the context of every prompt.
+* MMCI heads: the six convolutions of a tap (1x1, 3x3, 5x5, 7x7, 1x5, 5x1, "same" padding) are
+  one 7x7 convolution with the zero-padded kernels summed (49 instead of 94 kernel taps), and
+  taps fed by the same tensor (reference taps: ``[V, V, V]``) run as one convolution
+  (``fuse_mmci=True``; used whenever autograd is off, fused weights cached until a weight changes).
+* maps: the 7 taps' logits are upsampled in one call; the final map blurs the tap mean once
+  (the blur is linear, so this equals the mean of the 7 blurred maps).
+* :meth:`FiLo.predict` runs under ``torch.inference_mode``; ``autocast`` ('bf16' / 'fp16') runs
+  the towers and heads in reduced precision (NOT exact; the maps, softmax and blur stay float32).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,11 +43,20 @@ from filo.backbone import (
 )
 from filo.device import resolve_device
 from filo.errors import FiloError
-from filo.heads import Adapter, LinearHeads, MMCIHeads
+from filo.heads import MMCI_KERNELS, Adapter, LinearHeads, MMCIHeads
 from filo.prompts import PromptTable, load_prompt_table
 from filo.text import PromptLearner, PromptTokens, TextEncoder, class_text_features
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# FiLoConfig switches that turn every inference optimization off: the "research-code-like"
+# configuration the benchmark compares against (run it at batch 1 under torch.no_grad).
+RESEARCH_LIKE_SWITCHES: dict[str, bool] = {
+    "encode_all_positions": True,
+    "truncate_context": False,
+    "fuse_mmci": False,
+}
 
 
 @dataclass
@@ -47,6 +74,11 @@ class FiLoConfig:
     blur_sigma: float = 4.0
     device: str | None = None  # None/'auto' -> CUDA if available else CPU (filo.device)
     dtype: str = "float32"
+    # inference speed switches (outputs equal to float rounding; see the module docstring)
+    encode_all_positions: bool = False  # True: encode all 9 positions' prompts, then select
+    truncate_context: bool = True  # False: run the full 77-token context
+    fuse_mmci: bool = True  # one 7x7 conv per MMCI tap group when autograd is off
+    autocast: str = "none"  # 'bf16' / 'fp16': reduced-precision towers in predict (not exact)
 
     @classmethod
     def vit_l_14_336(cls, image_size: int = 518, **overrides) -> FiLoConfig:
@@ -68,6 +100,8 @@ class FiLoConfig:
             raise FiloError(f"blur_kernel must be a positive odd number, got {self.blur_kernel}")
         if self.dtype not in _DTYPES:
             raise FiloError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.autocast not in _AUTOCAST:
+            raise FiloError(f"autocast must be one of {', '.join(_AUTOCAST)}, got {self.autocast!r}")
         self.taps.validate(self.clip.vision_layers)
 
     def to_dict(self) -> dict:
@@ -114,6 +148,30 @@ def gaussian_blur(maps: torch.Tensor, kernel_size: int, sigma: float) -> torch.T
     return x.reshape(shape)
 
 
+def fused_mmci_weights(heads: MMCIHeads, taps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One 7x7 convolution equal to the sum of the six MMCI convolutions of each tap in ``taps``.
+
+    Every kernel is odd-sized with "same" padding, so centring it in a 7x7 zero kernel (padding
+    3) gives the same output; the per-tap kernels and biases are summed, and several taps are
+    stacked along the output channels -> weight [len(taps) * E, W, 7, 7], bias [len(taps) * E].
+    """
+    size = max(max(k) for _, k in MMCI_KERNELS)
+    weights, biases = [], []
+    for i in taps:
+        first = getattr(heads, MMCI_KERNELS[0][0])[i]
+        w = first.weight.new_zeros(first.out_channels, first.in_channels, size, size)
+        b = first.weight.new_zeros(first.out_channels)
+        for name, (kh, kw) in MMCI_KERNELS:
+            conv = getattr(heads, name)[i]
+            top, left = (size - kh) // 2, (size - kw) // 2
+            w[:, :, top:top + kh, left:left + kw] += conv.weight
+            if conv.bias is not None:
+                b += conv.bias
+        weights.append(w)
+        biases.append(b)
+    return torch.cat(weights), torch.cat(biases)
+
+
 class FiLo(nn.Module):
     """FiLo model; submodule names match the research checkpoints (``{"filo": state_dict}``)."""
 
@@ -155,9 +213,18 @@ class FiLo(nn.Module):
         class_names: list[str],
         positions: list[str | None],
         *,
-        truncate: bool = True,
+        truncate: bool | None = None,
+        all_positions: bool | None = None,
     ) -> torch.Tensor:
-        """Per-image ``T`` [B, 2, E] (normal, abnormal), Frobenius-normalized."""
+        """Per-image ``T`` [B, 2, E] (normal, abnormal), Frobenius-normalized.
+
+        ``truncate`` / ``all_positions`` default to the config's ``truncate_context`` /
+        ``encode_all_positions`` (they change the work done, not the result).
+        """
+        if truncate is None:
+            truncate = self.config.truncate_context
+        if all_positions is None:
+            all_positions = self.config.encode_all_positions
         return class_text_features(
             text_encoder=self.text_encoder,
             token_embedding=self.clip_model.token_embedding,
@@ -168,23 +235,67 @@ class FiLo(nn.Module):
             class_names=class_names,
             positions=positions,
             truncate=truncate,
+            all_positions=all_positions,
         )
+
+    def patch_features(self, feats) -> list[torch.Tensor]:
+        """Per tap ``[B, N, E]`` head outputs: the linear taps, then the MMCI taps (7 in all)."""
+        linear = self.decoder_linear(feats.linear_taps)
+        if self.config.fuse_mmci and not torch.is_grad_enabled():
+            return linear + self._fused_mmci(feats.mmci_taps)
+        return linear + self.decoder_cov(feats.mmci_taps)
+
+    def _fused_mmci(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """MMCI heads as one 7x7 conv per group of taps that share their input tensor."""
+        heads = self.decoder_cov
+        if len(taps) != heads.n_taps:
+            raise ValueError(f"expected {heads.n_taps} taps, got {len(taps)}")
+        groups: list[list[int]] = []
+        for i, tap in enumerate(taps):
+            for g in groups:
+                if taps[g[0]] is tap:
+                    g.append(i)
+                    break
+            else:
+                groups.append([i])
+        params = list(heads.parameters())
+        key = (tuple(map(tuple, groups)),
+               tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        cache = getattr(self, "_mmci_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                fused = [fused_mmci_weights(heads, g) for g in groups]
+            cache = (key, fused)
+            self._mmci_cache = cache  # plain attribute: not in state_dict, rebuilt on change
+        out: list[torch.Tensor | None] = [None] * len(taps)
+        for g, (w, b) in zip(groups, cache[1], strict=True):
+            patches = taps[g[0]][:, 1:, :]
+            bsz, n, c = patches.shape
+            side = math.isqrt(n)
+            grid = patches.reshape(bsz, side, side, c).permute(0, 3, 1, 2)
+            y = F.conv2d(grid, w.to(grid.dtype), b.to(grid.dtype), padding=w.shape[-1] // 2)
+            y = y.permute(0, 2, 3, 1).reshape(bsz, n, len(g), -1)
+            for j, i in enumerate(g):
+                out[i] = y[:, :, j]
+        return out  # type: ignore[return-value]
 
     def tap_probabilities(
         self, feats, text: torch.Tensor, size: tuple[int, int]
     ) -> torch.Tensor:
         """[B, n_taps, 2, H, W]: per tap logits 100 f.T, bilinear upsample, then softmax."""
-        patch = self.decoder_linear(feats.linear_taps) + self.decoder_cov(feats.mmci_taps)
-        out = []
-        for f in patch:
-            f = F.normalize(f, dim=-1)
-            logits = self.config.logit_scale * f @ text.transpose(1, 2)  # [B, N, 2]
-            b, n, _ = logits.shape
-            side = math.isqrt(n)
-            grid = logits.transpose(1, 2).reshape(b, 2, side, side)
-            grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=True)
-            out.append(torch.softmax(grid, dim=1))
-        return torch.stack(out, dim=1)
+        return self.maps_from_patches(self.patch_features(feats), text, size)
+
+    def maps_from_patches(
+        self, patch: list[torch.Tensor], text: torch.Tensor, size: tuple[int, int]
+    ) -> torch.Tensor:
+        """All taps at once (float32): normalize, 100 f.T, one bilinear upsample, softmax."""
+        f = F.normalize(torch.stack(patch, dim=1).float(), dim=-1)  # [B, T, N, E]
+        logits = self.config.logit_scale * torch.einsum("btne,bke->btkn", f, text.float())
+        b, t, _, n = logits.shape
+        side = math.isqrt(n)
+        grid = logits.reshape(b, t * 2, side, side)
+        grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=True)
+        return torch.softmax(grid.reshape(b, t, 2, *size), dim=2)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(
@@ -201,18 +312,23 @@ class FiLo(nn.Module):
             raise FiloError(f"{b} images but {len(positions)} positions")
         feats, img = self.image_features(images)
         text = self.text_features(img, class_names, positions)
-        cos = torch.einsum("be,bke->bk", img, text)  # [B, 2]
-        tap_probs = self.tap_probabilities(feats, text, tuple(images.shape[-2:]))
-        p_abn = (tap_probs[:, :, 1] - tap_probs[:, :, 0] + 1) / 2
-        blurred = gaussian_blur(p_abn, self.config.blur_kernel, self.config.blur_sigma)
-        anomaly_map = blurred.mean(dim=1)
-        if self.config.score_mode == "research":
-            text_score = cos[:, 1]
-        else:  # the paper's softmax over the two (row-normalized) cosines
-            rows = F.normalize(text, dim=-1)
-            logits = self.config.logit_scale * torch.einsum("be,bke->bk", img, rows)
-            text_score = torch.softmax(logits, dim=-1)[:, 1]
-        image_score = (text_score + anomaly_map.flatten(1).max(dim=1).values) / 2
+        patch = self.patch_features(feats)
+        with _no_autocast(images.device.type):
+            img, text = img.float(), text.float()
+            cos = torch.einsum("be,bke->bk", img, text)  # [B, 2]
+            tap_probs = self.maps_from_patches(patch, text, tuple(images.shape[-2:]))
+            p_abn = (tap_probs[:, :, 1] - tap_probs[:, :, 0] + 1) / 2
+            # blur is linear: blur(mean of taps) == mean of blurred taps, one blur instead of 7
+            anomaly_map = gaussian_blur(
+                p_abn.mean(dim=1), self.config.blur_kernel, self.config.blur_sigma
+            )
+            if self.config.score_mode == "research":
+                text_score = cos[:, 1]
+            else:  # the paper's softmax over the two (row-normalized) cosines
+                rows = F.normalize(text, dim=-1)
+                logits = self.config.logit_scale * torch.einsum("be,bke->bk", img, rows)
+                text_score = torch.softmax(logits, dim=-1)[:, 1]
+            image_score = (text_score + anomaly_map.flatten(1).max(dim=1).values) / 2
         return FiLoOutput(tap_probs, anomaly_map, image_score, text_score)
 
     @torch.inference_mode()
@@ -221,15 +337,35 @@ class FiLo(nn.Module):
         images: torch.Tensor,
         class_names: list[str],
         positions: list[str | None] | None = None,
+        *,
+        autocast: str | None = None,
     ) -> FiLoOutput:
-        """Inference helper: eval mode, no autograd, inputs moved to the model's device/dtype."""
+        """Inference helper: eval mode, no autograd, inputs moved to the model's device/dtype.
+
+        ``autocast`` ('none', 'bf16', 'fp16'; default: ``config.autocast``) runs the vision and
+        text towers and the heads under ``torch.autocast`` (meant for CUDA; bf16 also works on
+        CPUs with bf16 units). Not exact: maps typically move by ~1e-3..1e-2.
+        """
         self.eval()
         p = next(self.parameters())
-        return self(images.to(device=p.device, dtype=p.dtype), class_names, positions)
+        mode = self.config.autocast if autocast is None else autocast
+        if mode not in _AUTOCAST:
+            raise FiloError(f"autocast must be one of {', '.join(_AUTOCAST)}, got {mode!r}")
+        ctx = (torch.autocast(p.device.type, dtype=_AUTOCAST[mode]) if _AUTOCAST[mode] is not None
+               else nullcontext())
+        with ctx:
+            return self(images.to(device=p.device, dtype=p.dtype), class_names, positions)
 
     def load_clip_weights(self, path: str | Path) -> None:
         """Load OpenAI/open_clip CLIP weights (position grid resized to the configured input)."""
         load_clip_weights(self.clip_model, path)
+
+
+def _no_autocast(device_type: str):
+    """Maps, softmax and blur always run in float32, also inside an autocast region."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
 
 
 def build_filo(

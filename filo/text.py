@@ -5,6 +5,15 @@ embeddings are replaced by ``ctx + meta_net(image_feature)``; the class/state wo
 frozen CLIP embeddings. The text transformer runs with its causal mask, so every token only sees
 the tokens before it: the sequence can be cut right after the last end-of-text token of the batch
 without changing any result (fewer tokens to run).
+
+What is cached and what cannot be: the tokenization of every class's prompts is done once per
+:class:`PromptTokens` (per model) and reused. Text *features* cannot be cached per (class,
+position): the prompt learner adds ``meta_net(image_feature)`` to the context of every prompt,
+so the text transformer runs for every image. :func:`class_text_features` therefore encodes,
+for all images of a batch in ONE text-transformer call, only the prompts each image needs (its
+class's normal prompts and the abnormal prompts of its position), with the sequence cut after
+the longest end-of-text token. ``all_positions=True`` / ``truncate=False`` switch both savings
+off (same result, used to time research-code-like inference).
 """
 
 from __future__ import annotations
@@ -165,20 +174,28 @@ def class_text_features(
     class_names: list[str],
     positions: list[str | None],
     truncate: bool = True,
+    all_positions: bool = False,
 ) -> torch.Tensor:
     """Per-image text matrix ``T`` [B, 2, E] (rows: normal, abnormal; Frobenius-normalized).
 
     Only the prompts each image needs are encoded (all images in one text-transformer pass):
     its class's normal prompts and the abnormal prompts of its position (all positions, averaged,
-    when the position is None).
+    when the position is None). ``all_positions=True`` encodes the abnormal prompts of all
+    positions and selects afterwards (the research code's amount of work, same result).
     """
     device = image_features.device
     ctx_normal = normal_learner(image_features)
     ctx_abnormal = abnormal_learner(image_features)
-    ids, ctxs, counts = [], [], []
+    ids, ctxs, counts, picks = [], [], [], []
     for i, (cls_name, position) in enumerate(zip(class_names, positions, strict=True)):
         ct = tokens.get(cls_name)
-        rows_a = ct.abnormal_rows(tokens.position_index(position))
+        pos_index = tokens.position_index(position)
+        if all_positions:
+            rows_a = ct.abnormal
+            picks.append(None if pos_index is None else slice(pos_index, None, ct.n_positions))
+        else:
+            rows_a = ct.abnormal_rows(pos_index)
+            picks.append(None)
         for rows, ctx in ((ct.normal, ctx_normal[i]), (rows_a, ctx_abnormal[i])):
             ids.append(rows)
             ctxs.append(ctx.unsqueeze(0).expand(rows.shape[0], -1, -1))
@@ -189,8 +206,9 @@ def class_text_features(
     groups = torch.split(feats, counts)
     out = []
     for i in range(len(class_names)):
+        rows_a = groups[2 * i + 1] if picks[i] is None else groups[2 * i + 1][picks[i]]
         normal = F.normalize(groups[2 * i].mean(dim=0), dim=-1)
-        abnormal = F.normalize(groups[2 * i + 1].mean(dim=0), dim=-1)
+        abnormal = F.normalize(rows_a.mean(dim=0), dim=-1)
         pair = torch.stack([normal, abnormal])
         out.append(pair / pair.norm())  # Frobenius norm over both rows
     return torch.stack(out)

@@ -1,0 +1,43 @@
+"""benchmarks/bench_pipeline.py --quick runs and prints the expected table (no timing checks)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_table(tmp_path):
+    out = tmp_path / "bench.md"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_pipeline.py"), "--quick",
+         "--batch-sizes", "2", "--iters", "1", "--warmup", "0", "--metric-images", "4",
+         "--cpu-only", "--out", str(out)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    assert out.read_text().strip() == text.strip()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    keys = [tuple(c.strip() for c in r.strip("|").split("|")[:4]) for r in rows[1:]]
+    assert keys == [
+        ("filo", "research-like", "cpu", "1"),
+        ("filo", "optimized", "cpu", "2"),
+        ("detector", "optimized", "cpu", "2"),
+        ("pipeline", "research-like", "cpu", "1"),
+        ("pipeline", "optimized", "cpu", "2"),
+        ("metrics", "pixel_metrics + image metrics", "cpu", "N=4"),
+        ("metrics", "aupro", "cpu", "N=4"),
+    ]
+    for r in rows[1:]:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert float(cells[4]) > 0  # images/s
+        assert float(cells[6].replace(",", "")) > 0  # peak RSS MB
+    # optimized maps equal the research-like ones (the column the README relies on)
+    diffs = [float(c) for c in re.findall(r"\| ([0-9.]+e[-+]\d+) \|$", text, flags=re.M)]
+    assert len(diffs) == 2 and max(diffs) <= 1e-4
+    assert "pipeline speed-up vs research-like (cpu)" in text
