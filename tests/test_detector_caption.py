@@ -72,7 +72,9 @@ def test_phrase_from_token_probs(tok):
 
     assert phrase_from_token_probs(probs(5, 6), ids, tok, 0.25) == "cracked large"
     assert phrase_from_token_probs(probs(8, 9), ids, tok, 0.25) == "missing cap"
-    assert phrase_from_token_probs(probs(0, 1), ids, tok, 0.25) == "[CLS] anomaly"
+    # [CLS] (position 0) is never part of a phrase, as in get_phrases_from_posmap
+    assert phrase_from_token_probs(probs(0, 1), ids, tok, 0.25) == "anomaly"
+    assert phrase_from_token_probs(probs(0), ids, tok, 0.25) == ""
     # as GroundingDINO's get_phrases_from_posmap: "." tokens decode without a space before
     assert phrase_from_token_probs(probs(5, 6, 7), ids, tok, 0.25) == "cracked large."
     assert phrase_from_token_probs(probs(3, 6), ids, tok, 0.25) == "damage large"

@@ -19,15 +19,18 @@ def build_caption(general_words: Sequence[str], detail_phrases: Sequence[str]) -
 
 
 def phrase_from_token_probs(token_probs: torch.Tensor, input_ids: Sequence[int], tokenizer,
-                            text_threshold: float) -> str:
+                            text_threshold: float, left_idx: int = 0,
+                            right_idx: int = 255) -> str:
     """Decode the caption tokens whose probability exceeds ``text_threshold``.
 
-    Same as GroundingDINO's ``get_phrases_from_posmap``: the selected token ids (special tokens
-    and "." included when selected) go through ``tokenizer.decode`` in caption order.
-    ``token_probs`` covers at least the caption's tokens; positions past them are ignored.
+    Same as GroundingDINO's ``get_phrases_from_posmap`` (the version FiLo vendors): positions
+    ``0 .. left_idx`` (the ``[CLS]`` token) and ``right_idx ..`` are never selected; the other
+    selected token ids ("." and ``[SEP]`` included when selected) go through
+    ``tokenizer.decode`` in caption order. Positions past the caption's tokens are ignored.
     """
-    n = len(input_ids)
-    probs = token_probs[:n]
+    n = min(len(input_ids), right_idx)
+    probs = token_probs[:n].clone()
+    probs[: left_idx + 1] = 0.0
     picked = [int(input_ids[i]) for i in torch.nonzero(probs > text_threshold).flatten().tolist()]
     if not picked:
         return ""
