@@ -23,7 +23,8 @@ from filo.errors import FiloError
 log = logging.getLogger(__name__)
 
 BERT_ENV = "FILO_BERT_LOCAL"
-DEFAULT_BERT_DIR = Path("third_party/bert-base-uncased")
+# the project's third_party/ folder (not the working directory's)
+DEFAULT_BERT_DIR = Path(__file__).resolve().parents[2] / "third_party" / "bert-base-uncased"
 
 
 def build_model(arch: DetectorArch):
