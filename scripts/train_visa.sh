@@ -8,10 +8,8 @@
 # run the same command with --resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${CKPT_DIR:-}" ] || [ -z "${VISA_ROOT:-}" ]; then
-    # shellcheck disable=SC1091
-    . ./env.sh
-fi
+# shellcheck disable=SC1091
+. ./env.sh  # idempotent: activates .venv, keeps variables the user set
 export FILO_CLIP_WEIGHTS="${FILO_CLIP_WEIGHTS:-$CKPT_DIR/ViT-L-14-336px.pt}"
 SAVE_DIR="${SAVE_DIR:-$CKPT_DIR/trained}"
 

@@ -373,14 +373,16 @@ def make_mvtec_like(root: str | os.PathLike, classes: Sequence[str] | None = Non
                     n_train_good: int = 4, n_test_good: int = 3, n_test_defect: int = 3,
                     size: int | Sequence[int] = 128, seed: int = 0, style: str = "texture",
                     image_mode: str = "RGB", defect_types: Sequence[str] = DEFAULT_DEFECTS,
-                    with_meta: bool = False) -> SyntheticInfo:
+                    with_meta: bool = False, first_index: int = 0) -> SyntheticInfo:
     """Write an MVTec AD tree under ``root``.
 
     ``{cls}/train/good/000.png``, ``{cls}/test/good/000.png``, ``{cls}/test/{defect}/000.png``,
     ``{cls}/ground_truth/{defect}/000_mask.png`` (0/255). ``n_test_defect`` anomalous test
     images per class, spread round-robin over ``defect_types``. ``size`` is an int or (w, h).
     ``classes`` defaults to ("tex_a", "tex_b") or ("obj_a", "obj_b") by ``style``; the i-th class
-    uses the i-th texture/photo/shape and tint. ``with_meta`` also writes ``{root}/meta.json``.
+    uses the i-th texture/photo/shape and tint (counting from ``first_index``, so another call
+    with a larger ``first_index`` makes classes that look different). ``with_meta`` also writes
+    ``{root}/meta.json``.
     """
     _check_args(style, image_mode, defect_types, (n_train_good, n_test_good, n_test_defect))
     w, h = _size_wh(size)
@@ -392,7 +394,7 @@ def make_mvtec_like(root: str | os.PathLike, classes: Sequence[str] | None = Non
     for ci, cls_name in enumerate(names):
         counts[cls_name] = {}
         for p in _plan(n_train_good, n_test_good, n_test_defect, defect_types):
-            rgb, mask = _render(p, style, cls_name, ci, w, h, seed, sources)
+            rgb, mask = _render(p, style, cls_name, first_index + ci, w, h, seed, sources)
             name = f"{p.index:03d}"
             _save_image(rgb, root / cls_name / p.split / p.specie / f"{name}.png", image_mode)
             if mask is not None:
@@ -411,12 +413,12 @@ def make_visa_like(root: str | os.PathLike, classes: Sequence[str] | None = None
                    size: int | Sequence[int] = 128, seed: int = 0, style: str = "object",
                    image_mode: str = "RGB", defect_types: Sequence[str] = DEFAULT_DEFECTS,
                    image_ext: str = "JPG", mask_value: int = 1,
-                   with_meta: bool = False) -> SyntheticInfo:
+                   with_meta: bool = False, first_index: int = 0) -> SyntheticInfo:
     """Write a VisA-style tree: ``{cls}/Data/Images/{Normal,Anomaly}/NNNN.<image_ext>``, masks
     ``{cls}/Data/Masks/Anomaly/NNNN.png`` (pixel value ``mask_value``, not 255, so readers must
     binarize with ``> 0``) and ``split_csv/1cls.csv`` (object,split,label,image,mask) listing each
     class's train rows then its test rows. Defaults to the object style; ``classes`` default
-    ("obj_a", "obj_b").
+    ("obj_a", "obj_b"); ``first_index`` as in :func:`make_mvtec_like`.
     """
     _check_args(style, image_mode, defect_types, (n_train_good, n_test_good, n_test_defect))
     if not 1 <= int(mask_value) <= 255:
@@ -433,7 +435,7 @@ def make_visa_like(root: str | os.PathLike, classes: Sequence[str] | None = None
         counts[cls_name] = {}
         n_normal = n_abnormal = 0
         for p in _plan(n_train_good, n_test_good, n_test_defect, defect_types):
-            rgb, mask = _render(p, style, cls_name, ci, w, h, seed, sources)
+            rgb, mask = _render(p, style, cls_name, first_index + ci, w, h, seed, sources)
             if mask is None:
                 rel = f"{cls_name}/Data/Images/Normal/{n_normal:04d}.{ext}"
                 n_normal += 1

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GroundingDINO alone (no FiLo maps): image-level metrics from the best box score, boxes as JSON.
+#   source env.sh && bash scripts/gdino_only.sh [extra python -m filo.detect flags]
+# Variables: DATASET (mvtec | visa, default mvtec), GROUNDING_CKPT (default: the detector
+# fine-tuned on the other dataset; the public $CKPT_DIR/groundingdino_swint_ogc.pth works too),
+# BOX_THRESHOLD TEXT_THRESHOLD AREA_THRESHOLD, DEVICE, BATCH_SIZE, RESULTS_DIR, VIZ_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+. ./env.sh  # idempotent: activates .venv, keeps variables the user set
+DATASET="${DATASET:-mvtec}"
+case "$DATASET" in
+    mvtec) root="$MVTEC_ROOT"; other=visa; job=gdino-only ;;
+    visa)  root="$VISA_ROOT";  other=mvtec; job=gdino-only-visa ;;
+    *) echo "error: DATASET must be mvtec or visa, got $DATASET" >&2; exit 2 ;;
+esac
+GROUNDING_CKPT="${GROUNDING_CKPT:-$CKPT_DIR/grounding_train_on_${other}.pth}"
+if ! python -m filo doctor --job "$job" --grounded_checkpoint "$GROUNDING_CKPT" --data_path "$root"; then
+    echo "gdino_only.sh: fix the items above, then run again" >&2
+    exit 1
+fi
+out="$RESULTS_DIR/gdino_only_${DATASET}"
+exec python -m filo.detect --dataset "$DATASET" --data_path "$root" \
+    --grounded_checkpoint "$GROUNDING_CKPT" \
+    --box_threshold "${BOX_THRESHOLD:-0.25}" --text_threshold "${TEXT_THRESHOLD:-0.25}" \
+    --area_threshold "${AREA_THRESHOLD:-0.7}" --batch_size "${BATCH_SIZE:-8}" \
+    ${DEVICE:+--device "$DEVICE"} --save_boxes "$out/boxes" "$@"
