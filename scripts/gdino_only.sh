@@ -3,7 +3,7 @@
 #   source env.sh && bash scripts/gdino_only.sh [extra python -m filo.detect flags]
 # Variables: DATASET (mvtec | visa, default mvtec), GROUNDING_CKPT (default: the detector
 # fine-tuned on the other dataset; the public $CKPT_DIR/groundingdino_swint_ogc.pth works too),
-# BOX_THRESHOLD TEXT_THRESHOLD AREA_THRESHOLD, DEVICE, BATCH_SIZE, RESULTS_DIR, VIZ_DIR.
+# BOX_THRESHOLD TEXT_THRESHOLD AREA_THRESHOLD, DEVICE, BATCH_SIZE, RESULTS_DIR, VIZ_DIR, VIZ_LIMIT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -24,4 +24,5 @@ exec python -m filo.detect --dataset "$DATASET" --data_path "$root" \
     --grounded_checkpoint "$GROUNDING_CKPT" \
     --box_threshold "${BOX_THRESHOLD:-0.25}" --text_threshold "${TEXT_THRESHOLD:-0.25}" \
     --area_threshold "${AREA_THRESHOLD:-0.7}" --batch_size "${BATCH_SIZE:-8}" \
-    ${DEVICE:+--device "$DEVICE"} --save_boxes "$out/boxes" "$@"
+    ${DEVICE:+--device "$DEVICE"} --save_boxes "$out/boxes" --save_coco "$out/detections_coco.json" \
+    --pixel_metrics --viz_dir "$VIZ_DIR/gdino_only_${DATASET}" --viz_limit "${VIZ_LIMIT:-20}" "$@"
