@@ -104,7 +104,7 @@ def _inputs(spec: dict, n: int, det: bool):
     import torch
 
     size = 32 if spec["quick"] else SIZE_EVAL
-    det_side = 96 if spec["quick"] else 800  # MVTec 1024 x 1024 -> short side 800
+    det_side = 96 if spec["quick"] else 518  # reference rule: short side 518 (MVTec 1024x1024 -> 518x518)
 
     def rand(seed: int, *shape: int) -> torch.Tensor:  # image i is the same in every row
         return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"running {case}", file=sys.stderr, flush=True)
             results.append(_run_case(case, args, Path(tmp), idx))
         title = ("quick (FiLoConfig.tiny, DetectorArch.tiny)" if args.quick
-                 else "real (ViT-L-14-336 @ 518, Swin-T GroundingDINO @ 800x800, random weights)")
+                 else "real (ViT-L-14-336 @ 518, Swin-T GroundingDINO @ 518x518, random weights)")
         text = table(results, f"{title}, {os.cpu_count()} CPU cores")
     print(text)
     if args.out:

@@ -35,7 +35,8 @@ def build_filo_model(settings: EvalSettings, prompts: PromptTable, device: torch
         raise FiloError("--ckpt_path is required: a FiLo checkpoint such as ckpt/filo_train_on_visa.pth")
     model = build_filo_from_checkpoint(settings.ckpt_path, prompts=prompts, device=device,
                                        legacy_macaroni=settings.legacy_macaroni,
-                                       score_mode=settings.score_mode)
+                                       score_mode=settings.score_mode,
+                                       autocast=settings.autocast)
     if model.config.image_size != settings.image_size:
         raise FiloError(f"{settings.ckpt_path} is built for {model.config.image_size}x"
                         f"{model.config.image_size} inputs; pass --image_size "

@@ -66,6 +66,7 @@ class EvalSettings:
     viz_lift_boxes: bool = False
     from_cache: bool = False
     score_mode: str = "research"
+    autocast: str = "none"  # 'bf16' / 'fp16': faster, not bit-exact (see README, Performance)
     legacy_macaroni: bool = False
     legacy_phrase_case: bool = False
     legacy_text_threshold: bool = False
@@ -83,6 +84,7 @@ class EvalSettings:
             "image_size": self.image_size,
             "prompts": _file_digest(self.prompts),
             "score_mode": self.score_mode,
+            "autocast": self.autocast,
             "legacy_macaroni": self.legacy_macaroni,
             "grounding": self.grounding,
             "position": None if self.grounding else self.position,
