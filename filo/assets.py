@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from filo.errors import FiloError
+from filo.fileio import atomic_write_text
 
 HF_FILO = "https://huggingface.co/FantasticGNU/FiLo/resolve/main"
 HF_BERT = "https://huggingface.co/google-bert/bert-base-uncased/resolve/main"
@@ -236,11 +236,7 @@ class ChecksumCache:
 
     def _save(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self._entries, fh, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(self._entries, indent=1, sort_keys=True))
         except OSError:
             pass  # a cache that cannot be written only costs time
 

@@ -9,9 +9,7 @@ learners. Files we write are interchangeable with the released ones; we add a
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 
 from filo.backbone import ClipConfig, TapConfig, normalize_clip_state_dict, resize_pos_embed
 from filo.errors import FiloError
+from filo.fileio import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -203,16 +202,7 @@ def save_filo_checkpoint(path: str | Path, model, *, include_config: bool = True
     payload: dict = {"filo": state}
     if include_config and hasattr(model, "config"):
         payload["filo_config"] = model.config.to_dict()
-    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    return atomic_torch_save(payload, p)
 
 
 def infer_config_from_state_dict(state: dict[str, torch.Tensor], **overrides):

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from filo.errors import FiloError, cli_entry
+from filo.fileio import atomic_torch_save
 
 DEMO_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "demo_synthetic.yaml"
 # source: three textures and three objects; target: two objects that look like none of them
@@ -94,12 +95,8 @@ def make_tiny_detector_checkpoint(path: Path, seed: int) -> Path:
     with torch.no_grad():
         model.model.decoder.layer_norm.weight.mul_(0.05)
         model.model.decoder.layer_norm.bias.mul_(0.05)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": HF_FORMAT, "arch": arch.to_dict(), "state_dict": canonical_state_dict(model.state_dict())},
-               tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save({"format": HF_FORMAT, "arch": arch.to_dict(),
+                              "state_dict": canonical_state_dict(model.state_dict())}, path)
 
 
 def generate_datasets(cfg: DemoConfig) -> tuple[Path, Path]:

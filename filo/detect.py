@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from filo.errors import FiloError, cli_entry
+from filo.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     table = tabulate(rows, headers=["objects", *columns], tablefmt="pipe")
     print(table)
     if coco is not None:
-        target = Path(args.save_coco)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(coco.to_json()))
-        os.replace(tmp, target)
+        atomic_write_text(args.save_coco, json.dumps(coco.to_json()))
     if viz is not None:
         index = viz.finish(table, title=f"filo detect: {args.dataset} {args.data_path} "
                                         f"(GroundingDINO box map)")

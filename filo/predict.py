@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,8 @@ from tqdm import tqdm
 from filo.data.dataset import EvalDataset, collate
 from filo.data.records import Sample
 from filo.errors import FiloError, cli_entry
-from filo.evaluation.cache import atomic_write_text
 from filo.evaluation.runner import EvalSettings
+from filo.fileio import atomic_save_npy, atomic_write_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -120,9 +119,7 @@ def run_predict(args: argparse.Namespace, predictor_factory=None) -> dict:
                 stem = out_dir / stems[img_path]
                 stem.parent.mkdir(parents=True, exist_ok=True)
                 amap = pred.anomaly_maps[i]
-                tmp = stem.with_name(stem.name + ".tmp.npy")
-                np.save(tmp, amap.astype(np.float32))
-                os.replace(tmp, stem.with_suffix(".npy"))
+                atomic_save_npy(stem.with_suffix(".npy"), amap.astype(np.float32))
                 det = (pred.extras[i] if pred.extras else {}).get("detections") or {}
                 from filo.data.transforms import load_rgb
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from filo.data.records import Sample
 from filo.errors import FiloError
+from filo.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -335,11 +336,7 @@ def write_meta(root: str | os.PathLike, dataset: str, out: str | os.PathLike | N
     """Scan ``root`` and write the research-code ``meta.json`` (default ``{root}/meta.json``)."""
     meta = build_meta(root, dataset, source=source)
     out_path = Path(out) if out is not None else Path(root) / META_NAME
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(meta_to_json(meta), indent=4) + "\n")
-    os.replace(tmp, out_path)
+    atomic_write_text(out_path, json.dumps(meta_to_json(meta), indent=4) + "\n")
     n = sum(len(v) for split in meta.values() for v in split.values())
     logger.info("wrote %s (%d classes, %d images)", out_path, len(meta["test"]), n)
     return out_path

@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from filo.fileio import atomic_write, atomic_write_text
 
 
 @dataclass
@@ -63,8 +64,7 @@ class PredictionCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "settings.json"
         if not meta.exists():
-            _atomic_write_bytes(meta, json.dumps(settings, indent=1, sort_keys=True,
-                                                 default=str).encode())
+            atomic_write_text(meta, json.dumps(settings, indent=1, sort_keys=True, default=str))
 
     def path_for(self, img_path: str) -> Path:
         rel = Path(img_path)
@@ -79,24 +79,17 @@ class PredictionCache:
         target = self.path_for(pred.img_path)
         target.parent.mkdir(parents=True, exist_ok=True)
         mask = np.asarray(pred.mask, dtype=bool)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    anomaly_map=np.asarray(pred.anomaly_map, dtype=np.float32),
-                    mask_bits=np.packbits(mask.ravel()),
-                    mask_shape=np.asarray(mask.shape, dtype=np.int64),
-                    image_score=np.float64(pred.image_score),
-                    label=np.int64(pred.label),
-                    meta=np.frombuffer(json.dumps({
-                        "img_path": pred.img_path, "cls_name": pred.cls_name,
-                        "extras": pred.extras}, default=_jsonable).encode(), dtype=np.uint8),
-                )
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        meta = json.dumps({"img_path": pred.img_path, "cls_name": pred.cls_name,
+                           "extras": pred.extras}, default=_jsonable).encode()
+        atomic_write(target, lambda fh: np.savez(
+            fh,
+            anomaly_map=np.asarray(pred.anomaly_map, dtype=np.float32),
+            mask_bits=np.packbits(mask.ravel()),
+            mask_shape=np.asarray(mask.shape, dtype=np.int64),
+            image_score=np.float64(pred.image_score),
+            label=np.int64(pred.label),
+            meta=np.frombuffer(meta, dtype=np.uint8),
+        ))
 
     def get(self, img_path: str) -> Prediction | None:
         """The cached prediction, or ``None`` when absent or unreadable (then it is removed)."""
@@ -127,20 +120,3 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _atomic_write_bytes(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(target: str | os.PathLike, text: str) -> None:
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(target, text.encode())

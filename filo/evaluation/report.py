@@ -20,7 +20,7 @@ import numpy as np
 from tabulate import tabulate
 
 from filo import metrics
-from filo.evaluation.cache import atomic_write_text
+from filo.fileio import atomic_write_text
 
 COLUMNS = ("auroc_px", "f1_px", "ap_px", "aupro", "auroc_sp", "f1_sp", "ap_sp")
 EXTRA_COLUMNS = ("aupro_exact",)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,8 +30,9 @@ from filo.data.dataset import EvalDataset, collate
 from filo.data.layouts import load_split
 from filo.data.records import Sample
 from filo.errors import FiloError
-from filo.evaluation.cache import Prediction, PredictionCache, atomic_write_text, file_fingerprint
+from filo.evaluation.cache import Prediction, PredictionCache, file_fingerprint
 from filo.evaluation.report import ClassResult, class_metrics, render_table, write_results
+from filo.fileio import atomic_save_npy, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -275,11 +275,8 @@ def _save_maps(directory: Path, split: dict[str, list[Sample]], cache: Predictio
     for group in split.values():
         for s in group:
             pred = _must_get(cache, s)
-            target = directory / map_file_name(s.img_path, ".npy")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp.npy")
-            np.save(tmp, pred.anomaly_map.astype(np.float32))
-            os.replace(tmp, target)
+            atomic_save_npy(directory / map_file_name(s.img_path, ".npy"),
+                            pred.anomaly_map.astype(np.float32))
             writer.writerow([s.img_path, s.cls_name, pred.label, repr(float(pred.image_score))])
     atomic_write_text(directory / "scores.csv", buf.getvalue())
 

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -43,6 +42,7 @@ from filo.data.layouts import flatten, load_split
 from filo.data.records import Sample
 from filo.device import resolve_device
 from filo.errors import FiloError
+from filo.fileio import atomic_torch_save, atomic_write_text
 from filo.training.augment import TrainDataset, epoch_plan, train_collate
 from filo.training.losses import adapter_loss, segmentation_loss
 
@@ -313,35 +313,6 @@ def trained_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def _mkstemp_beside(path: Path) -> tuple[int, str]:
-    """A temporary file next to ``path`` with the usual permissions (mkstemp makes it 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = _mkstemp_beside(path)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = _mkstemp_beside(path)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def read_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FiloError(f"--resume: no training state {path}; run without --resume to start a "
@@ -449,7 +420,7 @@ class Trainer:
             "fingerprint": trained_fingerprint(self.model),
             "started": self.started,
         }
-        _atomic_torch_save(state, self.state_path)
+        atomic_torch_save(state, self.state_path)
         self._write_log(finished)
 
     def _write_log(self, finished: bool) -> None:
@@ -475,7 +446,7 @@ class Trainer:
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
                             "device": str(self.device)},
         }
-        _atomic_write_text(json.dumps(log, indent=2) + "\n", self.log_path)
+        atomic_write_text(self.log_path, json.dumps(log, indent=2) + "\n")
 
     # ---- epochs ----------------------------------------------------------------------------
     def _loader(self, stage: int, epoch: int) -> DataLoader:

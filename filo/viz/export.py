@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
 
 from filo.errors import FiloError
+from filo.fileio import atomic_write_bytes as _atomic_write_bytes
 
 
 def _encode(image: np.ndarray, ext: str, params: list[int] | None = None) -> bytes:
@@ -23,22 +23,11 @@ def _encode(image: np.ndarray, ext: str, params: list[int] | None = None) -> byt
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
+    """Atomic write of encoded image bytes; an unwritable folder is a one-line user error."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _atomic_write_bytes(path, data)
     except OSError as err:
         raise FiloError(f"cannot write {path}: {err.strerror}; choose a writable --viz_dir") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_panel(path: str | Path, panel: np.ndarray) -> Path:
