@@ -10,13 +10,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . ./env.sh  # idempotent: activates .venv, keeps variables the user set
-export FILO_CLIP_WEIGHTS="${FILO_CLIP_WEIGHTS:-$CKPT_DIR/ViT-L-14-336px.pt}"
-SAVE_DIR="${SAVE_DIR:-$CKPT_DIR/trained}"
-
-if ! python -m filo doctor --job train-visa; then
-    echo "train_visa.sh: the assets above are missing; fix them and run again" >&2
-    exit 1
-fi
-echo "train_visa.sh: writing $SAVE_DIR/filo_train_on_visa.pth"
-python train.py --dataset visa --data_path "$VISA_ROOT" --save_dir "$SAVE_DIR" \
-    --clip_weights "$FILO_CLIP_WEIGHTS" "$@"
+exec bash scripts/_run_train.sh visa "$@"
