@@ -49,8 +49,10 @@ def position_from_boxes(boxes_518, scores, matched, positions: Sequence[str],
     ``boxes_518`` [N, 4] x1, y1, x2, y2 in map pixels; ``scores`` [N]; ``matched`` [N] bools;
     ``positions`` the 9 words in row-major order (top left, top, top right, left, ...). No
     counted box -> the centre (size / 2 rounded down, i.e. 259 for 518). Ties go to the first box.
-    ``legacy_grid``: the research code's closed cells [0,172], [173,344], [345,517] (for size
-    518); a centre falling between two cells then gets no position (``None``, meaning all).
+    ``legacy_grid``: the research code's position rule: closed cells [0,172], [173,344],
+    [345,517] (for size 518; a centre between two cells gets no position, ``None``, meaning
+    all), and the box chosen by its score as printed in its phrase label (``str(score)[:4]``,
+    e.g. 0.4567 -> 0.45) with the LAST of equal scores winning (the research code's ``>=``).
     """
     if len(positions) != 9:
         raise ValueError(f"need 9 position words, got {len(positions)}")
@@ -61,7 +63,11 @@ def position_from_boxes(boxes_518, scores, matched, positions: Sequence[str],
         raise ValueError("boxes, scores and matched differ in length")
     if m.any():
         idx = np.flatnonzero(m)
-        best = idx[int(np.argmax(s[idx]))]
+        if legacy_grid:
+            shown = np.array([float(str(float(v))[:4]) for v in s[idx]])
+            best = idx[len(shown) - 1 - int(np.argmax(shown[::-1]))]
+        else:
+            best = idx[int(np.argmax(s[idx]))]
         cx, cy = (b[best, 0] + b[best, 2]) / 2.0, (b[best, 1] + b[best, 3]) / 2.0
     else:
         cx = cy = float(size // 2)

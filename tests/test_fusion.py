@@ -121,3 +121,14 @@ def test_box_score_map_hand_values():
     np.testing.assert_array_equal(box_score_map(boxes, [0.4, 0.9], 4, 5) > 0, box_mask(boxes, 4, 5))
     with pytest.raises(ValueError, match="2 boxes but 1 scores"):
         box_score_map(boxes, [0.4], 4, 5)
+
+
+def test_legacy_position_uses_printed_scores_and_last_tie():
+    # scores 0.456 and 0.451 both print as "0.45": the research code keeps the later box
+    boxes = [[0, 0, 20, 20], [400, 400, 420, 420]]
+    assert position_from_boxes(boxes, [0.456, 0.451], [True, True], POS) == "top left"
+    assert position_from_boxes(boxes, [0.456, 0.451], [True, True], POS,
+                               legacy_grid=True) == "bottom right"
+    # a really higher printed score still wins, and unmatched boxes never count
+    assert position_from_boxes(boxes, [0.47, 0.451], [True, True], POS, legacy_grid=True) == "top left"
+    assert position_from_boxes(boxes, [0.456, 0.9], [True, False], POS, legacy_grid=True) == "top left"

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--legacy_text_threshold", action="store_true",
                    help="research-code behaviour: phrases use --box_threshold")
     g.add_argument("--legacy_grid", action="store_true",
-                   help="research-code behaviour: closed position cells [0,172],[173,344],[345,517]")
+                   help="research-code position rule: closed cells [0,172],[173,344],[345,517], best box by its printed 2-decimal score, last of ties")
     o = p.add_argument_group("outputs")
     o.add_argument("--save_path", type=Path, default=None,
                    help="results folder: table, results.json/.csv, log, prediction cache "
