@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from filo.errors import FiloError
 from filo.prompts import PROMPTS_DIR, load_prompt_table
 
-REFERENCE = "/work/shared/reference/filo_prompts.yaml"
+# the project's shared/ folder lies beside the checkout (CI clones into another folder with a
+# copy of shared/ beside it)
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "filo_prompts.yaml"
 
 
 @pytest.fixture(scope="module")
