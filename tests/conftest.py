@@ -66,3 +66,17 @@ def tiny_filo_ckpt(tmp_path_factory, synthetic_prompts):
     path = tmp_path_factory.mktemp("filo") / "filo_tiny.pth"
     save_filo_checkpoint(path, model)
     return path, model
+
+
+@pytest.fixture(scope="module")
+def perturbed_tiny_filo():
+    """A tiny FiLo (bundled MVTec/VisA prompts) whose every weight is nudged off its init, so
+    that zero-initialised parts (biases, prompt contexts) take part in the computation."""
+    from filo.model import FiLo, FiLoConfig
+
+    torch.manual_seed(0)
+    m = FiLo(FiLoConfig.tiny()).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m

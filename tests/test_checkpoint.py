@@ -19,13 +19,8 @@ RESEARCH_GROUPS = {"clip_model", "text_encoder", "decoder_linear", "decoder_cov"
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = FiLo(FiLoConfig.tiny()).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
+def model(perturbed_tiny_filo):
+    return perturbed_tiny_filo
 
 
 def _research_state(model, surgery_names=True):

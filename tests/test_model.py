@@ -12,13 +12,8 @@ from filo.model import FiLo, FiLoConfig, build_filo, gaussian_blur
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = FiLo(FiLoConfig.tiny()).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m
+def model(perturbed_tiny_filo):
+    return perturbed_tiny_filo
 
 
 def _images(n, seed=1):

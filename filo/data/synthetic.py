@@ -358,6 +358,22 @@ def _render(p: _Planned, style: str, cls_name: str, cls_idx: int, w: int, h: int
     return _plant_defect(rgb, region, p.specie, rng, background)
 
 
+def _write_tree_class(root: Path, cls_name: str, cls_idx: int, plan: list[_Planned], style: str,
+                      w: int, h: int, seed: int, sources: _Sources, image_mode: str,
+                      ext: str) -> dict[str, int]:
+    """One class of an MVTec-style tree (images, ``ground_truth`` masks); counts per split/specie."""
+    counts: dict[str, int] = {}
+    for p in plan:
+        rgb, mask = _render(p, style, cls_name, cls_idx, w, h, seed, sources)
+        name = f"{p.index:03d}"
+        _save_image(rgb, root / cls_name / p.split / p.specie / f"{name}.{ext}", image_mode)
+        if mask is not None:
+            _save_mask(mask, root / cls_name / "ground_truth" / p.specie / f"{name}_mask.png")
+        key = f"{p.split}/{p.specie}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def _default_classes(style: str, classes: Sequence[str] | None, prefix: str | None = None,
                      ) -> tuple[str, ...]:
     if classes is not None:
@@ -392,17 +408,11 @@ def make_mvtec_like(root: str | os.PathLike, classes: Sequence[str] | None = Non
     n_images = n_anom = 0
     counts: dict[str, dict[str, int]] = {}
     for ci, cls_name in enumerate(names):
-        counts[cls_name] = {}
-        for p in _plan(n_train_good, n_test_good, n_test_defect, defect_types):
-            rgb, mask = _render(p, style, cls_name, first_index + ci, w, h, seed, sources)
-            name = f"{p.index:03d}"
-            _save_image(rgb, root / cls_name / p.split / p.specie / f"{name}.png", image_mode)
-            if mask is not None:
-                _save_mask(mask, root / cls_name / "ground_truth" / p.specie / f"{name}_mask.png")
-                n_anom += 1
-            key = f"{p.split}/{p.specie}"
-            counts[cls_name][key] = counts[cls_name].get(key, 0) + 1
-            n_images += 1
+        plan = _plan(n_train_good, n_test_good, n_test_defect, defect_types)
+        counts[cls_name] = _write_tree_class(root, cls_name, first_index + ci, plan, style, w, h,
+                                             seed, sources, image_mode, "png")
+        n_images += len(plan)
+        n_anom += sum(p.specie != "good" for p in plan)
     if with_meta:
         _write_meta(root, "mvtec")
     return SyntheticInfo(root, "mvtec", names, n_images, n_anom, counts)
@@ -485,16 +495,10 @@ def make_folder_like(root: str | os.PathLike, classes: Sequence[str] | None = No
     n_images = n_anom = 0
     counts: dict[str, dict[str, int]] = {}
     for ci, cls_name in enumerate(names + extra):
-        counts[cls_name] = {}
         n_def = 0 if (cls_name in extra or cls_name in normal_only) else n_test_defect
-        for p in _plan(n_train_good, n_test_good, n_def, defect_types):
-            rgb, mask = _render(p, style, cls_name, ci, w, h, seed, sources)
-            name = f"{p.index:03d}"
-            _save_image(rgb, root / cls_name / p.split / p.specie / f"{name}.{ext}", image_mode)
-            if mask is not None:
-                _save_mask(mask, root / cls_name / "ground_truth" / p.specie / f"{name}_mask.png")
-                n_anom += 1
-            key = f"{p.split}/{p.specie}"
-            counts[cls_name][key] = counts[cls_name].get(key, 0) + 1
-            n_images += 1
+        plan = _plan(n_train_good, n_test_good, n_def, defect_types)
+        counts[cls_name] = _write_tree_class(root, cls_name, ci, plan, style, w, h, seed, sources,
+                                             image_mode, ext)
+        n_images += len(plan)
+        n_anom += sum(p.specie != "good" for p in plan)
     return SyntheticInfo(root, "folder", names + extra, n_images, n_anom, counts)
