@@ -353,7 +353,7 @@ class Trainer:
         check_prompt_classes(self.prompts, self.samples)
         self.model = build_training_model(s, self.prompts).to(self.device)
         self.opt_main, self.opt_adapter = make_optimizers(self.model, s)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=s.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=s.amp)  # --amp: CUDA only
         self.done = {1: 0, 2: 0}  # completed epochs per stage
         self.history: list[EpochRecord] = []
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -458,7 +458,7 @@ class Trainer:
 
     def _autocast(self):
         if self.settings.amp:
-            return torch.autocast(device_type="cuda", dtype=torch.float16)
+            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
     def _run_epoch(self, stage: int, epoch: int, total: int) -> EpochRecord:
