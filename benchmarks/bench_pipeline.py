@@ -16,11 +16,13 @@ Rows:
 * ``filo``: ``FiLo.predict`` (maps + scores) at each batch size; ``filo research-like``: the
   same code at batch 1 under ``torch.no_grad`` with every speed switch off
   (``filo.model.RESEARCH_LIKE_SWITCHES``: all nine positions' prompts encoded, full 77-token
-  context, six separate MMCI convolutions), as the research code runs.
+  context, six separate MMCI convolutions, linear layers through the BLAS), as the research
+  code runs.
 * ``detector``: ``Detector.detect_tensors`` (batched in same-size groups).
 * ``pipeline``: the test-run predictor (``filo.evaluation.predictor.FiLoPredictor``: detector,
   position from the boxes, FiLo, box fusion); ``pipeline research-like``: the same steps image
-  by image with the research-like FiLo under ``torch.no_grad``.
+  by image with the research-like FiLo and the detector without the oneDNN linears
+  (``DetectionParams(onednn_linear=False)``) under ``torch.no_grad``.
 * ``metrics``: ``filo.metrics.pixel_metrics`` + image AUROC/AP/F1-max for one class of N images
   at the eval size, and exact AUPRO alone.
 
@@ -79,7 +81,7 @@ def _filo_model(spec: dict, research: bool):
     return model.to(spec["device"])
 
 
-def _detector(spec: dict):
+def _detector(spec: dict, research: bool = False):
     import torch
 
     from filo.detector.config import DetectorArch
@@ -89,7 +91,7 @@ def _detector(spec: dict):
     arch = DetectorArch.tiny() if spec["quick"] else DetectorArch.swin_t_ogc()
     torch.manual_seed(1)
     model = build_model(arch)
-    params = DetectionParams(batch_size=spec["batch"])
+    params = DetectionParams(batch_size=spec["batch"], onednn_linear=not research)
     return Detector(model, load_tokenizer(spec["bert_dir"]), params, spec["device"])
 
 
@@ -162,7 +164,7 @@ def _run_model(spec: dict) -> dict:
     n_timed = spec["batch"] * spec["iters"]
     batches = _inputs(spec, n_timed, det=part != "filo")
     model = _filo_model(spec, research) if part != "detector" else None
-    detector = _detector(spec) if part != "filo" else None
+    detector = _detector(spec, research) if part != "filo" else None
     prompts = model.prompts if model is not None else None
     if prompts is None:
         from filo.prompts import load_prompt_table

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from torch import nn
 from filo.errors import FiloError
 
 logger = logging.getLogger(__name__)
+
+LinearFn = Callable[..., torch.Tensor]  # (x, weight, bias) -> x @ weight.T + bias
 
 DEFAULT_CLIP_WEIGHTS = Path("ckpt/ViT-L-14-336px.pt")
 CLIP_WEIGHTS_HINT = (
@@ -216,13 +219,43 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def block_qkv(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def block_qkv(
+    block: nn.Module, h: torch.Tensor, linear: LinearFn = F.linear
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v of an open_clip block for (already ln_1-normalised) tokens ``h`` [B, N, W]."""
     attn: nn.MultiheadAttention = block.attn
-    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+    qkv = linear(h, attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.chunk(3, dim=-1)
     heads = attn.num_heads
     return _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+
+
+def block_out_proj(block: nn.Module, heads_out: torch.Tensor, linear: LinearFn = F.linear
+                   ) -> torch.Tensor:
+    """The attention's output projection of per-head results [B, H, N, d] -> [B, N, W]."""
+    out_proj = block.attn.out_proj
+    return linear(_merge_heads(heads_out), out_proj.weight, out_proj.bias)
+
+
+def _is_quick_gelu(module: nn.Module) -> bool:
+    from open_clip.transformer import QuickGELU  # imported with the model; lazy for light CLIs
+
+    return isinstance(module, QuickGELU)
+
+
+def block_mlp(block: nn.Module, x: torch.Tensor, linear: LinearFn = F.linear) -> torch.Tensor:
+    """``c_proj(gelu(c_fc(x)))`` of an open_clip block (its own activation module).
+
+    Without autograd, QuickGELU ``h * sigmoid(1.702 h)`` is computed in place on the hidden
+    activations (the same operations, one temporary instead of three of the widest tensor).
+    """
+    mlp = block.mlp
+    h = linear(x, mlp.c_fc.weight, mlp.c_fc.bias)
+    if _is_quick_gelu(mlp.gelu) and not torch.is_grad_enabled():
+        h = h.mul_(torch.sigmoid_(h * 1.702))
+    else:
+        h = mlp.gelu(h)
+    return linear(h, mlp.c_proj.weight, mlp.c_proj.bias)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -248,9 +281,17 @@ def vision_embed(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def encode_image_two_stream(
-    visual: nn.Module, images: torch.Tensor, taps: TapConfig | None = None
+    visual: nn.Module,
+    images: torch.Tensor,
+    taps: TapConfig | None = None,
+    *,
+    linear: LinearFn = F.linear,
 ) -> VisionFeatures:
-    """Run the vision tower with the ori and vv streams; return head taps and global tokens."""
+    """Run the vision tower with the ori and vv streams; return head taps and global tokens.
+
+    ``linear`` computes every linear layer of the blocks (``F.linear``, or
+    :func:`filo.kernels.linear` for the faster CPU route).
+    """
     blocks = visual.transformer.resblocks
     n_layers = len(blocks)
     taps = taps or TapConfig.for_depth(n_layers)
@@ -264,15 +305,15 @@ def encode_image_two_stream(
 
     for idx, block in enumerate(blocks, start=1):
         h = block.ln_1(ori)
-        q, k, v = block_qkv(block, h)
-        attn_out = block.attn.out_proj(_merge_heads(_attend(q, k, v)))
+        q, k, v = block_qkv(block, h, linear)
+        attn_out = block_out_proj(block, _attend(q, k, v), linear)
         mid = ori + block.ls_1(attn_out)
         if idx > taps.dual_start:
             if vv is None:
                 vv = ori  # vv_{dual_start} = ori_{dual_start}
-            vv_out = block.attn.out_proj(_merge_heads(_attend(v, v, v)))
+            vv_out = block_out_proj(block, _attend(v, v, v), linear)
             vv = vv + block.ls_1(vv_out)
-        ori = mid + block.ls_2(block.mlp(block.ln_2(mid)))
+        ori = mid + block.ls_2(block_mlp(block, block.ln_2(mid), linear))
         if idx in taps.mid_tap_blocks:
             mids[idx] = mid
         if idx in taps.true_layers:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from filo.backbone import LinearFn, block_mlp, block_out_proj, block_qkv
 from filo.errors import FiloError
 from filo.prompts import PromptTable
 
@@ -71,12 +72,22 @@ class TextEncoder(nn.Module):
         self.ln_final = clip.ln_final
         self.text_projection = clip.text_projection
 
-    def forward(self, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """embeddings [P, L, D] (L <= context length), token_ids [P, L] -> features [P, E]."""
+    def forward(
+        self, embeddings: torch.Tensor, token_ids: torch.Tensor, linear: LinearFn = F.linear
+    ) -> torch.Tensor:
+        """embeddings [P, L, D] (L <= context length), token_ids [P, L] -> features [P, E].
+
+        The blocks are written out (causal attention, ``linear`` for every linear layer, see
+        :func:`filo.backbone.encode_image_two_stream`); same result as open_clip's forward with
+        its causal mask.
+        """
         n = embeddings.shape[1]
         x = embeddings + self.positional_embedding[:n].to(embeddings.dtype)
-        mask = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
-        x = self.transformer(x, attn_mask=mask)
+        for block in self.transformer.resblocks:
+            q, k, v = block_qkv(block, block.ln_1(x), linear)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + block.ls_1(block_out_proj(block, attn, linear))
+            x = x + block.ls_2(block_mlp(block, block.ln_2(x), linear))
         x = self.ln_final(x)
         eot = token_ids.argmax(dim=-1)
         pooled = x[torch.arange(x.shape[0], device=x.device), eot]
@@ -148,6 +159,7 @@ def encode_prompts(
     ctx: torch.Tensor,
     *,
     truncate: bool = True,
+    linear: LinearFn = F.linear,
 ) -> torch.Tensor:
     """Encode prompts whose placeholder embeddings (positions 1..n_ctx) are replaced by ``ctx``.
 
@@ -160,7 +172,7 @@ def encode_prompts(
         token_ids = token_ids[:, :length]
     frozen = token_embedding(token_ids).to(ctx.dtype)
     embeddings = torch.cat([frozen[:, :1], ctx, frozen[:, 1 + n_ctx :]], dim=1)
-    return text_encoder(embeddings, token_ids)
+    return text_encoder(embeddings, token_ids, linear)
 
 
 def class_text_features(
@@ -175,6 +187,7 @@ def class_text_features(
     positions: list[str | None],
     truncate: bool = True,
     all_positions: bool = False,
+    linear: LinearFn = F.linear,
 ) -> torch.Tensor:
     """Per-image text matrix ``T`` [B, 2, E] (rows: normal, abnormal; Frobenius-normalized).
 
@@ -201,7 +214,8 @@ def class_text_features(
             ctxs.append(ctx.unsqueeze(0).expand(rows.shape[0], -1, -1))
             counts.append(rows.shape[0])
     all_ids = torch.cat(ids).to(device)
-    feats = encode_prompts(text_encoder, token_embedding, all_ids, torch.cat(ctxs), truncate=truncate)
+    feats = encode_prompts(text_encoder, token_embedding, all_ids, torch.cat(ctxs), truncate=truncate,
+                           linear=linear)
     feats = F.normalize(feats, dim=-1)
     groups = torch.split(feats, counts)
     out = []

@@ -58,8 +58,7 @@ def original_sd(fixture, maker):
     return sd
 
 
-@pytest.fixture(scope="module")
-def hf_model(original_sd):
+def _build_hf_model(original_sd):
     arch = arch_from_state_dict(original_sd, bert_config={"hidden_size": 32,
                                                           "num_attention_heads": 2})
     assert arch == DetectorArch.tiny()
@@ -68,6 +67,11 @@ def hf_model(original_sd):
     model = build_model(arch)
     load_state_dict_checked(model, converted)
     return model
+
+
+@pytest.fixture(scope="module")
+def hf_model(original_sd):
+    return _build_hf_model(original_sd)
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +170,32 @@ def test_load_detector_from_original_file(tmp_path, original_sd, fixture, maker)
     probs, boxes, _ = det.forward([image], [case["caption"]])
     expected = torch.tensor(case["pred_logits"]).sigmoid()
     assert (probs[0, :, : case["n_tokens"]] - expected).abs().max() < 1e-4
+
+
+def test_onednn_linears_keep_the_original_outputs(fixture, maker, original_sd, tokenizer):
+    """The Detector's default CPU kernel swap (filo.kernels) still reproduces the original."""
+    from filo.kernels import OneDNNLinear
+
+    plain = Detector(_build_hf_model(original_sd), tokenizer, DetectionParams(onednn_linear=False))
+    assert not any(isinstance(m, OneDNNLinear) for m in plain.model.modules())
+    det = Detector(_build_hf_model(original_sd), tokenizer, DetectionParams())
+    swapped = [m for m in det.model.modules() if isinstance(m, OneDNNLinear)]
+    assert len(swapped) > 50
+    assert det.model.state_dict().keys() == plain.model.state_dict().keys()
+    from filo.kernels import MIN_MACS
+
+    big = []  # swapped layers large enough to take the oneDNN route
+    for m in swapped:
+        m.register_forward_hook(lambda mod, inp, out: big.append(
+            inp[0].numel() // mod.in_features * mod.weight.numel() >= MIN_MACS))
+    for case in fixture["cases"]:
+        image = maker.fixture_image(case["height"], case["width"], case["phase"])
+        probs, boxes, _ = det.forward([image], [case["caption"]])
+        probs_plain, boxes_plain, _ = plain.forward([image], [case["caption"]])
+        n = case["n_tokens"]
+        expected = torch.tensor(case["pred_logits"]).sigmoid()
+        assert (probs[0, :, :n] - expected).abs().max() < 1e-4
+        assert (boxes[0] - torch.tensor(case["pred_boxes"])).abs().max() < 1e-4
+        assert (probs - probs_plain).abs().max() < 1e-5
+        assert (boxes - boxes_plain).abs().max() < 1e-5
+    assert sum(big) > 50

@@ -18,6 +18,7 @@ import torch
 
 from filo.detector.caption import build_caption, phrase_from_token_probs, phrase_matches
 from filo.device import resolve_device
+from filo.kernels import use_onednn_linears
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class DetectionParams:
     case_sensitive: bool = False  # research code: case-sensitive substring matching
     pad_to_batch: bool = False  # pad different sizes into one batch (pixel_mask)
     batch_size: int = 8
+    onednn_linear: bool = True  # CPU float32: linear layers via oneDNN (filo.kernels), set at init
 
     @property
     def phrase_threshold(self) -> float:
@@ -127,6 +129,8 @@ class Detector:
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.params = params or DetectionParams()
+        if self.params.onednn_linear:  # same parameters; only the CPU float32 kernel changes
+            use_onednn_linears(self.model)
 
     # -- core -------------------------------------------------------------------------------
     @torch.no_grad()
