@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from filo import kernels
 from filo.backbone import (
     ClipConfig,
     TapConfig,
@@ -46,7 +47,6 @@ from filo.backbone import (
 )
 from filo.device import resolve_device
 from filo.errors import FiloError
-from filo import kernels
 from filo.heads import MMCI_KERNELS, Adapter, LinearHeads, MMCIHeads
 from filo.prompts import PromptTable, load_prompt_table
 from filo.text import PromptLearner, PromptTokens, TextEncoder, class_text_features
