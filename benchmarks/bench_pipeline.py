@@ -21,8 +21,8 @@ Rows:
 * ``detector``: ``Detector.detect_tensors`` (batched in same-size groups).
 * ``pipeline``: the test-run predictor (``filo.evaluation.predictor.FiLoPredictor``: detector,
   position from the boxes, FiLo, box fusion); ``pipeline research-like``: the same steps image
-  by image with the research-like FiLo and the detector without the oneDNN linears
-  (``DetectionParams(onednn_linear=False)``) under ``torch.no_grad``.
+  by image with the research-like FiLo and the detector with transformers' own CPU ops
+  (``DetectionParams(fast_kernels=False)``) under ``torch.no_grad``.
 * ``metrics``: ``filo.metrics.pixel_metrics`` + image AUROC/AP/F1-max for one class of N images
   at the eval size, and exact AUPRO alone.
 
@@ -91,7 +91,7 @@ def _detector(spec: dict, research: bool = False):
     arch = DetectorArch.tiny() if spec["quick"] else DetectorArch.swin_t_ogc()
     torch.manual_seed(1)
     model = build_model(arch)
-    params = DetectionParams(batch_size=spec["batch"], onednn_linear=not research)
+    params = DetectionParams(batch_size=spec["batch"], fast_kernels=not research)
     return Detector(model, load_tokenizer(spec["bert_dir"]), params, spec["device"])
 
 
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     args.quick = not args.real
     defaults = ({"batch_sizes": [1, 4], "iters": 3, "warmup": 1, "metric_images": 10}
                 if args.quick else
-                {"batch_sizes": [1, 2], "iters": 1, "warmup": 0, "metric_images": 100})
+                {"batch_sizes": [1, 2], "iters": 1, "warmup": 1, "metric_images": 100})
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

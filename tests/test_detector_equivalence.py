@@ -172,15 +172,20 @@ def test_load_detector_from_original_file(tmp_path, original_sd, fixture, maker)
     assert (probs[0, :, : case["n_tokens"]] - expected).abs().max() < 1e-4
 
 
-def test_onednn_linears_keep_the_original_outputs(fixture, maker, original_sd, tokenizer):
-    """The Detector's default CPU kernel swap (filo.kernels) still reproduces the original."""
+def test_fast_kernels_keep_the_original_outputs(fixture, maker, original_sd, tokenizer):
+    """The Detector's default CPU kernels (oneDNN linears, gather deformable attention) still
+    reproduce the original."""
+    from filo.detector.deform_attn import GatherDeformableAttention
     from filo.kernels import OneDNNLinear
 
-    plain = Detector(_build_hf_model(original_sd), tokenizer, DetectionParams(onednn_linear=False))
-    assert not any(isinstance(m, OneDNNLinear) for m in plain.model.modules())
+    plain = Detector(_build_hf_model(original_sd), tokenizer, DetectionParams(fast_kernels=False))
+    assert not any(isinstance(m, (OneDNNLinear, GatherDeformableAttention))
+                   for m in plain.model.modules())
     det = Detector(_build_hf_model(original_sd), tokenizer, DetectionParams())
     swapped = [m for m in det.model.modules() if isinstance(m, OneDNNLinear)]
     assert len(swapped) > 50
+    n_deform = sum(isinstance(m, GatherDeformableAttention) for m in det.model.modules())
+    assert n_deform == 4  # tiny arch: 2 encoder + 2 decoder layers
     assert det.model.state_dict().keys() == plain.model.state_dict().keys()
     from filo.kernels import MIN_MACS
 

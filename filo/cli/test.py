@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
                    help="reduced-precision towers (CUDA; bf16 also on recent CPUs): faster, maps "
                         "differ by up to ~1e-2 from float32")
-    m.add_argument("--cpu_linear", default="onednn", choices=["onednn", "blas"],
-                   help="CPU float32 linear layers: oneDNN (default; ~2x faster where the BLAS "
-                        "is slow) or the BLAS; same maps to ~1e-6, no effect on CUDA")
+    m.add_argument("--kernels", default="fast", choices=["fast", "reference"],
+                   help="CPU float32 kernels: 'fast' (default: linear layers via oneDNN, "
+                        "deformable attention as one gather) or 'reference' (plain PyTorch ops); "
+                        "same maps to ~1e-6, no effect on CUDA")
     m.add_argument("--legacy_macaroni", action="store_true",
                    help="research-code bug: macaroni1 uses macaroni2's prompts")
     g = p.add_argument_group("GroundingDINO")
@@ -110,7 +111,7 @@ def settings_from_args(args: argparse.Namespace):
         save_boxes=args.save_boxes, viz_dir=args.viz_dir, viz_limit=args.viz_limit,
         viz_only_errors=args.viz_only_errors, viz_lift_boxes=args.viz_lift_boxes,
         from_cache=args.from_cache,
-        score_mode=args.score_mode, autocast=args.autocast, cpu_linear=args.cpu_linear,
+        score_mode=args.score_mode, autocast=args.autocast, kernels=args.kernels,
         legacy_macaroni=args.legacy_macaroni,
         legacy_phrase_case=args.legacy_phrase_case,
         legacy_text_threshold=args.legacy_text_threshold, legacy_grid=args.legacy_grid,

@@ -18,6 +18,7 @@ import torch
 
 from filo.detector.caption import build_caption, phrase_from_token_probs, phrase_matches
 from filo.device import resolve_device
+from filo.detector.deform_attn import use_gather_deformable_attention
 from filo.kernels import use_onednn_linears
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,10 @@ class DetectionParams:
     case_sensitive: bool = False  # research code: case-sensitive substring matching
     pad_to_batch: bool = False  # pad different sizes into one batch (pixel_mask)
     batch_size: int = 8
-    onednn_linear: bool = True  # CPU float32: linear layers via oneDNN (filo.kernels), set at init
+    # CPU float32 kernels, applied when the Detector is created: linear layers via oneDNN
+    # (filo.kernels) and deformable attention as one gather (filo.detector.deform_attn); same
+    # results to float rounding. False: transformers' own ops (the research-code-like setting)
+    fast_kernels: bool = True
 
     @property
     def phrase_threshold(self) -> float:
@@ -129,8 +133,9 @@ class Detector:
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.params = params or DetectionParams()
-        if self.params.onednn_linear:  # same parameters; only the CPU float32 kernel changes
+        if self.params.fast_kernels:  # same parameters; only the CPU float32 kernels change
             use_onednn_linears(self.model)
+            use_gather_deformable_attention(self.model)
 
     # -- core -------------------------------------------------------------------------------
     @torch.no_grad()

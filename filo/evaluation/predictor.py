@@ -37,7 +37,7 @@ def build_filo_model(settings: EvalSettings, prompts: PromptTable, device: torch
                                        legacy_macaroni=settings.legacy_macaroni,
                                        score_mode=settings.score_mode,
                                        autocast=settings.autocast,
-                                       onednn_linear=settings.cpu_linear == "onednn")
+                                       fast_kernels=settings.kernels == "fast")
     if model.config.image_size != settings.image_size:
         raise FiloError(f"{settings.ckpt_path} is built for {model.config.image_size}x"
                         f"{model.config.image_size} inputs; pass --image_size "
@@ -53,7 +53,7 @@ def build_detector(settings: EvalSettings, device: torch.device):
         area_threshold=settings.area_threshold,
         legacy_text_threshold=settings.legacy_text_threshold,
         case_sensitive=settings.legacy_phrase_case, batch_size=max(1, settings.batch_size),
-        onednn_linear=settings.cpu_linear == "onednn")
+        fast_kernels=settings.kernels == "fast")
     return load_detector(settings.grounded_checkpoint, device=device, bert_dir=settings.bert_dir,
                          params=params)
 

@@ -67,7 +67,7 @@ class EvalSettings:
     from_cache: bool = False
     score_mode: str = "research"
     autocast: str = "none"  # 'bf16' / 'fp16': faster, not bit-exact (see README, Performance)
-    cpu_linear: str = "onednn"  # 'blas': CPU linear layers through the BLAS (same maps to ~1e-6)
+    kernels: str = "fast"  # 'reference': plain PyTorch CPU ops (same maps to ~1e-6, slower)
     legacy_macaroni: bool = False
     legacy_phrase_case: bool = False
     legacy_text_threshold: bool = False
