@@ -18,7 +18,8 @@ Rows:
   (``filo.model.RESEARCH_LIKE_SWITCHES``: all nine positions' prompts encoded, full 77-token
   context, six separate MMCI convolutions, linear layers through the BLAS), as the research
   code runs.
-* ``detector``: ``Detector.detect_tensors`` (batched in same-size groups).
+* ``detector``: ``Detector.detect_tensors`` (batched in same-size groups); ``detector
+  research-like``: batch 1 with transformers' own CPU ops (``DetectionParams(fast_kernels=False)``).
 * ``pipeline``: the test-run predictor (``filo.evaluation.predictor.FiLoPredictor``: detector,
   position from the boxes, FiLo, box fusion); ``pipeline research-like``: the same steps image
   by image with the research-like FiLo and the detector with transformers' own CPU ops
@@ -254,9 +255,8 @@ def _cases(args) -> list[dict]:
         for part in ("filo", "detector", "pipeline"):
             if part not in args.parts:
                 continue
-            if part != "detector":
-                cases.append({"part": part, "variant": "research-like", "batch": 1,
-                              "device": device})
+            cases.append({"part": part, "variant": "research-like", "batch": 1,
+                          "device": device})
             for b in args.batch_sizes:
                 cases.append({"part": part, "variant": "optimized", "batch": b, "device": device})
         if "filo" in args.parts and args.autocast:
@@ -319,7 +319,7 @@ def table(results: list[dict], title: str) -> str:
         lines.append(f"| {r['part']} | {r['variant']} | {r['device']} | {batch} | {ips:.3g} | "
                      f"{1 / ips:.3g} | {peak} | {work} | {diff} |")
     lines.append("")
-    for part in ("filo", "pipeline"):
+    for part in ("filo", "detector", "pipeline"):
         for dev in sorted({r["device"] for r in results}):
             base = [r for r in results if (r["part"], r["device"], r["variant"]) ==
                     (part, dev, "research-like")]

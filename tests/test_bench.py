@@ -27,6 +27,7 @@ def test_quick_benchmark_table(tmp_path):
     assert keys == [
         ("filo", "research-like", "cpu", "1"),
         ("filo", "optimized", "cpu", "2"),
+        ("detector", "research-like", "cpu", "1"),
         ("detector", "optimized", "cpu", "2"),
         ("pipeline", "research-like", "cpu", "1"),
         ("pipeline", "optimized", "cpu", "2"),
@@ -41,3 +42,4 @@ def test_quick_benchmark_table(tmp_path):
     diffs = [float(c) for c in re.findall(r"\| ([0-9.]+e[-+]\d+) \|$", text, flags=re.M)]
     assert len(diffs) == 2 and max(diffs) <= 1e-4
     assert "pipeline speed-up vs research-like (cpu)" in text
+    assert "detector speed-up vs research-like (cpu)" in text

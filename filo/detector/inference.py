@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from filo.detector.caption import build_caption, phrase_from_token_probs, phrase_matches
-from filo.device import resolve_device
 from filo.detector.deform_attn import use_gather_deformable_attention
+from filo.device import resolve_device
 from filo.kernels import use_onednn_linears
 
 log = logging.getLogger(__name__)
