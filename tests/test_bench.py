@@ -43,3 +43,23 @@ def test_quick_benchmark_table(tmp_path):
     assert len(diffs) == 2 and max(diffs) <= 1e-4
     assert "pipeline speed-up vs research-like (cpu)" in text
     assert "detector speed-up vs research-like (cpu)" in text
+
+
+def test_kernel_benchmark_table(tmp_path):
+    """benchmarks/bench_kernels.py runs; its two kernels agree with the reference ones."""
+    out = tmp_path / "kernels.md"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--repeats", "1",
+         "--out", str(out)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_text().strip() == proc.stdout.strip()
+    rows = [r for r in proc.stdout.splitlines() if r.startswith("| ") and "---" not in r]
+    linear = [r for r in rows if "->" in r and not r.startswith("| layer")]
+    deform = [r for r in rows if r.startswith("| encoder layer") or r.startswith("| decoder layer")]
+    assert len(linear) == 7 and len(deform) == 2
+    for r in linear:
+        assert float(r.strip("|").split("|")[-1]) <= 1e-5  # max relative difference
+    for r in deform:
+        assert float(r.strip("|").split("|")[-1]) <= 1e-4  # max absolute difference
