@@ -259,6 +259,11 @@ def build_filo_from_checkpoint(
     """Build a FiLo model whose config comes from the checkpoint (saved config, else shapes)."""
     from filo.model import FiLoConfig, build_filo
 
+    import dataclasses
+
+    unknown = set(config_overrides) - {f.name for f in dataclasses.fields(FiLoConfig)}
+    if unknown:
+        raise TypeError(f"unknown FiLoConfig field(s): {', '.join(sorted(unknown))}")
     state, saved = read_filo_state_dict(path)
     if saved is not None:
         config = FiLoConfig.from_dict(saved)

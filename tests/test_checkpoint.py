@@ -106,6 +106,11 @@ def test_build_from_checkpoint_infers_config(tmp_path, model):
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(rebuilt.predict(images, ["wood", "pcb1"]).image_score,
                                model.predict(images, ["wood", "pcb1"]).image_score)
+    # config overrides apply to the saved config; a misspelt one is an error, not ignored
+    assert build_filo_from_checkpoint(saved, device="cpu",
+                                      onednn_linear=False).config.onednn_linear is False
+    with pytest.raises(TypeError, match="fast_kernels"):
+        build_filo_from_checkpoint(saved, device="cpu", fast_kernels=False)
 
 
 def test_wrong_files(tmp_path, model):

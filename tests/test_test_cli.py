@@ -155,3 +155,46 @@ def test_grounded_run_fuses_boxes_as_specified(tmp_path, tiny_filo_ckpt, synthet
         expected = np.where(inside, plain, plain * 0.5)
         saved = np.load(tmp_path / "maps" / Path(rel).with_suffix(".npy"))
         np.testing.assert_allclose(saved, expected, atol=2e-5)
+
+
+def test_kernels_switch_reaches_both_models_and_keeps_the_maps(
+        tmp_path, tiny_filo_ckpt, synthetic_prompts, tiny_grounding_ckpt, bert_vocab_dir,
+        capsys) -> None:
+    """--kernels reference (plain PyTorch CPU ops) and the default fast kernels: same boxes,
+    maps equal to float rounding; the switch really reaches FiLo and the detector."""
+    from filo.cli.test import build_parser, settings_from_args
+    from filo.detector.deform_attn import GatherDeformableAttention
+    from filo.evaluation.predictor import build_predictor
+    from filo.kernels import OneDNNLinear
+
+    ckpt, _ = tiny_filo_ckpt
+    data = tmp_path / "data"
+    make_mvtec_like(data, classes=("tex_a",), n_train_good=0, n_test_good=1, n_test_defect=2,
+                    size=(80, 60), seed=3)
+    common = ["--dataset", "mvtec", "--data_path", str(data), "--ckpt_path", str(ckpt),
+              "--prompts", str(synthetic_prompts), "--image_size", "32", "--device", "cpu",
+              "--num_workers", "0", "--grounded_checkpoint", str(tiny_grounding_ckpt),
+              "--bert_dir", str(bert_vocab_dir)]
+    for kernels in ("fast", "reference"):
+        settings = settings_from_args(build_parser().parse_args(
+            [*common, "--kernels", kernels, "--save_path", str(tmp_path / kernels)]))
+        predictor = build_predictor(settings)
+        fast = kernels == "fast"
+        assert predictor.model.config.onednn_linear is fast
+        modules = list(predictor.detector.model.modules())
+        assert any(isinstance(m, OneDNNLinear) for m in modules) is fast
+        assert any(isinstance(m, GatherDeformableAttention) for m in modules) is fast
+        rc = run_main([*common, "--kernels", kernels, "--save_path", str(tmp_path / kernels),
+                       "--save_maps", str(tmp_path / f"maps_{kernels}"),
+                       "--save_boxes", str(tmp_path / f"boxes_{kernels}")])
+        assert rc == 0, capsys.readouterr().err
+    maps = sorted((tmp_path / "maps_fast").rglob("*.npy"))
+    assert len(maps) == 3
+    for path in maps:
+        rel = path.relative_to(tmp_path / "maps_fast")
+        np.testing.assert_allclose(np.load(path), np.load(tmp_path / "maps_reference" / rel),
+                                   atol=1e-5)
+        a = json.loads((tmp_path / "boxes_fast" / rel.with_suffix(".json")).read_text())
+        b = json.loads((tmp_path / "boxes_reference" / rel.with_suffix(".json")).read_text())
+        assert a["position"] == b["position"] and a["phrases"] == b["phrases"]
+        np.testing.assert_allclose(a["boxes"], b["boxes"], atol=0.02)

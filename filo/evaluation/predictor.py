@@ -37,7 +37,7 @@ def build_filo_model(settings: EvalSettings, prompts: PromptTable, device: torch
                                        legacy_macaroni=settings.legacy_macaroni,
                                        score_mode=settings.score_mode,
                                        autocast=settings.autocast,
-                                       fast_kernels=settings.kernels == "fast")
+                                       onednn_linear=settings.kernels == "fast")
     if model.config.image_size != settings.image_size:
         raise FiloError(f"{settings.ckpt_path} is built for {model.config.image_size}x"
                         f"{model.config.image_size} inputs; pass --image_size "
