@@ -257,9 +257,9 @@ def build_filo_from_checkpoint(
     **config_overrides,
 ):
     """Build a FiLo model whose config comes from the checkpoint (saved config, else shapes)."""
-    from filo.model import FiLoConfig, build_filo
-
     import dataclasses
+
+    from filo.model import FiLoConfig, build_filo
 
     unknown = set(config_overrides) - {f.name for f in dataclasses.fields(FiLoConfig)}
     if unknown:
