@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="prompt YAML (default: bundled tables)")
     p.add_argument("--classes", default=None, help="comma-separated subset of classes")
     p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--kernels", default="fast", choices=["fast", "reference"],
+                   help="CPU float32 kernels: 'fast' (oneDNN linears, gather deformable "
+                        "attention) or 'reference' (transformers' own ops); same boxes to rounding")
     p.add_argument("--save_boxes", default=None, metavar="DIR", help="write per-image JSON here")
     p.add_argument("--save_coco", default=None, metavar="FILE",
                    help="write all kept boxes as COCO detections (bbox x,y,w,h in original "
@@ -166,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                              area_threshold=args.area_threshold,
                              legacy_text_threshold=args.legacy_text_threshold,
                              case_sensitive=args.legacy_phrase_case,
-                             batch_size=max(1, args.batch_size))
+                             batch_size=max(1, args.batch_size),
+                             fast_kernels=args.kernels == "fast")
     if args.image_size < 8:
         raise FiloError(f"--image_size {args.image_size}: use at least 8 (FiLo maps use 518)")
     if args.viz_limit is not None and args.viz_limit < 0:

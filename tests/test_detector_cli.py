@@ -45,6 +45,17 @@ def test_detect_cli_writes_boxes_and_metrics(tmp_path, capsys, tiny_grounding_ck
     bottle_row = next(line for line in table.splitlines() if line.startswith("| bottle"))
     assert float(bottle_row.split("|")[2]) == pytest.approx(expected, abs=0.051)
     assert "| mean" in table
+    # --kernels reference (transformers' own CPU ops): the same boxes to rounding
+    ref_out = tmp_path / "boxes_reference"
+    assert detect_main(["--dataset", "mvtec", "--data_path", str(root), "--grounded_checkpoint",
+                        str(ckpt), "--bert_dir", str(bert), "--device", "cpu", "--kernels",
+                        "reference", "--save_boxes", str(ref_out), "--batch_size", "3"]) == 0
+    for f in files:
+        a = json.loads(f.read_text())
+        b = json.loads((ref_out / f.relative_to(out)).read_text())
+        assert a["phrases"] == b["phrases"] and a["position"] == b["position"]
+        np.testing.assert_allclose(a["boxes"], b["boxes"], atol=0.02)
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=2e-5)
 
 
 @pytest.fixture()
