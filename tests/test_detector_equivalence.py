@@ -185,7 +185,11 @@ def test_fast_kernels_keep_the_original_outputs(fixture, maker, original_sd, tok
     swapped = [m for m in det.model.modules() if isinstance(m, OneDNNLinear)]
     assert len(swapped) > 50
     n_deform = sum(isinstance(m, GatherDeformableAttention) for m in det.model.modules())
-    assert n_deform == 4  # tiny arch: 2 encoder + 2 decoder layers
+    from transformers.models.grounding_dino import modeling_grounding_dino as hf
+
+    # tiny arch: 2 encoder + 2 decoder layers (transformers < 4.5x: a function, nothing to swap)
+    has_module = isinstance(getattr(hf, "MultiScaleDeformableAttention", None), type)
+    assert n_deform == (4 if has_module else 0)
     assert det.model.state_dict().keys() == plain.model.state_dict().keys()
     from filo.kernels import MIN_MACS
 
