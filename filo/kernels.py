@@ -25,12 +25,23 @@ from torch import nn
 MIN_MACS = 1 << 16  # below this the call overhead of a convolution outweighs the faster kernel
 
 
-def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True when :func:`linear` would take the oneDNN route for this input and weight."""
+def onednn_applies(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    min_macs: int = MIN_MACS,
+) -> bool:
+    """True when :func:`linear` takes the oneDNN route for these arguments."""
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features if in_features else 0
     return (
-        x.device.type == "cpu"
+        rows > 0
+        and rows * in_features * out_features >= min_macs
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
         and not torch.is_grad_enabled()
         and torch.backends.mkldnn.is_available()
     )
@@ -47,15 +58,10 @@ def linear(
 
     x [..., in], weight [out, in], bias [out] -> [..., out].
     """
-    out_features, in_features = weight.shape
-    rows = x.numel() // in_features if in_features else 0
-    if (
-        rows == 0
-        or rows * in_features * out_features < min_macs
-        or not onednn_applies(x, weight)
-        or (bias is not None and bias.dtype != torch.float32)
-    ):
+    if not onednn_applies(x, weight, bias, min_macs=min_macs):
         return F.linear(x, weight, bias)
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
     # rows as the height of a one-pixel-wide image whose channels are the features; the
     # permuted view is channels-last, which oneDNN reads without a copy and also writes
     grid = x.reshape(1, rows, 1, in_features).permute(0, 3, 1, 2)

@@ -191,12 +191,12 @@ def test_fast_kernels_keep_the_original_outputs(fixture, maker, original_sd, tok
     has_module = isinstance(getattr(hf, "MultiScaleDeformableAttention", None), type)
     assert n_deform == (4 if has_module else 0)
     assert det.model.state_dict().keys() == plain.model.state_dict().keys()
-    from filo.kernels import MIN_MACS
+    from filo.kernels import onednn_applies
 
-    big = []  # swapped layers large enough to take the oneDNN route
+    big = []  # swapped layers that take the oneDNN route
     for m in swapped:
         m.register_forward_hook(lambda mod, inp, out: big.append(
-            inp[0].numel() // mod.in_features * mod.weight.numel() >= MIN_MACS))
+            onednn_applies(inp[0], mod.weight, mod.bias)))
     for case in fixture["cases"]:
         image = maker.fixture_image(case["height"], case["width"], case["phase"])
         probs, boxes, _ = det.forward([image], [case["caption"]])
