@@ -12,7 +12,7 @@ The vision forward is written out block by block (:func:`encode_image_two_stream
   ``vv_k = vv_{k-1} + out_proj(vvattn(ln1_k(ori_{k-1})))`` with ``vv_{dual_start} = ori_{dual_start}``;
   v-v attention uses the block's value projection as query, key and value.
 
-Reference taps (what the released FiLo heads were trained on, see FILO_REFERENCE.md section 2):
+Reference taps (what the released FiLo heads were trained on, see docs/design.md section 2):
 linear heads ``[V, M_a, M_b, O_L]``, MMCI heads ``[V, V, V]``, with ``V`` the final vv stream,
 ``M_k`` the mid-block state of block ``k`` and ``O_L`` the final ori stream.
 """
@@ -23,7 +23,7 @@ import logging
 import math
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -54,6 +54,20 @@ _SURGERY_KEY_MAP = {
 }
 
 
+CLIP_ACTS = ("gelu", "quick_gelu")
+NATIVE_CLIP_SIZE = 336  # the input size OpenAI's ViT-L/14@336 was trained at
+
+
+def research_clip_act(image_size: int) -> str:
+    """The activation the research code's CLIP factory gives OpenAI weights at ``image_size``.
+
+    At CLIP's native 336 px it returns the QuickGELU model; at any other size it rebuilds the
+    model from a config without the QuickGELU flag, so both towers run exact GELU
+    (docs/design.md section 1.1). The released checkpoints (518 px) therefore expect 'gelu'.
+    """
+    return "quick_gelu" if int(image_size) == NATIVE_CLIP_SIZE else "gelu"
+
+
 @dataclass
 class ClipConfig:
     """open_clip CLIP hyper-parameters (defaults: ViT-L-14-336 at FiLo's 518 px input)."""
@@ -69,11 +83,38 @@ class ClipConfig:
     text_width: int = 768
     text_heads: int = 12
     text_layers: int = 12
-    quick_gelu: bool = True  # OpenAI weights were trained with QuickGELU
+    # MLP activation of both towers: 'quick_gelu' (x * sigmoid(1.702 x), what OpenAI trained
+    # with) or 'gelu' (exact erf GELU, what the released FiLo checkpoints were trained on at
+    # 518; docs/design.md section 1.1)
+    act: str = "quick_gelu"
 
     @classmethod
-    def vit_l_14_336(cls, image_size: int = 518) -> ClipConfig:
-        return cls(image_size=image_size)
+    def vit_l_14_336(cls, image_size: int = 518, act: str | None = None) -> ClipConfig:
+        """ViT-L-14-336 at ``image_size``; ``act`` None follows :func:`research_clip_act`."""
+        return cls(image_size=image_size, act=act or research_clip_act(image_size))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClipConfig:
+        """Inverse of :meth:`to_dict`; also reads configs saved before ``act`` existed
+        (``quick_gelu: bool``)."""
+        d = dict(d)
+        legacy = d.pop("quick_gelu", None)
+        if "act" not in d and legacy is not None:
+            d["act"] = "quick_gelu" if legacy else "gelu"
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise FiloError(f"clip config: unknown field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+    @property
+    def quick_gelu(self) -> bool:
+        return self.act == "quick_gelu"
+
+    def validate(self) -> None:
+        if self.act not in CLIP_ACTS:
+            raise FiloError(f"clip config: act must be one of {', '.join(CLIP_ACTS)}, got "
+                            f"{self.act!r}")
 
     @classmethod
     def tiny(cls) -> ClipConfig:
@@ -96,6 +137,7 @@ class ClipConfig:
 
     def open_clip_dict(self) -> dict:
         """The open_clip model-config dict (same shape as ``model_configs/ViT-L-14-336.json``)."""
+        self.validate()
         if self.vision_width % self.vision_heads:
             raise FiloError(
                 f"clip config: vision_width {self.vision_width} is not divisible by "
@@ -199,10 +241,23 @@ def build_clip(config: ClipConfig) -> nn.Module:
         text_cfg=cfg["text_cfg"],
         quick_gelu=cfg["quick_gelu"],
     )
-    for block in model.visual.transformer.resblocks:
+    want = "quick_gelu" if config.quick_gelu else "gelu"
+    for block in (*model.visual.transformer.resblocks, *model.transformer.resblocks):
         if not isinstance(block.attn, nn.MultiheadAttention):
             raise FiloError("open_clip built a custom attention block; FiLo needs the standard one")
+        if mlp_act(block) != want:  # both towers must follow the configured activation
+            raise FiloError(f"open_clip built a {mlp_act(block)} MLP, the config asks for {want}")
     return model
+
+
+def mlp_act(block: nn.Module) -> str:
+    """'quick_gelu' or 'gelu' (exact): the activation module of an open_clip block's MLP."""
+    act = block.mlp.gelu
+    if _is_quick_gelu(act):
+        return "quick_gelu"
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return "gelu"
+    raise FiloError(f"unsupported CLIP MLP activation {act!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,10 +299,12 @@ def _is_quick_gelu(module: nn.Module) -> bool:
 
 
 def block_mlp(block: nn.Module, x: torch.Tensor, linear: LinearFn = F.linear) -> torch.Tensor:
-    """``c_proj(gelu(c_fc(x)))`` of an open_clip block (its own activation module).
+    """``c_proj(act(c_fc(x)))`` of an open_clip block, ``act`` its own activation module
+    (exact GELU or QuickGELU, as the config built it).
 
     Without autograd, QuickGELU ``h * sigmoid(1.702 h)`` is computed in place on the hidden
-    activations (the same operations, one temporary instead of three of the widest tensor).
+    activations (the same operations, one temporary instead of three of the widest tensor);
+    exact GELU always runs as the module's ``F.gelu``.
     """
     mlp = block.mlp
     h = linear(x, mlp.c_fc.weight, mlp.c_fc.bias)

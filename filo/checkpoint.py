@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 
-from filo.backbone import ClipConfig, TapConfig, normalize_clip_state_dict, resize_pos_embed
+from filo.backbone import (
+    CLIP_ACTS,
+    ClipConfig,
+    TapConfig,
+    normalize_clip_state_dict,
+    research_clip_act,
+    resize_pos_embed,
+)
 from filo.errors import FiloError
 from filo.fileio import atomic_torch_save
 
@@ -205,10 +212,13 @@ def save_filo_checkpoint(path: str | Path, model, *, include_config: bool = True
     return atomic_torch_save(payload, p)
 
 
-def infer_config_from_state_dict(state: dict[str, torch.Tensor], **overrides):
+def infer_config_from_state_dict(state: dict[str, torch.Tensor], *, clip_act: str | None = None,
+                                 **overrides):
     """FiLoConfig from tensor shapes (ViT-L-14-336 or any open_clip-style ViT).
 
-    Attention heads are not visible in shapes: OpenAI's 64-wide heads are assumed.
+    Attention heads are not visible in shapes: OpenAI's 64-wide heads are assumed. Nor is the
+    MLP activation: ``clip_act`` None applies the research rule for the stored image size
+    (:func:`filo.backbone.research_clip_act`: GELU unless 336 px).
     """
     from filo.model import FiLoConfig
 
@@ -243,6 +253,7 @@ def infer_config_from_state_dict(state: dict[str, torch.Tensor], **overrides):
         text_width=text_width,
         text_heads=max(text_width // 64, 1),
         text_layers=depth("clip_model.transformer.resblocks."),
+        act=clip_act or research_clip_act(grid * patch),
     )
     return FiLoConfig(clip=clip, taps=TapConfig.for_depth(layers), n_ctx=ctx.shape[0], **overrides)
 
@@ -254,9 +265,15 @@ def build_filo_from_checkpoint(
     device: str | torch.device | None = None,
     clip_weights: str | Path | None = None,
     strict: bool = False,
+    clip_act: str | None = None,
     **config_overrides,
 ):
-    """Build a FiLo model whose config comes from the checkpoint (saved config, else shapes)."""
+    """Build a FiLo model whose config comes from the checkpoint (saved config, else shapes).
+
+    ``clip_act`` ('gelu' / 'quick_gelu') overrides the CLIP MLP activation; None keeps the one
+    the checkpoint records, or, for a research-layout file (no saved config), applies the
+    research rule: GELU unless the stored image size is 336 (docs/design.md section 1.1).
+    """
     import dataclasses
 
     from filo.model import FiLoConfig, build_filo
@@ -264,15 +281,19 @@ def build_filo_from_checkpoint(
     unknown = set(config_overrides) - {f.name for f in dataclasses.fields(FiLoConfig)}
     if unknown:
         raise TypeError(f"unknown FiLoConfig field(s): {', '.join(sorted(unknown))}")
+    if clip_act is not None and clip_act not in CLIP_ACTS:
+        raise FiloError(f"clip activation must be one of {', '.join(CLIP_ACTS)}, got {clip_act!r}")
     state, saved = read_filo_state_dict(path)
     if saved is not None:
         config = FiLoConfig.from_dict(saved)
         for k, v in config_overrides.items():
             setattr(config, k, v)
+        if clip_act is not None:
+            config.clip.act = clip_act
     elif "clip_model.visual.conv1.weight" in normalize_filo_state_dict(state):
-        config = infer_config_from_state_dict(state, **config_overrides)
+        config = infer_config_from_state_dict(state, clip_act=clip_act, **config_overrides)
     else:
-        config = FiLoConfig.vit_l_14_336(**config_overrides)
+        config = FiLoConfig.vit_l_14_336(clip_act=clip_act, **config_overrides)
         if clip_weights is None:
             raise FiloError(f"{path} holds no CLIP weights (no clip_model.*); pass the OpenAI "
                             "CLIP weights (ckpt/ViT-L-14-336px.pt) as well")

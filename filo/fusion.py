@@ -1,8 +1,17 @@
-"""Fusing GroundingDINO boxes with FiLo anomaly maps (reference section 6).
+"""Fusing GroundingDINO boxes with FiLo anomaly maps (docs/design.md section 6).
 
 Boxes here are x1, y1, x2, y2 in MAP pixel coordinates (the size x size CLIP input). Detector
 boxes come in original-image pixels; map them with :func:`boxes_to_map` (the CLIP input is a
 non-aspect-preserving resize, so x and y scale separately).
+
+Two box geometries (docs/design.md section 6.1):
+
+* default: corners clamped to the map, pixel columns ``floor(x1) .. floor(x2) - 1`` inside;
+* research (``legacy_slices=True``): the detector's normalized boxes scaled straight to the map
+  (:func:`research_box_corners`, not clamped), corners truncated toward zero with ``int()`` and
+  used as Python slice bounds, so a corner at or below -1 is a slice start counted from the far
+  end and usually empties the box; a pixel outside every box whose score is exactly 1.0 is also
+  kept (the research code marked "inside" by writing 1.0 into a copy of the map).
 """
 
 from __future__ import annotations
@@ -80,21 +89,40 @@ def position_from_boxes(boxes_518, scores, matched, positions: Sequence[str],
     return positions[row * 3 + col]
 
 
-def box_mask(boxes, height: int, width: int) -> np.ndarray:
+def research_box_corners(boxes_cxcywh, size: int = DEFAULT_SIZE) -> torch.Tensor:
+    """The research code's box geometry: normalized cx, cy, w, h [N, 4] -> x1, y1, x2, y2 in
+    size x size map pixels, float32, NOT clamped.
+
+    Same float32 operations in the same order: ``b = box * size``, ``x1y1 = b[:2] - b[2:] / 2``,
+    ``x2y2 = b[2:] + x1y1``.
+    """
+    b = torch.as_tensor(boxes_cxcywh, dtype=torch.float32).reshape(-1, 4)
+    b = b * torch.tensor([size] * 4, dtype=torch.float32)
+    x1y1 = b[:, :2] - b[:, 2:] / 2
+    return torch.cat([x1y1, b[:, 2:] + x1y1], dim=1)
+
+
+def box_mask(boxes, height: int, width: int, legacy_slices: bool = False) -> np.ndarray:
     """Boolean [H, W] mask of the union of boxes (x1, y1, x2, y2 map pixels).
 
-    Pixel columns floor(x1) .. floor(x2) - 1 (rows alike) are inside, as the research code's
-    ``map[y1:y2, x1:x2]`` with integer corners; corners are clamped to the map first.
+    Default: corners clamped to the map, then pixel columns floor(x1) .. floor(x2) - 1 (rows
+    alike) are inside. ``legacy_slices``: the research rule, ``int()`` corners as Python slice
+    bounds without clamping (a negative corner counts from the far end; see the module doc).
     """
     inside = np.zeros((height, width), dtype=bool)
-    for rows, cols in _box_slices(boxes, height, width):
+    for rows, cols in _box_slices(boxes, height, width, legacy_slices):
         inside[rows, cols] = True
     return inside
 
 
-def _box_slices(boxes, height: int, width: int) -> list[tuple[slice, slice]]:
+def _box_slices(boxes, height: int, width: int,
+                legacy_slices: bool = False) -> list[tuple[slice, slice]]:
     """(rows, cols) slices of each box, with :func:`box_mask`'s pixel rule."""
     out = []
+    if legacy_slices:
+        for x1, y1, x2, y2 in np.asarray(boxes).reshape(-1, 4).tolist():
+            out.append((slice(int(y1), int(y2)), slice(int(x1), int(x2))))
+        return out
     for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
         c0 = int(np.clip(math.floor(x1), 0, width))
         c1 = int(np.clip(math.floor(x2), 0, width))
@@ -121,12 +149,15 @@ def box_score_map(boxes, scores, height: int, width: int) -> np.ndarray:
     return out
 
 
-def fuse_with_boxes(anomaly_map, boxes, outside_factor: float = 0.7):
+def fuse_with_boxes(anomaly_map, boxes, outside_factor: float = 0.7,
+                    legacy_slices: bool = False):
     """Keep the map inside any counted box, multiply it by ``outside_factor`` elsewhere.
 
     ``anomaly_map``: [H, W] or [B, H, W], torch tensor or numpy array (same type returned).
     ``boxes``: the COUNTED boxes in map pixels, [N, 4] (or, for a batch, a list of B such
     arrays). With no counted box the whole map is scaled. 1.0 disables the step.
+    ``legacy_slices``: the research code's box rule (see the module doc; pass the boxes of
+    :func:`research_box_corners`), including "a score of exactly 1.0 is kept".
     """
     is_torch = isinstance(anomaly_map, torch.Tensor)
     arr = anomaly_map
@@ -138,8 +169,11 @@ def fuse_with_boxes(anomaly_map, boxes, outside_factor: float = 0.7):
     if len(per_image) != maps.shape[0]:
         raise ValueError(f"{maps.shape[0]} maps but {len(per_image)} box lists")
     h, w = int(maps.shape[-2]), int(maps.shape[-1])
-    masks = np.stack([box_mask(b if b is not None else np.zeros((0, 4)), h, w)
+    masks = np.stack([box_mask(b if b is not None else np.zeros((0, 4)), h, w, legacy_slices)
                       for b in per_image])
+    if legacy_slices:  # the research code kept every pixel equal to its "inside" marker 1.0
+        ones = (maps == 1.0).cpu().numpy() if is_torch else (maps == 1.0)
+        masks = masks | ones
     if is_torch:
         keep = torch.from_numpy(masks).to(arr.device)
         out = torch.where(keep, maps, maps * outside_factor)

@@ -1,4 +1,4 @@
-"""Evaluation metrics for anomaly segmentation and detection (reference section 8).
+"""Evaluation metrics for anomaly segmentation and detection (docs/design.md section 8).
 
 Inputs
 ------

@@ -1,7 +1,7 @@
 """FiLo: CLIP with the two-stream backbone, linear + MMCI heads, adapter and learned prompts.
 
 ``FiLo(config)(images, class_names, positions)`` returns, per image, the 7 per-tap 2-channel
-probability maps, the final anomaly map and the image score (FILO_REFERENCE.md section 5).
+probability maps, the final anomaly map and the image score (docs/design.md section 5).
 Each image has its own class and position; ``None`` averages the abnormal prompts over all
 positions.
 
@@ -87,8 +87,11 @@ class FiLoConfig:
     autocast: str = "none"  # 'bf16' / 'fp16': reduced-precision towers in predict (not exact)
 
     @classmethod
-    def vit_l_14_336(cls, image_size: int = 518, **overrides) -> FiLoConfig:
-        return cls(clip=ClipConfig.vit_l_14_336(image_size), taps=TapConfig(), **overrides)
+    def vit_l_14_336(cls, image_size: int = 518, clip_act: str | None = None,
+                     **overrides) -> FiLoConfig:
+        """ViT-L-14-336 FiLo; ``clip_act`` None: the research rule (GELU unless 336 px)."""
+        return cls(clip=ClipConfig.vit_l_14_336(image_size, clip_act), taps=TapConfig(),
+                   **overrides)
 
     @classmethod
     def tiny(cls, **overrides) -> FiLoConfig:
@@ -108,6 +111,7 @@ class FiLoConfig:
             raise FiloError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.autocast not in _AUTOCAST:
             raise FiloError(f"autocast must be one of {', '.join(_AUTOCAST)}, got {self.autocast!r}")
+        self.clip.validate()
         self.taps.validate(self.clip.vision_layers)
 
     def to_dict(self) -> dict:
@@ -119,7 +123,7 @@ class FiLoConfig:
     @classmethod
     def from_dict(cls, d: dict) -> FiLoConfig:
         d = dict(d)
-        clip = ClipConfig(**d.pop("clip"))
+        clip = ClipConfig.from_dict(d.pop("clip"))
         taps = dict(d.pop("taps"))
         taps["mid_tap_blocks"] = tuple(taps["mid_tap_blocks"])
         taps["true_layers"] = tuple(taps["true_layers"])

@@ -27,10 +27,17 @@ if ! python -m filo doctor --job "$job" --ckpt_path "$FILO_CKPT" \
     echo "test_${test_ds}.sh: fix the items above (python -m filo doctor explains each), then run again" >&2
     exit 1
 fi
+# The published tables came from the research code: reproduce them with its rules (README,
+# "Research-code differences"); RULES=fixed uses filo's corrected rules instead.
+case "${RULES:-research}" in
+    research) rules=(--legacy_box_slices --legacy_grid --legacy_text_threshold --legacy_phrase_case --legacy_macaroni) ;;
+    fixed) rules=() ;;
+    *) echo "error: RULES must be 'research' or 'fixed', got '${RULES}'" >&2; exit 2 ;;
+esac
 exec python test.py --dataset "$test_ds" --data_path "$root" \
     --ckpt_path "$FILO_CKPT" --grounded_checkpoint "$GROUNDING_CKPT" \
     --box_threshold "${BOX_THRESHOLD:-0.25}" --text_threshold "${TEXT_THRESHOLD:-0.25}" \
     --area_threshold "${AREA_THRESHOLD:-0.7}" --batch_size "${BATCH_SIZE:-8}" \
     --num_workers "${NUM_WORKERS:-2}" ${DEVICE:+--device "$DEVICE"} \
     --save_path "$RESULTS_DIR/test_${test_ds}_from_${train_ds}" \
-    --viz_dir "$VIZ_DIR/test_${test_ds}_from_${train_ds}" --viz_limit "${VIZ_LIMIT:-20}" "$@"
+    --viz_dir "$VIZ_DIR/test_${test_ds}_from_${train_ds}" --viz_limit "${VIZ_LIMIT:-20}" ${rules[@]+"${rules[@]}"} "$@"

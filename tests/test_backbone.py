@@ -213,3 +213,79 @@ def test_vit_l_14_336_construction():
     assert model.visual.positional_embedding.shape == (577, 1024)
     assert model.visual.transformer.resblocks[0].attn.num_heads == 16
     assert model.transformer.resblocks[0].attn.num_heads == 12
+
+
+# ---- MLP activation: exact GELU (released checkpoints at 518) vs QuickGELU --------------------
+
+
+def test_research_activation_rule():
+    from filo.backbone import research_clip_act
+
+    assert research_clip_act(336) == "quick_gelu"
+    assert research_clip_act(518) == "gelu" and research_clip_act(224) == "gelu"
+    assert ClipConfig.vit_l_14_336(518).act == "gelu"
+    assert ClipConfig.vit_l_14_336(336).act == "quick_gelu"
+    assert ClipConfig.vit_l_14_336(518, act="quick_gelu").act == "quick_gelu"
+    # configs saved before the setting existed still read
+    assert ClipConfig.from_dict({**ClipConfig.tiny().to_dict(), "act": "gelu"}).act == "gelu"
+    old = {k: v for k, v in ClipConfig.tiny().to_dict().items() if k != "act"}
+    assert ClipConfig.from_dict({**old, "quick_gelu": True}).act == "quick_gelu"
+    assert ClipConfig.from_dict({**old, "quick_gelu": False}).act == "gelu"
+    with pytest.raises(FiloError, match="act must be one of"):
+        build_clip(ClipConfig(act="relu"))
+
+
+def _slow_mlp_gelu(x, block):
+    h = x @ block.mlp.c_fc.weight.T + block.mlp.c_fc.bias
+    h = 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))  # exact GELU by its definition
+    return h @ block.mlp.c_proj.weight.T + block.mlp.c_proj.bias
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_both_towers_run_the_configured_activation(act):
+    """Vision taps and text features against slow forwards with the activation written by hand."""
+    from filo.backbone import mlp_act
+    from filo.kernels import linear as onednn_linear
+
+    cfg = ClipConfig.tiny()
+    cfg.act = act
+    torch.manual_seed(11)
+    model = build_clip(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    blocks = [*model.visual.transformer.resblocks, *model.transformer.resblocks]
+    assert {mlp_act(b) for b in blocks} == {act}
+    slow_mlp = _slow_mlp_gelu if act == "gelu" else _slow_mlp
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        for lin in (F.linear, onednn_linear):  # the oneDNN route keeps the activation too
+            feats = encode_image_two_stream(model.visual, images, linear=lin)
+            # slow forward with this activation
+            x = F.conv2d(images, model.visual.conv1.weight, stride=model.visual.conv1.stride)
+            b, c = x.shape[:2]
+            x = x.flatten(2).transpose(1, 2)
+            x = torch.cat([model.visual.class_embedding.expand(b, 1, c), x], 1)
+            ori = _ln(x + model.visual.positional_embedding, model.visual.ln_pre)
+            for block in model.visual.transformer.resblocks:
+                mid = ori + _slow_attention(_ln(ori, block.ln_1), block, "qkv")
+                ori = mid + slow_mlp(_ln(mid, block.ln_2), block)
+            torch.testing.assert_close(feats.linear_taps[-1], ori, atol=1e-5, rtol=1e-5)
+        # text tower: our written-out encoder against open_clip's own forward with its module
+        from filo.text import TextEncoder
+
+        ids = torch.randint(1, 400, (3, 10), generator=torch.Generator().manual_seed(13))
+        ids[:, -1] = 49407
+        emb = model.token_embedding(ids)
+        ours = TextEncoder(model)(emb, ids)
+        torch.testing.assert_close(ours, model.encode_text(
+            torch.nn.functional.pad(ids, (0, 77 - 10))), atol=1e-5, rtol=1e-5)
+    # and the two activations really give different features (the test would be vacuous)
+    other = ClipConfig.tiny()
+    other.act = "gelu" if act == "quick_gelu" else "quick_gelu"
+    twin = build_clip(other).eval()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        a = encode_image_two_stream(model.visual, images).linear_taps[-1]
+        b = encode_image_two_stream(twin.visual, images).linear_taps[-1]
+    assert (a - b).abs().max() > 1e-4

@@ -154,3 +154,49 @@ def test_position_embedding_resized_for_other_input_size(tmp_path, model):
     report = load_filo_checkpoint(path, bigger)
     assert report.clean and report.resized == ["clip_model.visual.positional_embedding"]
     assert bigger.predict(torch.randn(1, 3, 48, 48), ["bottle"]).anomaly_map.shape == (1, 48, 48)
+
+
+def test_research_layout_checkpoint_runs_clip_with_exact_gelu(tmp_path, model):
+    """No recorded config: the research rule (GELU unless 336 px); a recorded one is kept;
+    ``clip_act`` overrides both. Maps follow the activation of the model they are built with."""
+    import dataclasses
+
+    assert model.config.clip.act == "quick_gelu"
+    research = tmp_path / "research.pth"
+    torch.save({"filo": _research_state(model)}, research)
+    built = build_filo_from_checkpoint(research, device="cpu")
+    assert built.config.clip.act == "gelu"
+    assert isinstance(built.clip_model.visual.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
+    assert isinstance(built.clip_model.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
+    # independent expectation: the same weights in a model configured for GELU by hand (one
+    # attention head per 64 channels, as shape inference assumes)
+    cfg = dataclasses.replace(model.config, clip=dataclasses.replace(
+        model.config.clip, act="gelu", vision_heads=1, text_heads=1))
+    by_hand = FiLo(cfg, model.prompts)
+    by_hand.load_state_dict(model.state_dict())
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(21))
+    got = built.predict(images, ["wood", "pcb1"])
+    exp = by_hand.predict(images, ["wood", "pcb1"])
+    torch.testing.assert_close(got.anomaly_map, exp.anomaly_map, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.image_score, exp.image_score, atol=1e-6, rtol=0)
+    cfg_q = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, act="quick_gelu"))
+    quick_model = FiLo(cfg_q, model.prompts)
+    quick_model.load_state_dict(model.state_dict())
+    quick = quick_model.predict(images, ["wood", "pcb1"])
+    assert (quick.anomaly_map - got.anomaly_map).abs().max() > 1e-5  # not a vacuous check
+    # override, and a recorded activation wins over the rule
+    assert build_filo_from_checkpoint(research, device="cpu",
+                                      clip_act="quick_gelu").config.clip.act == "quick_gelu"
+    recorded = save_filo_checkpoint(tmp_path / "recorded.pth", built)
+    assert torch.load(recorded, weights_only=True)["filo_config"]["clip"]["act"] == "gelu"
+    assert build_filo_from_checkpoint(recorded, device="cpu").config.clip.act == "gelu"
+    assert build_filo_from_checkpoint(
+        save_filo_checkpoint(tmp_path / "q.pth", model), device="cpu").config.clip.act == "quick_gelu"
+    with pytest.raises(FiloError, match="clip activation must be one of"):
+        build_filo_from_checkpoint(research, device="cpu", clip_act="relu")
+    # a research-layout file for CLIP's native 336 px keeps QuickGELU
+    state = _research_state(model)
+    pos = state["clip_model.visual.positional_embedding"]
+    state["clip_model.visual.positional_embedding"] = torch.zeros(1 + 42 * 42, pos.shape[1])
+    assert infer_config_from_state_dict(state).clip.act == "quick_gelu"  # 42 * 8 = 336
+    assert infer_config_from_state_dict(_research_state(model)).clip.act == "gelu"

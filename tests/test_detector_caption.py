@@ -142,8 +142,11 @@ def test_postprocess_text_threshold_vs_legacy(tok):
     assert legacy.phrases == ["cracked large", "missing cap"]  # phrase used box_threshold
     assert legacy.matched == [True, True]
     js = legacy.to_json()
-    assert set(js) == {"boxes", "scores", "phrases", "matched", "position"}
+    assert set(js) == {"boxes", "scores", "phrases", "matched", "position", "boxes_cxcywh"}
     assert js["boxes"][1] == [80.0, 40.0, 120.0, 60.0]
+    # the detector's own normalized boxes of the kept queries, exact
+    assert js["boxes_cxcywh"] == [[float(torch.tensor(v)) for v in row]
+                                  for row in ([0.5, 0.5, 0.2, 0.2], [0.25, 0.25, 0.1, 0.1])]
     assert legacy.best_score == pytest.approx(0.6)
 
 

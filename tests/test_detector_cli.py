@@ -37,7 +37,8 @@ def test_detect_cli_writes_boxes_and_metrics(tmp_path, capsys, tiny_grounding_ck
     labels, scores = [], []
     for f in files:
         item = json.loads(f.read_text())
-        assert set(item) == {"img_path", "boxes", "scores", "phrases", "matched", "position"}
+        assert set(item) == {"img_path", "boxes", "scores", "phrases", "matched", "position",
+                             "boxes_cxcywh"}
         assert len(item["boxes"]) >= 1 and item["position"] is not None
         labels.append(0 if "/good/" in item["img_path"] else 1)
         scores.append(max(item["scores"]))

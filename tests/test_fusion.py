@@ -132,3 +132,56 @@ def test_legacy_position_uses_printed_scores_and_last_tie():
     # a really higher printed score still wins, and unmatched boxes never count
     assert position_from_boxes(boxes, [0.47, 0.451], [True, True], POS, legacy_grid=True) == "top left"
     assert position_from_boxes(boxes, [0.456, 0.9], [True, False], POS, legacy_grid=True) == "top left"
+
+
+# ---- research box geometry (--legacy_box_slices) --------------------------------------------
+
+
+def test_research_box_corners_are_scaled_normalized_boxes_without_clamping():
+    from filo.fusion import research_box_corners
+
+    cxcywh = torch.tensor([[0.01, 0.5, 0.1, 0.2], [0.9, 0.95, 0.4, 0.3]])
+    got = research_box_corners(cxcywh, 518)
+    # by hand: x1 = cx*518 - w*518/2, x2 = x1 + w*518 (float32)
+    expected = torch.tensor([[5.18 - 25.9, 259 - 51.8, 5.18 + 25.9, 259 + 51.8],
+                             [466.2 - 103.6, 492.1 - 77.7, 466.2 + 103.6, 492.1 + 77.7]])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert got[0, 0] < 0 and got[1, 2] > 518  # not clamped
+
+
+def test_legacy_box_slices_on_hand_built_boxes():
+    # x1 = -18.4 -> int() -> -18: a Python slice start counted from the end
+    h = w = 518
+    box = [[-18.4, 100.7, 33.2, 150.9]]
+    assert not box_mask(box, h, w, legacy_slices=True).any()  # map[100:150, 500:33] is empty
+    clamped = box_mask(box, h, w)
+    assert clamped[100:150, 0:33].all() and clamped.sum() == 50 * 33
+    # on a narrow map the same start lands inside: columns 40-18=22 .. 32
+    m = box_mask([[-18.4, 1.0, 33.2, 3.0]], 5, 40, legacy_slices=True)
+    expected = np.zeros((5, 40), dtype=bool)
+    expected[1:3, 22:33] = True
+    np.testing.assert_array_equal(m, expected)
+    # int() truncates toward zero: -0.7 -> 0 (like the clamp); 2.9 -> 2
+    np.testing.assert_array_equal(box_mask([[-0.7, -0.2, 2.9, 2.5]], 4, 4, legacy_slices=True),
+                                  box_mask([[0, 0, 2, 2]], 4, 4))
+    # a corner past the far edge just stops at the edge, like a Python slice
+    np.testing.assert_array_equal(box_mask([[2, 1, 600, 3]], 4, 6, legacy_slices=True)[1:3, 2:],
+                                  np.ones((2, 4), dtype=bool))
+
+
+def test_legacy_fusion_scales_an_emptied_box_and_keeps_exact_ones():
+    amap = np.full((518, 518), 0.5, dtype=np.float32)
+    amap[300, 300] = 1.0  # outside every box: the research code keeps a score of exactly 1.0
+    boxes = [[-18.4, 100.7, 33.2, 150.9], [200.0, 200.0, 210.0, 205.0]]
+    out = fuse_with_boxes(amap, boxes, outside_factor=0.7, legacy_slices=True)
+    expected = np.full((518, 518), 0.35, dtype=np.float32)
+    expected[200:205, 200:210] = 0.5
+    expected[300, 300] = 1.0
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-7)
+    fixed = fuse_with_boxes(amap, boxes, outside_factor=0.7)
+    assert fixed[120, 10] == 0.5 and out[120, 10] == np.float32(0.35)
+    assert fixed[300, 300] == np.float32(0.7)
+    # torch input behaves the same
+    torch_out = fuse_with_boxes(torch.from_numpy(amap), boxes, 0.7, legacy_slices=True)
+    np.testing.assert_array_equal(torch_out.numpy(), out)

@@ -58,3 +58,46 @@ def test_user_path_that_does_not_exist_stops_with_the_doctor(tmp_path: Path) -> 
     assert str(missing) in res.stdout
     assert "filo DEMO" not in res.stdout
     assert not (tmp_path / "results" / "demo").exists()
+
+
+@pytest.mark.parametrize("rules,expect", [(None, True), ("research", True), ("fixed", False)])
+def test_reproduction_scripts_pass_the_research_rules(tmp_path, rules, expect):
+    """The scripts reproduce the published tables, so test.py gets every research switch
+    (a stand-in `python` on PATH records the command lines instead of running them)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.txt"
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 0\n')
+    (bin_dir / "python").chmod(0o755)
+    data = tmp_path / "mvtec"
+    data.mkdir()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FILO_ROOT": str(ROOT), "MVTEC_ROOT": str(data),
+           "CKPT_DIR": str(tmp_path / "ckpt"), "RESULTS_DIR": str(tmp_path / "res"),
+           "VIZ_DIR": str(tmp_path / "viz"), **({"RULES": rules} if rules else {})}
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "_run_test.sh"), "mvtec", "visa"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("-m filo doctor --job test-mvtec")
+    test_call = calls[1].split()
+    assert test_call[0] == "test.py"
+    switches = {"--legacy_box_slices", "--legacy_grid", "--legacy_text_threshold",
+                "--legacy_phrase_case", "--legacy_macaroni"}
+    assert (switches <= set(test_call)) is expect
+    assert not (switches & set(test_call)) or expect
+
+
+def test_reproduction_script_rejects_unknown_rules(tmp_path):
+    data = tmp_path / "mvtec"
+    data.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "FILO_ROOT": str(ROOT), "MVTEC_ROOT": str(data),
+           "CKPT_DIR": str(tmp_path), "RESULTS_DIR": str(tmp_path), "VIZ_DIR": str(tmp_path),
+           "RULES": "bogus", "FILO_CKPT": str(tmp_path / "x.pth")}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "python").chmod(0o755)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "_run_test.sh"), "mvtec", "visa"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "RULES must be" in res.stderr

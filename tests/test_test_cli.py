@@ -157,6 +157,59 @@ def test_grounded_run_fuses_boxes_as_specified(tmp_path, tiny_filo_ckpt, synthet
         np.testing.assert_allclose(saved, expected, atol=2e-5)
 
 
+def test_legacy_box_slices_follow_the_research_geometry(tmp_path, tiny_filo_ckpt, synthetic_prompts,
+                                                       tiny_grounding_ckpt, bert_vocab_dir,
+                                                       capsys) -> None:
+    """--legacy_box_slices: boxes straight from the detector's normalized output times the map
+    size (float32, not clamped), int() corners as Python slices; position from that centre.
+    Recomputed here from the saved normalized boxes with plain Python slicing."""
+    ckpt, model = tiny_filo_ckpt
+    data = tmp_path / "data"
+    make_mvtec_like(data, classes=("tex_a",), n_train_good=0, n_test_good=2, n_test_defect=2,
+                    size=(80, 60), seed=2)
+    rc = run_main(["--dataset", "mvtec", "--data_path", str(data), "--ckpt_path", str(ckpt),
+                   "--prompts", str(synthetic_prompts), "--image_size", "32", "--device", "cpu",
+                   "--num_workers", "0", "--grounded_checkpoint", str(tiny_grounding_ckpt),
+                   "--bert_dir", str(bert_vocab_dir), "--legacy_box_slices",
+                   "--save_path", str(tmp_path / "run"), "--save_maps", str(tmp_path / "maps"),
+                   "--save_boxes", str(tmp_path / "boxes")])
+    assert rc == 0, capsys.readouterr().err
+    from filo.data.transforms import clip_tensor, decode_image
+
+    positions = ["top left", "top", "top right", "left", "center", "right", "bottom left",
+                 "bottom", "bottom right"]
+    rels = sorted(str(p.relative_to(data)) for p in (data / "tex_a" / "test").rglob("*.png"))
+    assert len(rels) == 4
+    n_negative = 0
+    for rel in rels:
+        det = json.loads((tmp_path / "boxes" / Path(rel).with_suffix(".json")).read_text())
+        corners = []
+        for cx, cy, w, h in det["boxes_cxcywh"]:
+            b = torch.tensor([cx, cy, w, h], dtype=torch.float32) * 32
+            x1, y1 = b[0] - b[2] / 2, b[1] - b[3] / 2
+            corners.append([x1.item(), y1.item(), (b[2] + x1).item(), (b[3] + y1).item()])
+        counted = [c for c, m in zip(corners, det["matched"], strict=True) if m]
+        n_negative += sum(min(c) <= -1 for c in counted)
+        if counted:
+            best = max((s, -i) for i, (s, m) in enumerate(zip(det["scores"], det["matched"],
+                                                              strict=True)) if m)
+            x1, y1, x2, y2 = corners[-best[1]]
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        else:
+            cx = cy = 16.0
+        col, row = (min(max(int(np.floor(v * 3 / 32)), 0), 2) for v in (cx, cy))
+        assert det["position"] == positions[row * 3 + col]
+        x = clip_tensor(decode_image(data / rel), 32)[None]
+        plain = model.predict(x, ["tex_a"], [det["position"]]).anomaly_map[0].numpy()
+        marker = plain.copy()
+        for x1, y1, x2, y2 in counted:
+            marker[int(y1):int(y2), int(x1):int(x2)] = 1.0
+        expected = np.where(marker == 1.0, plain, plain * 0.7)
+        saved = np.load(tmp_path / "maps" / Path(rel).with_suffix(".npy"))
+        np.testing.assert_allclose(saved, expected, atol=2e-5)
+    assert n_negative > 0  # the tiny detector does place boxes past the top / left border
+
+
 def test_kernels_switch_reaches_both_models_and_keeps_the_maps(
         tmp_path, tiny_filo_ckpt, synthetic_prompts, tiny_grounding_ckpt, bert_vocab_dir,
         capsys) -> None:

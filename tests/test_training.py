@@ -14,6 +14,7 @@ from filo.checkpoint import build_filo_from_checkpoint, load_filo_checkpoint
 from filo.data import EvalDataset, collate, flatten, load_split
 from filo.data.synthetic import make_mvtec_like
 from filo.data.transforms import clip_tensor, decode_image, load_mask, mask_tensor
+from filo.errors import FiloError
 from filo.metrics import pixel_auroc
 from filo.training import (
     TrainDataset,
@@ -322,3 +323,21 @@ def test_cli_errors_are_one_line(capsys, tmp_path, data_root, monkeypatch):
                                    "--model_config", "tiny", "--save_dir", str(tmp_path / "y"),
                                    "--prompts", str(tmp_path / "nope.yaml")])
     assert "nope.yaml" in err
+
+
+def test_clip_activation_follows_the_research_rule_and_is_recorded(data_root, tmp_path):
+    from filo.checkpoint import save_filo_checkpoint
+    from filo.training import build_model_config
+
+    # ViT-L-14-336 from OpenAI weights: exact GELU unless 336 px (as the released checkpoints)
+    assert build_model_config("vit-l-14-336", 518).clip.act == "gelu"
+    assert build_model_config("vit-l-14-336", 336).clip.act == "quick_gelu"
+    assert build_model_config("vit-l-14-336", 518, clip_act="quick_gelu").clip.act == "quick_gelu"
+    assert tiny_settings(data_root, tmp_path).resolved().clip_act == "quick_gelu"
+    settings = tiny_settings(data_root, tmp_path, clip_act="gelu").resolved()
+    model = build_training_model(settings, load_prompts(settings))
+    assert all(isinstance(b.mlp.gelu, torch.nn.GELU) for b in model.clip_model.visual.transformer.resblocks)
+    path = save_filo_checkpoint(tmp_path / "trained.pth", model)
+    assert build_filo_from_checkpoint(path, device="cpu").config.clip.act == "gelu"
+    with pytest.raises(FiloError, match="--clip_act"):
+        tiny_settings(data_root, tmp_path, clip_act="relu").validate()

@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU float32 kernels: 'fast' (default: linear layers via oneDNN, "
                         "deformable attention as one gather) or 'reference' (plain PyTorch ops); "
                         "same maps to ~1e-6, no effect on CUDA")
+    m.add_argument("--clip_act", default=None, choices=["gelu", "quick_gelu"],
+                   help="CLIP MLP activation (default: the checkpoint's recorded one; for a "
+                        "research-layout checkpoint exact GELU unless it is for 336 px, as the "
+                        "research code runs it)")
     m.add_argument("--legacy_macaroni", action="store_true",
                    help="research-code bug: macaroni1 uses macaroni2's prompts")
     g = p.add_argument_group("GroundingDINO")
@@ -65,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="research-code behaviour: phrases use --box_threshold")
     g.add_argument("--legacy_grid", action="store_true",
                    help="research-code position rule: closed cells [0,172],[173,344],[345,517], best box by its printed 2-decimal score, last of ties")
+    g.add_argument("--legacy_box_slices", action="store_true",
+                   help="research-code box rule: boxes not clamped to the image, corners "
+                        "truncated with int() and used as Python slices (a corner <= -1 empties "
+                        "the box), for the position word and the outside-box factor")
     o = p.add_argument_group("outputs")
     o.add_argument("--save_path", type=Path, default=None,
                    help="results folder: table, results.json/.csv, log, prediction cache "
@@ -115,6 +123,7 @@ def settings_from_args(args: argparse.Namespace):
         legacy_macaroni=args.legacy_macaroni,
         legacy_phrase_case=args.legacy_phrase_case,
         legacy_text_threshold=args.legacy_text_threshold, legacy_grid=args.legacy_grid,
+        legacy_box_slices=args.legacy_box_slices, clip_act=args.clip_act,
         bert_dir=args.bert_dir,
     )
 

@@ -1,7 +1,7 @@
 """``python train.py`` / ``python -m filo.cli.train``: train FiLo's heads, prompts and adapter.
 
 Stage 1 trains the linear + MMCI heads and both prompt learners, stage 2 the adapter, on the full
-test split of an auxiliary dataset (FILO_REFERENCE.md section 7). The checkpoint
+test split of an auxiliary dataset (docs/design.md section 7). The checkpoint
 ``{save_dir}/filo_train_on_{dataset}.pth`` is rewritten after every epoch together with the
 resume state ``filo_train_on_{dataset}.state.pt``; ``--resume`` continues an interrupted run.
 """
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"OpenAI CLIP weights (default: $FILO_CLIP_WEIGHTS or $CKPT_DIR/{CLIP_FILE})")
     m.add_argument("--prompts", type=Path, default=None,
                    help="prompt YAML file (default: the bundled table of --dataset)")
+    m.add_argument("--clip_act", default=None, choices=["gelu", "quick_gelu"],
+                   help="CLIP MLP activation (default: the research rule, exact GELU unless "
+                        "--image_size 336, as the released checkpoints; quick_gelu is what "
+                        "OpenAI trained CLIP with); recorded in the checkpoint")
     m.add_argument("--taps", default="reference", choices=["reference", "true"],
                    help="feature taps: reference (as the released checkpoints) or true per-layer")
     o = p.add_argument_group("optimisation")
@@ -107,7 +111,7 @@ def settings_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, lr=args.lr, prompt_lr=args.prompt_lr,
         adapter_lr=args.adapter_lr, image_size=args.image_size, device=args.device,
         seed=args.seed, resume=args.resume, num_workers=args.num_workers, prompts=args.prompts,
-        classes=classes, mosaic_prob=args.mosaic_prob, taps=args.taps, amp=args.amp,
+        classes=classes, mosaic_prob=args.mosaic_prob, taps=args.taps, clip_act=args.clip_act, amp=args.amp,
         progress=not args.no_progress,
     )
 

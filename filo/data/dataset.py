@@ -30,7 +30,7 @@ class EvalDataset(Dataset):
     ``samples[i]`` paths are resolved against ``root`` (absolute paths are used as they are).
     Each item is a dict:
 
-    - ``image``: float Tensor[3, S, S] (CLIP input, reference section 1)
+    - ``image``: float Tensor[3, S, S] (CLIP input, docs/design.md section 1)
     - ``mask``: bool Tensor[S, S] (all False for normal images)
     - ``label``: int (0 normal, 1 anomalous)
     - ``cls_name``: str, ``specie_name``: str, ``img_path``: str (as in the sample, relative)

@@ -1,4 +1,4 @@
-"""Image and mask transforms of reference section 1 (CLIP input, ground-truth mask, detector input).
+"""Image and mask transforms of docs/design.md section 1 (CLIP input, ground-truth mask, detector input).
 
 Decoding: :func:`decode_image` opens any PIL mode and returns an 8-bit ``L`` image for
 single-channel inputs (1, L, LA, I;16*, I, F) and an ``RGB`` image for everything else

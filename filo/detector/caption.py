@@ -1,4 +1,4 @@
-"""Captions, phrases and phrase matching for the GroundingDINO step (reference section 6)."""
+"""Captions, phrases and phrase matching for the GroundingDINO step (docs/design.md section 6)."""
 
 from __future__ import annotations
 

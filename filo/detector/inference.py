@@ -1,4 +1,4 @@
-"""GroundingDINO detection for FiLo (reference section 6), batched over images.
+"""GroundingDINO detection for FiLo (docs/design.md section 6), batched over images.
 
 ``Detector.detect`` takes PIL images (or prepared tensors), one caption per image and the words
 that make a box count, and returns one :class:`Detection` per image with boxes in ORIGINAL image
@@ -55,6 +55,7 @@ class Detection:
     matched: list[bool]  # box counts (a detail phrase / general word is in its phrase)
     image_size: tuple[int, int]  # original (w, h)
     position: str | None = None  # filled by the caller from filo.fusion.position_from_boxes
+    boxes_norm: torch.Tensor | None = None  # [N, 4] the detector's normalized cx, cy, w, h
 
     @property
     def best_score(self) -> float:
@@ -66,8 +67,18 @@ class Detection:
         mask = torch.tensor(self.matched, dtype=torch.bool)
         return self.boxes[mask], self.scores[mask]
 
-    def boxes_in_map(self, size: int = 518) -> torch.Tensor:
-        """Boxes mapped to the size x size CLIP map (a non-aspect-preserving resize)."""
+    def boxes_in_map(self, size: int = 518, research: bool = False) -> torch.Tensor:
+        """Boxes mapped to the size x size CLIP map (a non-aspect-preserving resize).
+
+        ``research``: the research code's geometry instead, normalized boxes times ``size``
+        without clamping to the image (:func:`filo.fusion.research_box_corners`).
+        """
+        if research:
+            from filo.fusion import research_box_corners
+
+            if self.boxes_norm is None:
+                raise ValueError("this Detection carries no normalized boxes (boxes_norm)")
+            return research_box_corners(self.boxes_norm, size)
         w, h = self.image_size
         scale = torch.tensor([size / w, size / h, size / w, size / h], dtype=self.boxes.dtype)
         return self.boxes * scale
@@ -79,6 +90,9 @@ class Detection:
             "phrases": list(self.phrases),
             "matched": [bool(m) for m in self.matched],
             "position": self.position,
+            # the detector's own normalized boxes, exact (float32 values), for the research geometry
+            **({"boxes_cxcywh": [[float(v) for v in box] for box in self.boxes_norm]}
+               if self.boxes_norm is not None else {}),
         }
 
 
@@ -121,7 +135,7 @@ def postprocess(probs: torch.Tensor, boxes: torch.Tensor, input_ids: Sequence[in
     w, h = image_size
     return Detection(boxes=cxcywh_to_xyxy_pixels(boxes[keep], w, h),
                      scores=probs[keep].max(dim=1).values, phrases=phrases, matched=matched,
-                     image_size=(int(w), int(h)))
+                     image_size=(int(w), int(h)), boxes_norm=boxes[keep].clone())
 
 
 class Detector:

@@ -1,6 +1,6 @@
 """One batch in, anomaly maps and image scores out: FiLo maps, with the GroundingDINO box step.
 
-With a grounding checkpoint (reference section 6): the detector runs first on the detector
+With a grounding checkpoint (docs/design.md section 6): the detector runs first on the detector
 input of each image; its highest-scoring counted box picks the position word of the abnormal
 prompts, FiLo computes the map and the image score (before fusion, as in the research code),
 then the map is multiplied by the outside-box factor everywhere outside the counted boxes.
@@ -37,7 +37,8 @@ def build_filo_model(settings: EvalSettings, prompts: PromptTable, device: torch
                                        legacy_macaroni=settings.legacy_macaroni,
                                        score_mode=settings.score_mode,
                                        autocast=settings.autocast,
-                                       onednn_linear=settings.kernels == "fast")
+                                       onednn_linear=settings.kernels == "fast",
+                                       clip_act=settings.clip_act)
     if model.config.image_size != settings.image_size:
         raise FiloError(f"{settings.ckpt_path} is built for {model.config.image_size}x"
                         f"{model.config.image_size} inputs; pass --image_size "
@@ -90,7 +91,8 @@ class FiLoPredictor:
         out = self.model.predict(batch["image"], classes, positions)
         maps = out.anomaly_map.float().cpu()
         if boxes_map is not None:
-            maps = fuse_with_boxes(maps, boxes_map, self.settings.outside_box_factor)
+            maps = fuse_with_boxes(maps, boxes_map, self.settings.outside_box_factor,
+                                   legacy_slices=self.settings.legacy_box_slices)
         return BatchPredictions(maps.numpy().astype(np.float32),
                                 out.image_score.float().cpu().numpy(), extras)
 
@@ -103,7 +105,7 @@ class FiLoPredictor:
         dets = self.detector.detect_tensors(batch["det_image"], batch["orig_size"], captions, match)
         positions, boxes_map = [], []
         for i, det in enumerate(dets):
-            in_map = det.boxes_in_map(size).numpy()
+            in_map = det.boxes_in_map(size, research=self.settings.legacy_box_slices).numpy()
             counted = np.asarray(det.matched, dtype=bool)
             det.position = position_from_boxes(in_map, det.scores.numpy(), counted,
                                                self.prompts.positions, size=size,

@@ -1,4 +1,4 @@
-"""Per-class metrics and the result table (reference section 8).
+"""Per-class metrics and the result table (docs/design.md section 8).
 
 The table keeps the research code's columns and order, x100 with one decimal, classes in
 dataset order and a ``mean`` row. Its ``aupro`` column is the legacy 200-threshold definition the

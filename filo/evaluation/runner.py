@@ -36,6 +36,10 @@ from filo.fileio import atomic_save_npy, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
+# Bumped when the default computation behind unchanged settings changes (2: a research-layout
+# checkpoint runs CLIP with exact GELU), so older cache entries are not reused.
+RULES_VERSION = 2
+
 
 @dataclass
 class EvalSettings:
@@ -72,6 +76,8 @@ class EvalSettings:
     legacy_phrase_case: bool = False
     legacy_text_threshold: bool = False
     legacy_grid: bool = False
+    legacy_box_slices: bool = False
+    clip_act: str | None = None  # None: what the checkpoint records / the research rule
     bert_dir: Path | None = None
 
     @property
@@ -87,6 +93,8 @@ class EvalSettings:
             "score_mode": self.score_mode,
             "autocast": self.autocast,
             "legacy_macaroni": self.legacy_macaroni,
+            "clip_act": self.clip_act or "auto",
+            "rules": RULES_VERSION,
             "grounding": self.grounding,
             "position": None if self.grounding else self.position,
         }
@@ -100,6 +108,7 @@ class EvalSettings:
                 legacy_phrase_case=self.legacy_phrase_case,
                 legacy_text_threshold=self.legacy_text_threshold,
                 legacy_grid=self.legacy_grid,
+                legacy_box_slices=self.legacy_box_slices,
             )
         return out
 

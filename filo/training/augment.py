@@ -5,7 +5,7 @@ made (:func:`epoch_plan`): the order of the samples and, for each entry, whether
 mosaic and which four same-class images fill it. Dataset workers only read files, so a run is
 reproducible for any ``num_workers`` and an epoch can be replayed from ``(seed, epoch)`` alone.
 
-Mosaic (the research code's MVTec augmentation, reference section 7): four images of the class
+Mosaic (the research code's MVTec augmentation, docs/design.md section 7): four images of the class
 of the drawn sample -- each picked by choosing a defect type (``specie_name``, "good" included)
 uniformly, then an image of that type uniformly -- are pasted at their own size into a
 ``2W x 2H`` canvas (row-major: top-left, top-right, bottom-left, bottom-right; ``W x H`` = size

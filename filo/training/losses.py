@@ -1,4 +1,4 @@
-"""Training losses of FiLo (FILO_REFERENCE.md section 7).
+"""Training losses of FiLo (docs/design.md section 7).
 
 - :func:`focal_loss`: focal loss with gamma 2 on already-softmaxed 2-channel maps, with the
   label smoothing of the research code (one-hot clamped to ``[s, 1 - s]``, ``s`` added to

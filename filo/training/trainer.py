@@ -1,4 +1,4 @@
-"""FiLo training (FILO_REFERENCE.md section 7), resumable epoch by epoch.
+"""FiLo training (docs/design.md section 7), resumable epoch by epoch.
 
 Stage 1 (``epochs``): linear heads + MMCI (lr ``lr``) and both prompt learners (lr ``prompt_lr``)
 are trained with :func:`~filo.training.losses.segmentation_loss` on the 7 per-tap maps; CLIP is
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from filo.backbone import TapConfig, encode_image_two_stream
+from filo.backbone import CLIP_ACTS, TapConfig, encode_image_two_stream
 from filo.data.layouts import flatten, load_split
 from filo.data.records import Sample
 from filo.device import resolve_device
@@ -56,8 +56,8 @@ STAGE1_MODULES = ("decoder_linear", "decoder_cov", "normal_prompt_learner", "abn
 STAGE2_MODULES = ("adapter",)
 TRAINED_MODULES = STAGE1_MODULES + STAGE2_MODULES
 # settings that must not change between an interrupted run and its --resume
-RESUME_FIXED = ("dataset", "model_config", "taps", "image_size", "seed", "batch_size",
-                "mosaic_prob", "classes", "data_path", "prompts")
+RESUME_FIXED = ("dataset", "model_config", "taps", "image_size", "clip_act", "seed",
+                "batch_size", "mosaic_prob", "classes", "data_path", "prompts")
 
 
 @dataclass
@@ -84,6 +84,7 @@ class TrainSettings:
     classes: list[str] | None = None
     mosaic_prob: float | None = None  # None: 0.2 for mvtec, else 0
     taps: str = "reference"
+    clip_act: str | None = None  # None: research rule for vit-l-14-336 (GELU unless 336 px)
     amp: bool = False
     progress: bool = True
 
@@ -98,12 +99,17 @@ class TrainSettings:
             s.image_size = 518 if s.model_config == "vit-l-14-336" else 32
         if s.mosaic_prob is None:
             s.mosaic_prob = 0.2 if s.dataset == "mvtec" else 0.0
+        if s.clip_act is None:
+            s.clip_act = build_model_config(s.model_config, s.image_size, s.taps).clip.act
         return s
 
     def validate(self) -> None:
         if self.model_config not in MODEL_CONFIGS:
             raise FiloError(f"--model_config must be one of {', '.join(MODEL_CONFIGS)}, "
                             f"got {self.model_config!r}")
+        if self.clip_act is not None and self.clip_act not in CLIP_ACTS:
+            raise FiloError(f"--clip_act must be one of {', '.join(CLIP_ACTS)}, got "
+                            f"{self.clip_act!r}")
         if self.taps not in TAP_MODES:
             raise FiloError(f"--taps must be one of {', '.join(TAP_MODES)}, got {self.taps!r}")
         if self.epochs < 0 or self.adapter_epochs < 0:
@@ -169,16 +175,22 @@ def output_paths(save_dir: str | os.PathLike, dataset: str) -> tuple[Path, Path,
     return d / f"{stem}.pth", d / f"{stem}.state.pt", d / f"{stem}.train_log.json"
 
 
-def build_model_config(model_config: str, image_size: int, taps: str = "reference"):
-    """FiLoConfig for ``vit-l-14-336`` or ``tiny`` at ``image_size`` with reference/true taps."""
+def build_model_config(model_config: str, image_size: int, taps: str = "reference",
+                       clip_act: str | None = None):
+    """FiLoConfig for ``vit-l-14-336`` or ``tiny`` at ``image_size`` with reference/true taps.
+
+    ``clip_act`` None: ViT-L-14-336 follows the research code's rule for OpenAI weights (exact
+    GELU unless 336 px, so checkpoints trained here behave like the released ones); tiny keeps
+    its QuickGELU default. The activation is recorded in the checkpoint's config.
+    """
     from filo.model import FiLoConfig
 
     if model_config == "vit-l-14-336":
-        cfg = FiLoConfig.vit_l_14_336(image_size)
+        cfg = FiLoConfig.vit_l_14_336(image_size, clip_act=clip_act)
         cfg.taps = TapConfig(mode=taps)
     elif model_config == "tiny":
         cfg = FiLoConfig.tiny()
-        cfg.clip = replace(cfg.clip, image_size=image_size)
+        cfg.clip = replace(cfg.clip, image_size=image_size, act=clip_act or cfg.clip.act)
         cfg.taps = TapConfig.for_depth(cfg.clip.vision_layers, mode=taps)
     else:
         raise FiloError(f"--model_config must be one of {', '.join(MODEL_CONFIGS)}")
@@ -194,7 +206,8 @@ def build_training_model(settings: TrainSettings, prompts=None):
     """Seeded model construction (random heads/prompt contexts; tiny: random CLIP too)."""
     from filo.model import build_filo
 
-    cfg = build_model_config(settings.model_config, settings.image_size, settings.taps)
+    cfg = build_model_config(settings.model_config, settings.image_size, settings.taps,
+                             settings.clip_act)
     torch.manual_seed(settings.seed)
     clip_weights = settings.clip_weights if settings.model_config == "vit-l-14-336" else None
     return build_filo(cfg, prompts=prompts, clip_weights=clip_weights, device="cpu")
