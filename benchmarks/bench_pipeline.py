@@ -20,7 +20,7 @@ Rows:
   code runs.
 * ``detector``: ``Detector.detect_tensors`` (batched in same-size groups); ``detector
   research-like``: batch 1 with transformers' own CPU ops (``DetectionParams(fast_kernels=False)``).
-* ``pipeline``: the test-run predictor (``filo.evaluation.predictor.FiLoPredictor``: detector,
+* ``pipeline``: the test-run pipeline (``filo.pipeline.Pipeline``: detector,
   position from the boxes, FiLo, box fusion); ``pipeline research-like``: the same steps image
   by image with the research-like FiLo and the detector with transformers' own CPU ops
   (``DetectionParams(fast_kernels=False)``) under ``torch.no_grad``.
@@ -67,14 +67,14 @@ def _bert_dir(explicit: str | None) -> str:
 def _filo_model(spec: dict, research: bool):
     import torch
 
-    from filo.model import RESEARCH_LIKE_SWITCHES, FiLo, FiLoConfig
+    from filo.model import RESEARCH_LIKE_SWITCHES, FiLo, FiLoConfig, InferenceOptions
 
     switches = dict(RESEARCH_LIKE_SWITCHES) if research else {}
     if spec.get("autocast"):
         switches["autocast"] = spec["autocast"]
-    config = FiLoConfig.tiny(**switches) if spec["quick"] else FiLoConfig.vit_l_14_336(**switches)
+    config = FiLoConfig.tiny() if spec["quick"] else FiLoConfig.vit_l_14_336()
     torch.manual_seed(0)
-    model = FiLo(config).eval()
+    model = FiLo(config, options=InferenceOptions(**switches)).eval()
     if spec["quick"]:  # the tiny model's default init gives near-constant maps: spread them
         with torch.no_grad():
             for p in model.parameters():
@@ -105,6 +105,8 @@ def _inputs(spec: dict, n: int, det: bool):
     def rand(seed: int, *shape: int) -> torch.Tensor:  # image i is the same in every row
         return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
+    from filo.data.dataset import ImageBatch
+
     images = torch.stack([rand(1000 + i, 3, size, size) for i in range(n)])
     det_images = [rand(5000 + i, 3, det_side, det_side) for i in range(n)] if det else []
     orig = (1024, 1024)
@@ -112,13 +114,12 @@ def _inputs(spec: dict, n: int, det: bool):
     for start in range(0, n, spec["batch"]):
         sl = slice(start, start + spec["batch"])
         k = images[sl].shape[0]
-        batches.append({
-            "image": images[sl],
-            "det_image": det_images[sl],
-            "orig_size": [orig] * k,
-            "cls_name": [CLASS] * k,
-            "positions": [POSITIONS[(start + j) % len(POSITIONS)] for j in range(k)],
-        })
+        batch = ImageBatch(images=images[sl], masks=torch.zeros(k, size, size, dtype=torch.bool),
+                           labels=torch.zeros(k, dtype=torch.long), cls_names=[CLASS] * k,
+                           specie_names=[""] * k, img_paths=[f"{start + j}" for j in range(k)],
+                           orig_sizes=[orig] * k, det_images=det_images[sl] if det else None)
+        batches.append({"batch": batch,
+                        "positions": [POSITIONS[(start + j) % len(POSITIONS)] for j in range(k)]})
     return batches
 
 
@@ -158,7 +159,7 @@ def _run_model(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    from filo.fusion import fuse_with_boxes, position_from_boxes
+    from filo.fusion import fuse_with_boxes
 
     part, research = spec["part"], spec["variant"] == "research-like"
     device = torch.device(spec["device"])
@@ -171,46 +172,35 @@ def _run_model(spec: dict) -> dict:
         from filo.prompts import load_prompt_table
 
         prompts = load_prompt_table()
-    predictor = None
-    if part == "pipeline" and not research:
-        from filo.evaluation.predictor import FiLoPredictor
-        from filo.evaluation.runner import EvalSettings
+    from filo.pipeline import Pipeline, PipelineConfig, box_step
 
-        settings = EvalSettings(image_size=batches[0]["image"].shape[-1], batch_size=spec["batch"])
-        predictor = FiLoPredictor(settings, model, prompts, detector)
+    size = batches[0]["batch"].images.shape[-1]
+    pipeline = None
+    if part == "pipeline":
+        pipeline = Pipeline(PipelineConfig(image_size=size, kernels="reference" if research
+                                           else "fast"), prompts, model, detector)
 
-    from filo.detector.caption import build_caption
-
-    def captions(classes):
-        caps = [build_caption(prompts.grounding_words, prompts.detail_phrases(c)) for c in classes]
-        match = [[*prompts.detail_phrases(c), *prompts.grounding_words] for c in classes]
-        return caps, match
-
-    def run(batch) -> np.ndarray | None:
+    def run(item) -> np.ndarray | None:
+        batch = item["batch"]
         if part == "filo":
             if research:
                 with torch.no_grad():
-                    out = model(batch["image"].to(device), batch["cls_name"], batch["positions"])
+                    out = model(batch.images.to(device), batch.cls_names, item["positions"])
             else:
-                out = model.predict(batch["image"], batch["cls_name"], batch["positions"])
+                out = model.predict(batch.images, batch.cls_names, item["positions"])
             return out.anomaly_map.float().cpu().numpy()
         if part == "detector":
-            caps, match = captions(batch["cls_name"])
-            detector.detect_tensors(batch["det_image"], batch["orig_size"], caps, match)
+            box_step(detector, prompts, batch.det_images, batch.orig_sizes, batch.cls_names, size)
             return None
-        if predictor is not None:
-            return predictor(batch).anomaly_maps
-        # research-like pipeline: image by image, torch.no_grad, as the research test.py loop
-        size = batch["image"].shape[-1]
-        caps, match = captions(batch["cls_name"])
+        if not research:
+            return np.stack([p.anomaly_map for p in pipeline.predict(batch)])
+        # research-like pipeline: image by image, torch.no_grad instead of inference mode, as the
+        # research test.py loop; the same box step and fusion as the pipeline
         with torch.no_grad():
-            det = detector.detect_tensors(batch["det_image"], batch["orig_size"], caps, match)[0]
-            in_map = det.boxes_in_map(size).numpy()
-            counted = np.asarray(det.matched, dtype=bool)
-            position = position_from_boxes(in_map, det.scores.numpy(), counted, prompts.positions,
-                                           size=size)
-            out = model(batch["image"].to(device), batch["cls_name"], [position])
-            maps = fuse_with_boxes(out.anomaly_map.float().cpu(), [in_map[counted]], 0.7)
+            (boxes,) = box_step(detector, prompts, batch.det_images, batch.orig_sizes,
+                                batch.cls_names, size)
+            out = model(batch.images.to(device), batch.cls_names, [boxes.detection.position])
+            maps = fuse_with_boxes(out.anomaly_map.float().cpu(), [boxes.counted_in_map], 0.7)
         return maps.numpy()
 
     if device.type == "cuda":

@@ -20,8 +20,6 @@ linear heads ``[V, M_a, M_b, O_L]``, MMCI heads ``[V, V, V]``, with ``V`` the fi
 from __future__ import annotations
 
 import logging
-import math
-import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,12 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from filo.errors import FiloError
+from filo.weights import clean_state_dict, fit_pos_embed, read_weights, unwrap
 
 logger = logging.getLogger(__name__)
 
 LinearFn = Callable[..., torch.Tensor]  # (x, weight, bias) -> x @ weight.T + bias
 
-DEFAULT_CLIP_WEIGHTS = Path("ckpt/ViT-L-14-336px.pt")
 CLIP_WEIGHTS_HINT = (
     "download OpenAI's ViT-L-14-336px.pt (the file open_clip/OpenAI CLIP fetch for "
     "'ViT-L/14@336px') and put it at ckpt/ViT-L-14-336px.pt, or pass its path"
@@ -397,25 +395,6 @@ def encode_image_two_stream(
 # weights
 
 
-def resize_pos_embed(pos: torch.Tensor, grid: int | tuple[int, int]) -> torch.Tensor:
-    """Resize a ``[1 + g*g, W]`` position embedding to ``grid`` (bicubic, align_corners=False).
-
-    The class-token row is kept unchanged. Same size -> returned unchanged.
-    """
-    gh, gw = (grid, grid) if isinstance(grid, int) else grid
-    if pos.shape[0] == gh * gw + 1:
-        return pos
-    cls_pos, patch_pos = pos[:1], pos[1:]
-    old = math.isqrt(patch_pos.shape[0])
-    if old * old != patch_pos.shape[0]:
-        raise FiloError(f"position embedding with {patch_pos.shape[0]} patches is not a square grid")
-    dtype = pos.dtype
-    img = patch_pos.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    img = F.interpolate(img, size=(gh, gw), mode="bicubic", align_corners=False)
-    patch_pos = img.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(dtype)
-    return torch.cat([cls_pos, patch_pos], dim=0)
-
-
 def normalize_clip_state_dict(state: dict) -> dict:
     """Bring a CLIP state dict to open_clip names.
 
@@ -423,12 +402,11 @@ def normalize_clip_state_dict(state: dict) -> dict:
     research code's surgery attention names (``attn.qkv.*``, ``attn.proj.*``).
     """
     out = {}
-    for key, value in state.items():
+    for key, value in clean_state_dict(state).items():
         if key in _OPENAI_EXTRA_KEYS or not isinstance(value, torch.Tensor):
             continue
-        for prefix in ("module.", "clip_model."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
+        if key.startswith("clip_model."):
+            key = key[len("clip_model."):]
         for old, new in _SURGERY_KEY_MAP.items():
             if key.endswith("." + old):
                 key = key[: -len(old)] + new
@@ -437,36 +415,18 @@ def normalize_clip_state_dict(state: dict) -> dict:
 
 
 def read_clip_state_dict(path: str | Path) -> dict:
-    """Read CLIP weights from a local file: OpenAI TorchScript ``.pt`` or a (open_clip) state dict."""
-    p = Path(path)
-    if not p.is_file():
-        raise FiloError(f"CLIP weights not found at {p}: {CLIP_WEIGHTS_HINT}")
-    is_torchscript = False
-    try:
-        if zipfile.is_zipfile(p):
-            with zipfile.ZipFile(p) as zf:
-                is_torchscript = any(n.endswith("constants.pkl") for n in zf.namelist())
-    except (OSError, zipfile.BadZipFile):
-        is_torchscript = False
-    try:
-        if is_torchscript:
-            state = torch.jit.load(str(p), map_location="cpu").state_dict()
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any decode failure is a bad file for the user
-        raise FiloError(
-            f"cannot read CLIP weights {p} ({type(err).__name__}): the file is corrupt or not a "
-            f"CLIP checkpoint; {CLIP_WEIGHTS_HINT}"
-        ) from err
-    if isinstance(state, dict):
-        for wrapper in ("state_dict", "model"):
-            if wrapper in state and isinstance(state[wrapper], dict):
-                state = state[wrapper]
-    if not isinstance(state, dict) or not any(
-        str(k).split(".", 2)[0] in ("visual", "clip_model", "module") for k in state
-    ):
-        raise FiloError(f"{p} holds no CLIP vision weights (no 'visual.*' keys); {CLIP_WEIGHTS_HINT}")
-    return dict(state)
+    """Read CLIP weights from a local file: OpenAI TorchScript ``.pt`` or a (open_clip) state dict.
+
+    Returns the raw state dict (``module.`` prefixes stripped); :func:`normalize_clip_state_dict`
+    brings it to open_clip names.
+    """
+    obj = read_weights(path, what="CLIP weights", hint=CLIP_WEIGHTS_HINT, torchscript=True)
+    state, _ = unwrap(obj, ("state_dict", "model"))
+    state = clean_state_dict(state) if isinstance(state, dict) else None
+    if state is None or not any(str(k).split(".", 1)[0] in ("visual", "clip_model") for k in state):
+        raise FiloError(f"{path} holds no CLIP vision weights (no 'visual.*' keys); "
+                        f"{CLIP_WEIGHTS_HINT}")
+    return state
 
 
 def load_clip_weights(clip: nn.Module, path: str | Path, *, strict: bool = True) -> None:
@@ -480,13 +440,8 @@ def load_clip_state_dict(
 ) -> None:
     """Load an open_clip-named state dict; resizes ``visual.positional_embedding`` if needed."""
     state = dict(state)
-    key = "visual.positional_embedding"
-    if key in state:
-        target = clip.visual.positional_embedding
-        if state[key].shape != target.shape:
-            gh, gw = clip.visual.grid_size
-            logger.info("resizing %s from %s to %s", key, tuple(state[key].shape), tuple(target.shape))
-            state[key] = resize_pos_embed(state[key], (gh, gw))
+    fit_pos_embed(state, "visual.positional_embedding", clip.visual.positional_embedding,
+                  tuple(clip.visual.grid_size))
     own = clip.state_dict()
     bad = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
@@ -506,6 +461,3 @@ def load_clip_state_dict(
             f"{CLIP_WEIGHTS_HINT}"
         )
 
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

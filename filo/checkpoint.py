@@ -9,10 +9,11 @@ learners. Files we write are interchangeable with the released ones; we add a
 from __future__ import annotations
 
 import logging
-import pickle
-import zipfile
-from dataclasses import dataclass, field
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,10 +23,14 @@ from filo.backbone import (
     TapConfig,
     normalize_clip_state_dict,
     research_clip_act,
-    resize_pos_embed,
 )
+from filo.device import resolve_device
 from filo.errors import FiloError
 from filo.fileio import atomic_torch_save
+from filo.weights import clean_state_dict, fit_pos_embed, read_weights, unwrap
+
+if TYPE_CHECKING:  # filo.model is imported where used: reading a checkpoint needs no model
+    from filo.model import FiLo, InferenceOptions
 
 logger = logging.getLogger(__name__)
 
@@ -81,54 +86,54 @@ def _grouped(keys) -> dict[str, list[str]]:
 
 
 def read_filo_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Read and sanity-check a FiLo checkpoint; returns (state_dict, saved config or None)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FiloError(f"FiLo checkpoint {p} does not exist; {FILO_CHECKPOINT_HINT}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            pickle.UnpicklingError) as err:
-        raise FiloError(
-            f"cannot read FiLo checkpoint {p} ({type(err).__name__}): the file is corrupt, "
-            f"truncated or not a PyTorch checkpoint; {FILO_CHECKPOINT_HINT}"
-        ) from err
+    """Read and sanity-check a FiLo checkpoint; returns (state_dict, saved config or None).
+
+    The state dict is as stored, ``module.`` prefixes stripped (:mod:`filo.weights`).
+    """
+    obj = read_weights(path, what="FiLo checkpoint", hint=FILO_CHECKPOINT_HINT)
     if not isinstance(obj, dict):
-        raise FiloError(f"{p} is not a FiLo checkpoint (expected a dict with a 'filo' entry)")
-    if "filo" in obj and isinstance(obj["filo"], dict):
-        state, config = obj["filo"], obj.get("filo_config")
-    elif "model" in obj and isinstance(obj["model"], dict):
+        raise FiloError(f"{path} is not a FiLo checkpoint (expected a dict with a 'filo' entry)")
+    state, container = unwrap(obj, ("filo", "model"))
+    if container == "model":
         raise FiloError(
-            f"{p} looks like a GroundingDINO checkpoint (weights under 'model'), not a FiLo one; "
-            "pass it as the grounding checkpoint and give the FiLo file (filo_train_on_*.pth) here"
+            f"{path} looks like a GroundingDINO checkpoint (weights under 'model'), not a FiLo "
+            "one; pass it as the grounding checkpoint and give the FiLo file (filo_train_on_*.pth) "
+            "here"
         )
-    else:
-        state, config = obj, None
+    config = obj.get("filo_config") if container == "filo" else None
+    state = clean_state_dict(state)
+    _check_filo_keys(state, path)
+    return state, config
+
+
+def _check_filo_keys(state: dict, path: str | Path) -> None:
+    """FiloError unless ``state`` holds FiLo tensors (names the file it looks like instead)."""
     keys = [k for k in state if isinstance(k, str)]
     if not any(key_group(k) in _GROUPS for k in keys):
         if any(k.startswith(_GROUNDING_PREFIXES) for k in keys):
             raise FiloError(
-                f"{p} looks like a GroundingDINO checkpoint (keys such as "
+                f"{path} looks like a GroundingDINO checkpoint (keys such as "
                 f"{next(k for k in keys if k.startswith(_GROUNDING_PREFIXES))}), not a FiLo one; "
                 "pass it as the grounding checkpoint and give filo_train_on_*.pth here"
             )
         if any(k.startswith("visual.") for k in keys):
-            raise FiloError(f"{p} is a plain CLIP weight file, not a FiLo checkpoint; pass it as "
-                            "the CLIP weights and give filo_train_on_*.pth here")
-        raise FiloError(f"{p} holds no FiLo weights (no decoder_linear/clip_model/... keys); "
+            raise FiloError(f"{path} is a plain CLIP weight file, not a FiLo checkpoint; pass it "
+                            "as the CLIP weights and give filo_train_on_*.pth here")
+        raise FiloError(f"{path} holds no FiLo weights (no decoder_linear/clip_model/... keys); "
                         f"{FILO_CHECKPOINT_HINT}")
     bad = [k for k in keys if not isinstance(state[k], torch.Tensor)]
     if bad:
-        raise FiloError(f"{p}: entry {bad[0]} is not a tensor; the file is not a FiLo checkpoint")
-    return dict(state), config
+        raise FiloError(f"{path}: entry {bad[0]} is not a tensor; the file is not a FiLo "
+                        "checkpoint")
 
 
 def normalize_filo_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``module.`` prefixes off, surgery attention names -> open_clip names, duplicates filled."""
+    """``module.`` prefixes off, surgery attention names -> open_clip names, duplicates filled.
+
+    Idempotent; the text-tower twins end up as the same tensors, so a second pass is cheap.
+    """
     out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
+    for key, value in clean_state_dict(state).items():
         if key.startswith(("clip_model.", "text_encoder.")):
             head, rest = key.split(".", 1)
             rest = next(iter(normalize_clip_state_dict({rest: value})), rest)
@@ -138,11 +143,12 @@ def normalize_filo_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
     for key in list(out):
         if key.startswith("text_encoder."):
             twin = "clip_model." + key[len("text_encoder."):]
-            if twin in out and not torch.equal(out[twin], out[key]):
-                logger.warning("%s differs from %s; using the clip_model copy", key, twin)
-                out[key] = out[twin]
-            elif twin not in out:
+            if twin not in out:
                 out[twin] = out[key]
+                continue
+            if out[twin] is not out[key] and not torch.equal(out[twin], out[key]):
+                logger.warning("%s differs from %s; using the clip_model copy", key, twin)
+            out[key] = out[twin]
     return out
 
 
@@ -153,14 +159,22 @@ def _is_text_encoder_key(rest: str) -> bool:
     return rest.startswith(("transformer.", "ln_final.")) or rest in _TEXT_ENCODER_NAMES
 
 
-def load_filo_checkpoint(path: str | Path, model, *, strict: bool = False) -> LoadReport:
+def load_filo_checkpoint(checkpoint: str | Path | Mapping[str, torch.Tensor], model, *,
+                         strict: bool = False, source: str | None = None) -> LoadReport:
     """Load a FiLo checkpoint into ``model``; return (and log) the missing/unexpected keys by group.
 
-    CLIP weights come from the checkpoint when it holds ``clip_model.*``; a heads-only file leaves
-    the model's CLIP as it is (load OpenAI weights first). Shape mismatches are errors, except the
-    vision position embedding, which is resized to the model's input size.
+    ``checkpoint`` is a file path, or a state dict already read from one with
+    :func:`read_filo_state_dict` (so that the file is read once; ``source`` names it in
+    messages). CLIP weights come from the checkpoint when it holds ``clip_model.*``; a
+    heads-only file leaves the model's CLIP as it is (load OpenAI weights first). Shape
+    mismatches are errors, except the vision position embedding, which is resized to the
+    model's input size.
     """
-    state, _ = read_filo_state_dict(path)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        state, _ = read_filo_state_dict(checkpoint)
+        source = source or str(checkpoint)
+    else:
+        state, source = dict(checkpoint), source or "<state dict>"
     state = normalize_filo_state_dict(state)
     # fill text_encoder.* from clip_model.* for files that only store one copy
     for key in list(state):
@@ -168,12 +182,11 @@ def load_filo_checkpoint(path: str | Path, model, *, strict: bool = False) -> Lo
             rest = key[len("clip_model."):]
             if _is_text_encoder_key(rest):
                 state.setdefault("text_encoder." + rest, state[key])
-    report = LoadReport(path=str(path))
+    report = LoadReport(path=source)
     own = model.state_dict()
     pos_key = "clip_model.visual.positional_embedding"
-    if pos_key in state and pos_key in own and state[pos_key].shape != own[pos_key].shape:
-        grid = model.clip_model.visual.grid_size
-        state[pos_key] = resize_pos_embed(state[pos_key], tuple(grid))
+    if pos_key in own and fit_pos_embed(state, pos_key, own[pos_key],
+                                        tuple(model.clip_model.visual.grid_size)):
         report.resized.append(pos_key)
     mismatched = [
         f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -182,7 +195,7 @@ def load_filo_checkpoint(path: str | Path, model, *, strict: bool = False) -> Lo
     ]
     if mismatched:
         raise FiloError(
-            f"{path}: checkpoint does not fit this model ({'; '.join(mismatched[:2])}); it was "
+            f"{source}: checkpoint does not fit this model ({'; '.join(mismatched[:2])}); it was "
             "trained for another model size; build the model with "
             "filo.checkpoint.build_filo_from_checkpoint"
         )
@@ -190,11 +203,11 @@ def load_filo_checkpoint(path: str | Path, model, *, strict: bool = False) -> Lo
     report.missing = _grouped(result.missing_keys)
     report.unexpected = _grouped(result.unexpected_keys)
     if strict and not report.clean:
-        raise FiloError(f"{path}: checkpoint keys do not match the model: {report.summary()}")
+        raise FiloError(f"{source}: checkpoint keys do not match the model: {report.summary()}")
     if report.clean:
-        logger.info("loaded %s: all keys matched", path)
+        logger.info("loaded %s: all keys matched", source)
     else:
-        logger.warning("loaded %s: %s", path, report.summary())
+        logger.warning("loaded %s: %s", source, report.summary())
     return report
 
 
@@ -214,7 +227,8 @@ def save_filo_checkpoint(path: str | Path, model, *, include_config: bool = True
 
 def infer_config_from_state_dict(state: dict[str, torch.Tensor], *, clip_act: str | None = None,
                                  **overrides):
-    """FiLoConfig from tensor shapes (ViT-L-14-336 or any open_clip-style ViT).
+    """FiLoConfig from tensor shapes (ViT-L-14-336 or any open_clip-style ViT); ``overrides``
+    are FiLoConfig fields.
 
     Attention heads are not visible in shapes: OpenAI's 64-wide heads are assumed. Nor is the
     MLP activation: ``clip_act`` None applies the research rule for the stored image size
@@ -266,39 +280,52 @@ def build_filo_from_checkpoint(
     clip_weights: str | Path | None = None,
     strict: bool = False,
     clip_act: str | None = None,
-    **config_overrides,
-):
+    options: InferenceOptions | None = None,
+    **overrides,
+) -> FiLo:
     """Build a FiLo model whose config comes from the checkpoint (saved config, else shapes).
 
+    The file is read once. ``options`` (:class:`filo.model.InferenceOptions`) says how the model
+    runs; ``overrides`` are keyword overrides by field name, of :class:`filo.model.FiLoConfig`
+    (applied to the checkpoint's config) or of ``InferenceOptions`` (applied on top of
+    ``options``, e.g. ``score_mode="softmax"``); any other name is a ``TypeError``.
     ``clip_act`` ('gelu' / 'quick_gelu') overrides the CLIP MLP activation; None keeps the one
     the checkpoint records, or, for a research-layout file (no saved config), applies the
     research rule: GELU unless the stored image size is 336 (docs/design.md section 1.1).
+    ``device`` None: CUDA if available, else CPU.
     """
-    import dataclasses
+    from filo.model import InferenceOptions, build_filo, split_overrides
 
-    from filo.model import FiLoConfig, build_filo
-
-    unknown = set(config_overrides) - {f.name for f in dataclasses.fields(FiLoConfig)}
-    if unknown:
-        raise TypeError(f"unknown FiLoConfig field(s): {', '.join(sorted(unknown))}")
+    config_overrides, option_overrides = split_overrides(overrides)
+    options = replace(options or InferenceOptions(), **option_overrides)
     if clip_act is not None and clip_act not in CLIP_ACTS:
         raise FiloError(f"clip activation must be one of {', '.join(CLIP_ACTS)}, got {clip_act!r}")
-    state, saved = read_filo_state_dict(path)
+    raw, saved = read_filo_state_dict(path)
+    state = normalize_filo_state_dict(raw)
+    config = _checkpoint_config(path, state, saved, clip_act=clip_act,
+                                has_clip_weights=clip_weights is not None, **config_overrides)
+    model = build_filo(config, prompts=prompts, clip_weights=clip_weights, device="cpu",
+                       options=options)
+    load_filo_checkpoint(state, model, strict=strict, source=str(path))
+    return model.to(resolve_device(device))
+
+
+def _checkpoint_config(path: str | Path, state: dict[str, torch.Tensor], saved: dict | None, *,
+                       clip_act: str | None, has_clip_weights: bool, **overrides):
+    """FiLoConfig of a checkpoint: its saved config, else inferred from the (normalized) state's
+    shapes, else (heads-only file) ViT-L-14-336, which needs separate CLIP weights."""
+    from filo.model import FiLoConfig
+
     if saved is not None:
         config = FiLoConfig.from_dict(saved)
-        for k, v in config_overrides.items():
+        for k, v in overrides.items():
             setattr(config, k, v)
         if clip_act is not None:
             config.clip.act = clip_act
-    elif "clip_model.visual.conv1.weight" in normalize_filo_state_dict(state):
-        config = infer_config_from_state_dict(state, clip_act=clip_act, **config_overrides)
-    else:
-        config = FiLoConfig.vit_l_14_336(clip_act=clip_act, **config_overrides)
-        if clip_weights is None:
-            raise FiloError(f"{path} holds no CLIP weights (no clip_model.*); pass the OpenAI "
-                            "CLIP weights (ckpt/ViT-L-14-336px.pt) as well")
-    model = build_filo(config, prompts=prompts, clip_weights=clip_weights, device="cpu")
-    load_filo_checkpoint(path, model, strict=strict)
-    from filo.device import resolve_device
-
-    return model.to(resolve_device(device if device is not None else config.device))
+        return config
+    if "clip_model.visual.conv1.weight" in state:
+        return infer_config_from_state_dict(state, clip_act=clip_act, **overrides)
+    if not has_clip_weights:
+        raise FiloError(f"{path} holds no CLIP weights (no clip_model.*); pass the OpenAI "
+                        "CLIP weights (ckpt/ViT-L-14-336px.pt) as well")
+    return FiLoConfig.vit_l_14_336(clip_act=clip_act, **overrides)

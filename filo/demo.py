@@ -18,7 +18,6 @@ the real thing.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from filo.errors import FiloError, cli_entry
+from filo.errors import FiloError
 from filo.fileio import atomic_torch_save
 
 DEMO_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "demo_synthetic.yaml"
@@ -131,7 +130,8 @@ def train_heads(cfg: DemoConfig, source: Path) -> Path:
 
 
 def run_demo(cfg: DemoConfig, log=print):
-    from filo.evaluation.runner import EvalSettings, run_test
+    from filo.evaluation.runner import RunConfig, run_evaluation
+    from filo.pipeline import PipelineConfig
 
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -141,38 +141,20 @@ def run_demo(cfg: DemoConfig, log=print):
     ckpt = train_heads(cfg, source)
     detector = make_tiny_detector_checkpoint(cfg.out / "ckpt" / "grounding_demo_tiny.pth", cfg.seed)
     log(f"[demo] 3/3 testing FiLo + GroundingDINO on {target.name} ({', '.join(TARGET_CLASSES)})")
-    settings = EvalSettings(
-        dataset="visa", data_path=target, ckpt_path=ckpt, grounded_checkpoint=detector,
+    run = RunConfig(dataset="visa", data_path=target, batch_size=8, num_workers=cfg.num_workers,
+                    save_path=cfg.out / "results", viz_dir=cfg.viz_dir)
+    pipeline = PipelineConfig(
+        ckpt_path=ckpt, grounded_checkpoint=detector,
         box_threshold=0.8, text_threshold=0.6,  # random weights: keep only the most confident
-        image_size=cfg.image_size, device=cfg.device, batch_size=8, num_workers=cfg.num_workers,
-        prompts=DEMO_PROMPTS, save_path=cfg.out / "results", viz_dir=cfg.viz_dir,
+        image_size=cfg.image_size, device=cfg.device, prompts=DEMO_PROMPTS,
         bert_dir=demo_bert_dir())
-    results = run_test(settings, log=log)
+    results = run_evaluation(run, pipeline, log=log)
     log(f"[demo] done in {time.perf_counter() - t0:.0f} s. Results: {cfg.out / 'results'}"
         + (f"; visualisations: {cfg.viz_dir / 'index.html'}" if cfg.viz_dir else ""))
     return results
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m filo.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("RESULTS_DIR", "outputs/results")) / "demo")
-    p.add_argument("--viz_dir", type=Path, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=DemoConfig.epochs)
-    p.add_argument("--no_banner", action="store_true")
-    args = p.parse_args(argv)
-    if not args.no_banner:
-        root = Path(os.environ.get("FILO_ROOT", "."))
-        print(BANNER.format(data=os.environ.get("MVTEC_ROOT", root / "data/mvtec_anomaly_detection"),
-                            ckpt=Path(os.environ.get("CKPT_DIR", root / "ckpt")) / "filo_train_on_visa.pth"))
-    run_demo(DemoConfig(out=args.out, viz_dir=args.viz_dir, seed=args.seed, epochs=args.epochs))
-    if not args.no_banner:
-        print("[demo] this was the demo. Real run: place the assets (python -m filo doctor "
-              "--job test-mvtec), then: source env.sh && bash scripts/test_mvtec.sh")
-    return 0
+if __name__ == "__main__":  # python -m filo.demo (the CLI lives in filo.cli.demo)
+    from filo.cli.demo import main
 
-
-if __name__ == "__main__":
     raise SystemExit(main())

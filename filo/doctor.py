@@ -29,6 +29,7 @@ OPTIONAL_MISSING = "missing (optional)"
 WRONG_SIZE = "wrong size"
 WRONG_SHA = "wrong checksum"
 NOT_TORCH = "not a torch file"
+WRONG_CONTENT = "wrong content"
 SKIPPED = "not needed"
 
 
@@ -123,6 +124,17 @@ class Report:
         return "\n".join(lines)
 
 
+def checkpoint_role(asset_name: str) -> str | None:
+    """Which kind of checkpoint an asset is ('filo', 'grounding', 'clip'), for content checks."""
+    if asset_name.startswith("filo-"):
+        return "filo"
+    if asset_name.startswith("grounding"):
+        return "grounding"
+    if asset_name.startswith("clip-"):
+        return "clip"
+    return None
+
+
 def check_asset(asset: Asset, cache: ChecksumCache, *, needed: bool = True,
                 optional: bool = False, path: Path | None = None) -> Row:
     """Check one asset; ``path`` replaces its location (a user-given checkpoint path)."""
@@ -147,6 +159,14 @@ def check_asset(asset: Asset, cache: ChecksumCache, *, needed: bool = True,
         return Row(asset.name, NOT_TORCH, location,
                    f"{location} is not a PyTorch checkpoint (truncated or wrong file): download "
                    f"it again from {spec.url}", needed)
+    role = checkpoint_role(asset.name)
+    if role is not None:
+        from filo.ckpt_check import checkpoint_problem
+
+        problem = checkpoint_problem(location, role)
+        if problem:
+            return Row(asset.name, WRONG_CONTENT, location,
+                       f"{location} {problem}; download it again from {spec.url}", needed)
     if not custom and spec.sha256 is not None:
         got = cache.sha256(location)
         if got != spec.sha256:
@@ -258,5 +278,5 @@ def main_doctor(args: argparse.Namespace) -> int:
                         grounded_checkpoint=args.grounded_checkpoint, data_path=args.data_path)
     print(report.render())
     if args.job is None:
-        return 0 if not any(r.status in (WRONG_SIZE, WRONG_SHA, NOT_TORCH) for r in report.rows) else 1
+        return 0 if not any(r.status in (WRONG_SIZE, WRONG_SHA, NOT_TORCH, WRONG_CONTENT) for r in report.rows) else 1
     return 0 if report.ready else 1

@@ -65,3 +65,68 @@ def atomic_save_npy(target: str | os.PathLike, array) -> Path:
     import numpy as np
 
     return atomic_write(target, lambda fh: np.save(fh, array))
+
+
+# ---- where outputs go ------------------------------------------------------------------------
+
+OUTSIDE_DIR = "_outside"  # outputs of images listed outside the dataset root
+
+
+def safe_relative(img_path: str | os.PathLike) -> Path:
+    """A relative output path for a listed image that cannot leave its output folder.
+
+    A dataset-relative path (``bottle/test/crack/000.png``) is kept as it is. An absolute path
+    or one with ``..`` components (only accepted when the user allowed images outside the
+    dataset root) becomes ``_outside/<16 hex digits of its hash>/<file name>``.
+    """
+    import hashlib
+    from pathlib import PurePosixPath
+
+    text = os.fspath(img_path).replace("\\", "/")
+    parts = [p for p in PurePosixPath(text).parts if p not in ("", ".")]
+    if not parts or text.startswith("/") or ".." in parts or (len(parts[0]) == 2
+                                                              and parts[0][1] == ":"):
+        digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+        name = PurePosixPath(text).name or "image"
+        return Path(OUTSIDE_DIR, digest, name if name != ".." else "image")
+    return Path(*parts)
+
+
+def ensure_inside(base: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """``target`` if it stays inside ``base`` once symbolic links are followed, else a
+    :class:`~filo.errors.FiloError` (an output never lands outside its folder)."""
+    from filo.errors import FiloError
+
+    base_real = Path(base).resolve()
+    real = Path(target).resolve()
+    if real != base_real and base_real not in real.parents:
+        raise FiloError(f"refusing to write {target}: it resolves to {real}, outside the output "
+                        f"folder {base_real} (a symbolic link inside it points elsewhere); "
+                        f"remove the link or choose another output folder")
+    return Path(target)
+
+
+def output_file(base: str | os.PathLike, img_path: str | os.PathLike, suffix: str,
+                *, replace_suffix: bool = True) -> Path:
+    """The output file of a listed image under ``base``: its safe relative path with ``suffix``
+    (replacing the image's extension, or appended to the name), checked to stay inside."""
+    rel = safe_relative(img_path)
+    name = rel.stem + suffix if replace_suffix else rel.name + suffix
+    return ensure_inside(base, Path(base) / rel.parent / name)
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Create ``path`` if needed and make sure a file can be written in it (before any model is
+    loaded): one :class:`~filo.errors.FiloError` line naming the flag otherwise."""
+    from filo.errors import FiloError
+
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".filo-write-test-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise FiloError(f"{flag} {p} is not a writable folder ({err.strerror or err}); choose "
+                        f"another folder or fix its permissions") from None
+    return p

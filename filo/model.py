@@ -1,11 +1,13 @@
 """FiLo: CLIP with the two-stream backbone, linear + MMCI heads, adapter and learned prompts.
 
-``FiLo(config)(images, class_names, positions)`` returns, per image, the 7 per-tap 2-channel
-probability maps, the final anomaly map and the image score (docs/design.md section 5).
-Each image has its own class and position; ``None`` averages the abnormal prompts over all
-positions.
+``FiLo(config, prompts, options)(images, class_names, positions)`` returns, per image, the 7
+per-tap 2-channel probability maps, the final anomaly map and the image score (docs/design.md
+section 5). Each image has its own class and position; ``None`` averages the abnormal prompts
+over all positions. :class:`FiLoConfig` is the architecture (saved in checkpoints),
+:class:`InferenceOptions` how the model runs (never saved), the device an argument of
+:func:`build_filo`.
 
-Inference speed (all exact to float rounding, switchable in :class:`FiLoConfig` so the
+Inference speed (all exact to float rounding, switchable in :class:`InferenceOptions` so the
 benchmark can time a research-code-like configuration of this same code):
 
 * text: only the prompts an image needs are encoded (``encode_all_positions=False``), all images
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -54,7 +56,7 @@ from filo.text import PromptLearner, PromptTokens, TextEncoder, class_text_featu
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# FiLoConfig switches that turn every inference optimization off: the "research-code-like"
+# InferenceOptions switches that turn every inference optimization off: the "research-code-like"
 # configuration the benchmark compares against (run it at batch 1 under torch.no_grad).
 RESEARCH_LIKE_SWITCHES: dict[str, bool] = {
     "encode_all_positions": True,
@@ -66,25 +68,19 @@ RESEARCH_LIKE_SWITCHES: dict[str, bool] = {
 
 @dataclass
 class FiLoConfig:
-    """Everything that defines a FiLo model (architecture + inference behaviour)."""
+    """The architecture of a FiLo model: what a checkpoint's weights fit (saved with them).
+
+    How the model runs (score, precision, speed switches) is :class:`InferenceOptions`; the
+    device is an argument of :func:`build_filo`.
+    """
 
     clip: ClipConfig = field(default_factory=ClipConfig)
     taps: TapConfig = field(default_factory=TapConfig)
     n_ctx: int = 12
     use_adapter: bool = True  # the released checkpoints are evaluated with the adapter
-    legacy_macaroni: bool = False  # True: macaroni1 uses macaroni2's phrases (research code)
-    score_mode: str = "research"  # 'research': (t + max map) / 2; 'softmax': softmax text prob
     logit_scale: float = 100.0
     blur_kernel: int = 3
     blur_sigma: float = 4.0
-    device: str | None = None  # None/'auto' -> CUDA if available else CPU (filo.device)
-    dtype: str = "float32"
-    # inference speed switches (outputs equal to float rounding; see the module docstring)
-    encode_all_positions: bool = False  # True: encode all 9 positions' prompts, then select
-    truncate_context: bool = True  # False: run the full 77-token context
-    fuse_mmci: bool = True  # one 7x7 conv per MMCI tap group when autograd is off
-    onednn_linear: bool = True  # CPU float32 without autograd: tower linears via oneDNN
-    autocast: str = "none"  # 'bf16' / 'fp16': reduced-precision towers in predict (not exact)
 
     @classmethod
     def vit_l_14_336(cls, image_size: int = 518, clip_act: str | None = None,
@@ -103,14 +99,8 @@ class FiLoConfig:
         return self.clip.image_size
 
     def validate(self) -> None:
-        if self.score_mode not in ("research", "softmax"):
-            raise FiloError(f"score_mode must be 'research' or 'softmax', got {self.score_mode!r}")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise FiloError(f"blur_kernel must be a positive odd number, got {self.blur_kernel}")
-        if self.dtype not in _DTYPES:
-            raise FiloError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
-        if self.autocast not in _AUTOCAST:
-            raise FiloError(f"autocast must be one of {', '.join(_AUTOCAST)}, got {self.autocast!r}")
         self.clip.validate()
         self.taps.validate(self.clip.vision_layers)
 
@@ -122,12 +112,65 @@ class FiLoConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> FiLoConfig:
-        d = dict(d)
+        """Inverse of :meth:`to_dict`. Configs saved before the split also hold runtime fields
+        (``device``, ``score_mode``, ...): those are dropped."""
+        d = {k: v for k, v in d.items() if k not in _SAVED_RUNTIME_FIELDS}
         clip = ClipConfig.from_dict(d.pop("clip"))
         taps = dict(d.pop("taps"))
         taps["mid_tap_blocks"] = tuple(taps["mid_tap_blocks"])
         taps["true_layers"] = tuple(taps["true_layers"])
+        unknown = sorted(set(d) - _field_names(cls))
+        if unknown:
+            raise FiloError(f"filo config: unknown field(s) {', '.join(unknown)}")
         return cls(clip=clip, taps=TapConfig(**taps), **d)
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a FiLo model runs, kept out of :class:`FiLoConfig` and out of checkpoints.
+
+    The speed switches change the work done, not the result (equal to float rounding; see the
+    module docstring); ``autocast`` and ``dtype`` trade exactness for speed. Frozen: change a
+    live model's options with :meth:`FiLo.set_options` and :func:`dataclasses.replace`.
+    """
+
+    score_mode: str = "research"  # 'research': (t + max map) / 2; 'softmax': softmax text prob
+    legacy_macaroni: bool = False  # True: macaroni1 uses macaroni2's phrases (research code)
+    encode_all_positions: bool = False  # True: encode all 9 positions' prompts, then select
+    truncate_context: bool = True  # False: run the full 77-token context
+    fuse_mmci: bool = True  # one 7x7 conv per MMCI tap group when autograd is off
+    onednn_linear: bool = True  # CPU float32 without autograd: tower linears via oneDNN
+    autocast: str = "none"  # 'bf16' / 'fp16': reduced-precision towers in predict (not exact)
+    dtype: str = "float32"  # parameter dtype build_filo casts the model to
+
+    def validate(self) -> None:
+        if self.score_mode not in ("research", "softmax"):
+            raise FiloError(f"score_mode must be 'research' or 'softmax', got {self.score_mode!r}")
+        if self.dtype not in _DTYPES:
+            raise FiloError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.autocast not in _AUTOCAST:
+            raise FiloError(f"autocast must be one of {', '.join(_AUTOCAST)}, got {self.autocast!r}")
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+# runtime fields that configs saved before the FiLoConfig / InferenceOptions split carry
+_SAVED_RUNTIME_FIELDS = _field_names(InferenceOptions) | {"device"}
+
+
+def split_overrides(overrides: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+    """Keyword overrides split into (FiLoConfig fields, InferenceOptions fields).
+
+    Any other name is a ``TypeError`` naming it (a misspelt switch is not silently ignored).
+    """
+    arch, run = _field_names(FiLoConfig), _field_names(InferenceOptions)
+    unknown = sorted(set(overrides) - arch - run)
+    if unknown:
+        raise TypeError(f"unknown FiLoConfig / InferenceOptions field(s): {', '.join(unknown)}")
+    return ({k: v for k, v in overrides.items() if k in arch},
+            {k: v for k, v in overrides.items() if k in run})
 
 
 @dataclass
@@ -185,10 +228,13 @@ def fused_mmci_weights(heads: MMCIHeads, taps: list[int]) -> tuple[torch.Tensor,
 class FiLo(nn.Module):
     """FiLo model; submodule names match the research checkpoints (``{"filo": state_dict}``)."""
 
-    def __init__(self, config: FiLoConfig | None = None, prompts: PromptTable | None = None) -> None:
+    def __init__(self, config: FiLoConfig | None = None, prompts: PromptTable | None = None,
+                 options: InferenceOptions | None = None) -> None:
         super().__init__()
         self.config = config = config or FiLoConfig()
         config.validate()
+        self.options = options = options or InferenceOptions()
+        options.validate()
         c = config.clip
         self.clip_model = build_clip(c)
         self.decoder_cov = MMCIHeads(c.vision_width, c.embed_dim, config.taps.n_mmci)
@@ -200,10 +246,17 @@ class FiLo(nn.Module):
         self.clip_model.requires_grad_(False)
         self.set_prompt_table(prompts if prompts is not None else load_prompt_table())
 
-    # ---- prompts -------------------------------------------------------------------------------
+    # ---- options and prompts -------------------------------------------------------------------
+    def set_options(self, options: InferenceOptions) -> None:
+        """Run with other :class:`InferenceOptions` (validated; the prompt table follows
+        ``legacy_macaroni``). ``dtype`` is applied by :func:`build_filo`, not here."""
+        options.validate()
+        self.options = options
+        self.set_prompt_table(self.prompts)
+
     def set_prompt_table(self, table: PromptTable) -> None:
         """Use another prompt table (e.g. a user's ``--prompts`` file); clears the token cache."""
-        self.prompts = table.with_legacy_macaroni(self.config.legacy_macaroni)
+        self.prompts = table.with_legacy_macaroni(self.options.legacy_macaroni)
         self.prompt_tokens = PromptTokens(
             self.prompts, self.config.n_ctx, self.config.clip.text_context_length
         )
@@ -211,8 +264,8 @@ class FiLo(nn.Module):
     # ---- pieces --------------------------------------------------------------------------------
     @property
     def _linear(self):
-        """The linear-layer function of the towers (see ``FiLoConfig.onednn_linear``)."""
-        return kernels.linear if self.config.onednn_linear else F.linear
+        """The linear-layer function of the towers (see ``InferenceOptions.onednn_linear``)."""
+        return kernels.linear if self.options.onednn_linear else F.linear
 
     def image_features(self, images: torch.Tensor):
         """(VisionFeatures, normalized global image feature [B, E] after the optional adapter)."""
@@ -235,13 +288,13 @@ class FiLo(nn.Module):
     ) -> torch.Tensor:
         """Per-image ``T`` [B, 2, E] (normal, abnormal), Frobenius-normalized.
 
-        ``truncate`` / ``all_positions`` default to the config's ``truncate_context`` /
+        ``truncate`` / ``all_positions`` default to the options' ``truncate_context`` /
         ``encode_all_positions`` (they change the work done, not the result).
         """
         if truncate is None:
-            truncate = self.config.truncate_context
+            truncate = self.options.truncate_context
         if all_positions is None:
-            all_positions = self.config.encode_all_positions
+            all_positions = self.options.encode_all_positions
         return class_text_features(
             text_encoder=self.text_encoder,
             token_embedding=self.clip_model.token_embedding,
@@ -259,7 +312,7 @@ class FiLo(nn.Module):
     def patch_features(self, feats) -> list[torch.Tensor]:
         """Per tap ``[B, N, E]`` head outputs: the linear taps, then the MMCI taps (7 in all)."""
         linear = self.decoder_linear(feats.linear_taps)
-        if self.config.fuse_mmci and not torch.is_grad_enabled():
+        if self.options.fuse_mmci and not torch.is_grad_enabled():
             return linear + self._fused_mmci(feats.mmci_taps)
         return linear + self.decoder_cov(feats.mmci_taps)
 
@@ -342,7 +395,7 @@ class FiLo(nn.Module):
             anomaly_map = gaussian_blur(
                 p_abn.mean(dim=1), self.config.blur_kernel, self.config.blur_sigma
             )
-            if self.config.score_mode == "research":
+            if self.options.score_mode == "research":
                 text_score = cos[:, 1]
             else:  # the paper's softmax over the two (row-normalized) cosines
                 rows = F.normalize(text, dim=-1)
@@ -362,13 +415,13 @@ class FiLo(nn.Module):
     ) -> FiLoOutput:
         """Inference helper: eval mode, no autograd, inputs moved to the model's device/dtype.
 
-        ``autocast`` ('none', 'bf16', 'fp16'; default: ``config.autocast``) runs the vision and
+        ``autocast`` ('none', 'bf16', 'fp16'; default: ``options.autocast``) runs the vision and
         text towers and the heads under ``torch.autocast`` (meant for CUDA; bf16 also works on
         CPUs with bf16 units). Not exact: maps typically move by ~1e-3..1e-2.
         """
         self.eval()
         p = next(self.parameters())
-        mode = self.config.autocast if autocast is None else autocast
+        mode = self.options.autocast if autocast is None else autocast
         if mode not in _AUTOCAST:
             raise FiloError(f"autocast must be one of {', '.join(_AUTOCAST)}, got {mode!r}")
         ctx = (torch.autocast(p.device.type, dtype=_AUTOCAST[mode]) if _AUTOCAST[mode] is not None
@@ -394,11 +447,11 @@ def build_filo(
     prompts: PromptTable | None = None,
     clip_weights: str | Path | None = None,
     device: str | torch.device | None = None,
+    options: InferenceOptions | None = None,
 ) -> FiLo:
-    """Construct a FiLo model, optionally load CLIP weights, move to the configured device/dtype."""
-    config = config or FiLoConfig()
-    model = FiLo(config, prompts)
+    """Construct a FiLo model, optionally load CLIP weights, cast it to ``options.dtype`` and
+    move it to ``device`` (None / 'auto': CUDA if available, else CPU; :mod:`filo.device`)."""
+    model = FiLo(config or FiLoConfig(), prompts, options)
     if clip_weights is not None:
         model.load_clip_weights(clip_weights)
-    target = resolve_device(device if device is not None else config.device)
-    return model.to(device=target, dtype=_DTYPES[config.dtype])
+    return model.to(device=resolve_device(device), dtype=_DTYPES[model.options.dtype])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from filo.data.__main__ import main
+from filo.cli.data import main
 
 if __name__ == "__main__":
     sys.exit(main(["build-meta", *sys.argv[1:]]))

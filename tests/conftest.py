@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# CLIs default their outputs to $RESULTS_DIR: never the checkout during tests
+os.environ["RESULTS_DIR"] = tempfile.mkdtemp(prefix="filo-test-results-")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SYNTHETIC_PROMPTS = """name: synthetic

@@ -12,12 +12,11 @@ from filo.backbone import (
     ClipConfig,
     TapConfig,
     build_clip,
-    count_parameters,
     encode_image_two_stream,
     load_clip_weights,
-    resize_pos_embed,
 )
 from filo.errors import FiloError
+from filo.weights import resize_pos_embed
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +207,7 @@ def test_missing_or_wrong_weight_file(tmp_path):
 
 def test_vit_l_14_336_construction():
     model = build_clip(ClipConfig.vit_l_14_336(image_size=336))
-    n = count_parameters(model)
+    n = sum(p.numel() for p in model.parameters())
     assert 427_000_000 < n < 429_000_000
     assert model.visual.positional_embedding.shape == (577, 1024)
     assert model.visual.transformer.resblocks[0].attn.num_heads == 16

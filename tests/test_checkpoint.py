@@ -106,9 +106,11 @@ def test_build_from_checkpoint_infers_config(tmp_path, model):
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(rebuilt.predict(images, ["wood", "pcb1"]).image_score,
                                model.predict(images, ["wood", "pcb1"]).image_score)
-    # config overrides apply to the saved config; a misspelt one is an error, not ignored
+    # overrides by field name: FiLoConfig fields to the saved config, InferenceOptions fields
+    # to the options; a misspelt one is an error, not ignored
     assert build_filo_from_checkpoint(saved, device="cpu",
-                                      onednn_linear=False).config.onednn_linear is False
+                                      onednn_linear=False).options.onednn_linear is False
+    assert build_filo_from_checkpoint(saved, device="cpu", blur_sigma=2.0).config.blur_sigma == 2.0
     with pytest.raises(TypeError, match="fast_kernels"):
         build_filo_from_checkpoint(saved, device="cpu", fast_kernels=False)
 

@@ -476,17 +476,17 @@ def test_dataloader_collate_workers(tmp_path):
     ds = EvalDataset(samples, tmp_path, image_size=24, with_detector_input=True)
     b0 = _batches(ds, 0)
     b2 = _batches(ds, 2)
-    assert [len(b["img_path"]) for b in b0] == [3, 2]
+    assert [len(b.img_paths) for b in b0] == [3, 2]
     for a, b in zip(b0, b2, strict=True):
-        assert a["image"].shape[1:] == (3, 24, 24) and a["mask"].dtype == torch.bool
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
-        assert torch.equal(a["label"], b["label"]) and a["img_path"] == b["img_path"]
-        assert a["orig_size"] == b["orig_size"]
-        assert all(torch.equal(x, y) for x, y in zip(a["det_image"], b["det_image"], strict=True))
+        assert a.images.shape[1:] == (3, 24, 24) and a.masks.dtype == torch.bool
+        assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+        assert torch.equal(a.labels, b.labels) and a.img_paths == b.img_paths
+        assert a.orig_sizes == b.orig_sizes
+        assert all(torch.equal(x, y) for x, y in zip(a.det_images, b.det_images, strict=True))
     flat = [(p, s, t.shape) for b in b0
-            for p, s, t in zip(b["img_path"], b["orig_size"], b["det_image"], strict=True)]
+            for p, s, t in zip(b.img_paths, b.orig_sizes, b.det_images, strict=True)]
     sizes = {p: (s, tuple(shape)) for p, s, shape in flat}
     assert sizes["w/test/good/tall.png"] == ((30, 90), (3, 1332, 444))
     assert sizes["w/test/good/000.jpg"] == ((64, 48), (3, 518, 690))
-    labels = torch.cat([b["label"] for b in b0]).tolist()
+    labels = torch.cat([b.labels for b in b0]).tolist()
     assert labels == [s.anomaly for s in samples]

@@ -29,7 +29,8 @@ def test_detect_cli_writes_boxes_and_metrics(tmp_path, capsys, tiny_grounding_ck
     out = tmp_path / "boxes"
     code = detect_main(["--dataset", "mvtec", "--data_path", str(root), "--grounded_checkpoint",
                         str(ckpt), "--bert_dir", str(bert), "--device", "cpu",
-                        "--save_boxes", str(out), "--batch_size", "3"])
+                        "--save_boxes", str(out), "--batch_size", "3",
+                        "--save_path", str(tmp_path / "run_fast")])
     assert code == 0
     table = capsys.readouterr().out
     files = sorted(out.rglob("*.json"))
@@ -38,7 +39,7 @@ def test_detect_cli_writes_boxes_and_metrics(tmp_path, capsys, tiny_grounding_ck
     for f in files:
         item = json.loads(f.read_text())
         assert set(item) == {"img_path", "boxes", "scores", "phrases", "matched", "position",
-                             "boxes_cxcywh"}
+                             "boxes_cxcywh", "image_size"}
         assert len(item["boxes"]) >= 1 and item["position"] is not None
         labels.append(0 if "/good/" in item["img_path"] else 1)
         scores.append(max(item["scores"]))
@@ -50,7 +51,8 @@ def test_detect_cli_writes_boxes_and_metrics(tmp_path, capsys, tiny_grounding_ck
     ref_out = tmp_path / "boxes_reference"
     assert detect_main(["--dataset", "mvtec", "--data_path", str(root), "--grounded_checkpoint",
                         str(ckpt), "--bert_dir", str(bert), "--device", "cpu", "--kernels",
-                        "reference", "--save_boxes", str(ref_out), "--batch_size", "3"]) == 0
+                        "reference", "--save_boxes", str(ref_out), "--batch_size", "3",
+                        "--save_path", str(tmp_path / "run_reference")]) == 0
     for f in files:
         a = json.loads(f.read_text())
         b = json.loads((ref_out / f.relative_to(out)).read_text())
@@ -108,7 +110,8 @@ def test_detect_cli_viz_pixel_metrics_and_coco(tmp_path, capsys, setup):
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("| objects"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "objects", "auroc_px", "f1_px", "ap_px", "aupro", "auroc_sp", "f1_sp", "ap_sp"]
+        "objects", "auroc_px", "f1_px", "ap_px", "aupro", "auroc_sp", "f1_sp", "ap_sp",
+        "aupro_exact"]
 
     # pixel AUROC of the box map, rebuilt from the per-image JSON with a slow loop + sklearn
     items = [json.loads(f.read_text()) for f in sorted(boxes_dir.rglob("*.json"))]

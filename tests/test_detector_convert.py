@@ -18,7 +18,6 @@ from filo.detector.convert import (
     canonical_state_dict,
     convert_state_dict,
     detect_layout,
-    hf_only_reason,
     hf_only_rule,
     installed_naming,
     read_checkpoint,
@@ -79,7 +78,7 @@ def test_every_key_accounted_for(original_sd, hf_keys):
                            "model.backbone.conv_encoder.model.swin.layernorm.bias"}
     else:
         assert missing == {k for k in hf_keys if k.endswith("relative_position_index")}
-    assert all(hf_only_reason(k, naming) for k in missing)
+    assert all(hf_only_rule(k, naming) for k in missing)
 
 
 def test_v4_names_match_recorded_transformers_4_model(original_sd):
@@ -116,6 +115,20 @@ def test_v4_canonical_round_trip():
                                                                  ".model.") and "norms" not in k)
     back = to_naming(canonical, NAMING_V4)
     assert set(back) == {k for k in recorded if not k.endswith("relative_position_index")}
+
+
+def test_v4_rename_tables_are_inverses(original_sd):
+    """V4_RENAMES and the inverse generated from the same pairs: canonical -> 4.x -> canonical
+    is the identity on every converted key, and keys outside the Swin keep their names."""
+    converted, _ = convert_state_dict(original_sd)
+    v4 = to_naming(converted, NAMING_V4)
+    assert sum(k != rename_key(k, NAMING_V4) for k in converted) > 0  # not vacuous
+    assert canonical_state_dict(v4) == converted
+    swin_v4 = "model.backbone.conv_encoder.model.encoder.layers.0.blocks.0."
+    assert canonical_state_dict({**v4, swin_v4 + "attention.self.relative_position_index":
+                                 torch.zeros(1)}) == converted  # 4.x-only buffer dropped
+    with pytest.raises(FiloError, match="no canonical name"):
+        canonical_state_dict({**v4, swin_v4 + "unknown.weight": torch.zeros(1)})
 
 
 def test_canonical_of_installed_model_matches_converted(original_sd, hf_keys):

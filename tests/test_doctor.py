@@ -32,9 +32,13 @@ def fake_asset(path: Path, sha: str | None, size: int | None = None) -> Asset:
                  env_var="CKPT_DIR", source_page="https://example.invalid")
 
 
-def write_torch_file(path: Path, value: float) -> str:
+def write_torch_file(path: Path, value: float, key: str = "w") -> str:
+    """A small torch file; ``key`` makes it look like a FiLo ("filo") or GroundingDINO
+    ("backbone.0.x") checkpoint to the doctor's content check."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"w": torch.full((3,), value)}, path)
+    tensor = torch.full((3,), value)
+    torch.save({"filo": {"decoder_linear.fc.0.weight": tensor}} if key == "filo"
+               else {key: tensor}, path)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -93,8 +97,8 @@ def test_registry_knows_published_checksums() -> None:
 
 def make_job_tree(tmp_path: Path) -> dict[str, str]:
     ck = tmp_path / "ck"
-    write_torch_file(ck / "filo_train_on_visa.pth", 1.0)
-    write_torch_file(ck / "grounding_train_on_visa.pth", 2.0)
+    write_torch_file(ck / "filo_train_on_visa.pth", 1.0, "filo")
+    write_torch_file(ck / "grounding_train_on_visa.pth", 2.0, "backbone.0.x")
     bert = tmp_path / "bert"
     bert.mkdir()
     shutil.copy(bert_vocab(), bert / "vocab.txt")
@@ -138,7 +142,7 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     assert str(Path(env["CKPT_DIR"]) / "grounding_train_on_visa.pth") in bad.stdout
     # a user-given checkpoint replaces the default one
     alt = tmp_path / "elsewhere.pth"
-    write_torch_file(alt, 3.0)
+    write_torch_file(alt, 3.0, "backbone.0.x")
     again = run_cli(["doctor", "--job", "test-mvtec", "--grounded_checkpoint", str(alt)], env)
     assert again.returncode == 0, again.stdout
 

@@ -18,27 +18,37 @@ from filo.data.synthetic import make_mvtec_like
 from filo.errors import FiloError
 from filo.evaluation.cache import Prediction, PredictionCache
 from filo.evaluation.report import ClassResult, render_table
-from filo.evaluation.runner import BatchPredictions, EvalSettings, run_test
+from filo.evaluation.runner import RunConfig, cache_key, run_evaluation
+from filo.pipeline import ImagePrediction, PipelineConfig
 
 
-def content_predictor(settings: EvalSettings, fail_after: int | None = None, calls: list | None = None):
-    """Map = normalized distance of each pixel from the image's median colour."""
-    state = {"batches": 0}
+class ContentPipeline:
+    """Stand-in pipeline: map = normalized distance of each pixel from the image's median colour."""
 
-    def predict(batch):
-        if fail_after is not None and state["batches"] >= fail_after:
+    image_size = 64
+    needs_detector_input = False
+
+    def __init__(self, fail_after: int | None = None, calls: list | None = None):
+        self.fail_after, self.calls, self.batches = fail_after, calls, 0
+
+    def check_classes(self, classes, where):
+        pass
+
+    def predict(self, batch):
+        if self.fail_after is not None and self.batches >= self.fail_after:
             raise KeyboardInterrupt  # a kill in the middle of the run
-        state["batches"] += 1
-        if calls is not None:
-            calls.extend(batch["img_path"])
-        img = batch["image"].numpy()  # B,3,S,S normalized
+        self.batches += 1
+        if self.calls is not None:
+            self.calls.extend(batch.img_paths)
+        img = batch.images.numpy()  # B,3,S,S normalized
         med = np.median(img, axis=(2, 3), keepdims=True)
         dist = np.sqrt(((img - med) ** 2).sum(1))
         maps = (dist / (dist.max(axis=(1, 2), keepdims=True) + 1e-6)).astype(np.float32)
-        return BatchPredictions(maps, maps.reshape(len(maps), -1).max(1),
-                                [{"n": i} for i in range(len(maps))])
+        return [ImagePrediction(m, float(m.max()), None) for m in maps]
 
-    return predict
+
+def content_predictor(config: PipelineConfig, **kw) -> ContentPipeline:
+    return ContentPipeline(**kw)
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +59,16 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
-def settings_for(root: Path, out: Path, **kw) -> EvalSettings:
-    return EvalSettings(dataset="mvtec", data_path=root, ckpt_path=None, image_size=64,
-                        batch_size=2, num_workers=0, save_path=out, **kw)
+PIPE = PipelineConfig(ckpt_path=Path("stand-in.pth"), image_size=64)
+
+
+def settings_for(root: Path, out: Path, **kw) -> RunConfig:
+    return RunConfig(dataset="mvtec", data_path=root, batch_size=2, num_workers=0,
+                     save_path=out, **kw)
+
+
+def run_test(run: RunConfig, predictor_factory=None, log=print):
+    return run_evaluation(run, PIPE, pipeline_factory=predictor_factory, log=log)
 
 
 def test_run_writes_tables_and_matches_sklearn(dataset: Path, tmp_path: Path) -> None:
@@ -62,7 +79,7 @@ def test_run_writes_tables_and_matches_sklearn(dataset: Path, tmp_path: Path) ->
     scores = (tmp_path / "maps" / "scores.csv").read_text().splitlines()
     assert scores[0] == "image_path,class,label,image_score"
     assert len(scores) == 1 + 12
-    cache = PredictionCache(tmp_path / "run" / "cache", s.prediction_settings())
+    cache = PredictionCache(tmp_path / "run" / "cache", cache_key(s, PIPE))
     rows = [line.split(",") for line in scores[1:] if line.split(",")[1] == "tex_a"]
     maps = np.stack([np.load(tmp_path / "maps" / Path(r[0]).with_suffix(".npy")) for r in rows])
     masks = np.stack([cache.get(r[0]).mask for r in rows])
@@ -86,12 +103,12 @@ def test_killed_run_resumes_to_identical_tables(dataset: Path, tmp_path: Path) -
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         run_test(settings_for(dataset, out),
-                 predictor_factory=lambda s: content_predictor(s, fail_after=2), log=lambda *_: None)
+                 predictor_factory=lambda c: content_predictor(c, fail_after=2), log=lambda *_: None)
     cached = list((out / "cache").rglob("*.npz"))
     assert len(cached) == 4  # two batches of two finished before the kill
     calls: list[str] = []
     resumed = run_test(settings_for(dataset, out),
-                       predictor_factory=lambda s: content_predictor(s, calls=calls), log=lambda *_: None)
+                       predictor_factory=lambda c: content_predictor(c, calls=calls), log=lambda *_: None)
     assert len(calls) == 8  # only the 8 missing images were predicted again
     assert render_table(resumed) == render_table(ref)
     # --from_cache recomputes the same tables without any model

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from filo import kernels
-from filo.model import FiLo, FiLoConfig
+from filo.model import FiLo, FiLoConfig, InferenceOptions
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="this torch build has no oneDNN")
@@ -125,7 +125,7 @@ def test_use_onednn_linears_swaps_plain_linears_and_keeps_parameters(conv_calls)
 def test_filo_towers_take_the_onednn_route_only_when_switched_on(monkeypatch):
     torch.manual_seed(0)
     model = FiLo(FiLoConfig.tiny()).eval()
-    ref = FiLo(FiLoConfig.tiny(onednn_linear=False)).eval()
+    ref = FiLo(FiLoConfig.tiny(), options=InferenceOptions(onednn_linear=False)).eval()
     ref.load_state_dict(model.state_dict())
     taken = []
     real = kernels.linear

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
 
 from filo.errors import FiloError
-from filo.model import FiLo, FiLoConfig, build_filo, gaussian_blur
+from filo.model import FiLo, FiLoConfig, InferenceOptions, build_filo, gaussian_blur
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_gaussian_blur_equals_torchvision():
 
 def test_softmax_score_mode_and_predict(model):
     images = _images(2, seed=4)
-    soft = FiLo(FiLoConfig.tiny(score_mode="softmax"))
+    soft = FiLo(FiLoConfig.tiny(), options=InferenceOptions(score_mode="softmax"))
     soft.load_state_dict(model.state_dict())
     out = soft.predict(images, ["bottle", "bottle"])
     assert torch.all((out.text_score >= 0) & (out.text_score <= 1))
@@ -98,7 +98,7 @@ def test_input_errors(model):
     with pytest.raises(FiloError, match="position 'middle'"):
         model(_images(1), ["bottle"], ["middle"])
     with pytest.raises(FiloError, match="score_mode"):
-        FiLo(FiLoConfig.tiny(score_mode="max"))
+        FiLo(FiLoConfig.tiny(), options=InferenceOptions(score_mode="max"))
 
 
 def test_config_presets_and_round_trip():
@@ -106,7 +106,7 @@ def test_config_presets_and_round_trip():
     assert (big.clip.vision_layers, big.clip.vision_width, big.image_size) == (24, 1024, 518)
     assert (big.taps.dual_start, big.taps.mid_tap_blocks, big.taps.true_layers) == (
         6, (13, 19), (6, 12, 18, 24))
-    tiny = FiLoConfig.tiny(legacy_macaroni=True)
+    tiny = FiLoConfig.tiny(blur_kernel=5)
     assert FiLoConfig.from_dict(tiny.to_dict()) == tiny
-    m = build_filo(FiLoConfig.tiny(device="cpu"))
+    m = build_filo(FiLoConfig.tiny(), device="cpu")
     assert next(m.parameters()).device.type == "cpu"

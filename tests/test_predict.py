@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from filo.predict import main
@@ -69,3 +70,102 @@ def test_predict_unknown_class_and_missing_input(tmp_path, tiny_filo_ckpt, synth
     rc = run(["--images", str(tmp_path / "nothing"), "--class", "tex_a", "--ckpt_path", str(ckpt)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "nothing" in err[0]
+
+
+# ---- filo.predict honours every pipeline flag (one test per switch family) -------------------
+
+class _Captured(Exception):
+    pass
+
+
+def _config_of(argv: list[str]):
+    """The PipelineConfig filo.predict builds from ``argv`` (captured at the pipeline factory)."""
+    from filo.predict import build_parser, run_predict
+
+    seen = {}
+
+    def factory(config):
+        seen["config"] = config
+        raise _Captured
+
+    args = build_parser().parse_args(["--images", "x.png", "--class", "tex_a", *argv])
+    try:
+        run_predict(args, pipeline_factory=factory)
+    except _Captured:
+        return seen["config"]
+    except Exception as err:  # collect_images may fail on x.png first: give it a real file
+        raise AssertionError(f"no pipeline built: {err}") from err
+
+
+@pytest.fixture()
+def one_image(tmp_path, monkeypatch):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--box_threshold", "0.3", "--text_threshold", "0.4", "--area_threshold", "0.5",
+      "--outside_box_factor", "0.9"],
+     {"box_threshold": 0.3, "text_threshold": 0.4, "area_threshold": 0.5,
+      "outside_box_factor": 0.9}),
+    (["--legacy_macaroni", "--legacy_phrase_case", "--legacy_text_threshold", "--legacy_grid",
+      "--legacy_box_slices"],
+     {"legacy_macaroni": True, "legacy_phrase_case": True, "legacy_text_threshold": True,
+      "legacy_grid": True, "legacy_box_slices": True}),
+    (["--kernels", "reference", "--exact"], {"kernels": "reference", "exact": True}),
+    (["--autocast", "bf16"], {"autocast": "bf16"}),
+    (["--score_mode", "softmax", "--clip_act", "gelu"], {"score_mode": "softmax",
+                                                          "clip_act": "gelu"}),
+    (["--no_grounding", "--position", "top left", "--image_size", "32", "--device", "cpu"],
+     {"no_grounding": True, "position": "top left", "image_size": 32, "device": "cpu"}),
+    (["--ckpt_path", "f.pth", "--grounded_checkpoint", "g.pth", "--prompts", "p.yaml",
+      "--bert_dir", "b"],
+     {"ckpt_path": Path("f.pth"), "grounded_checkpoint": Path("g.pth"),
+      "prompts": Path("p.yaml"), "bert_dir": Path("b")}),
+])
+def test_predict_passes_every_pipeline_flag(one_image, argv, expected):
+    config = _config_of(argv)
+    assert {k: getattr(config, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--box_threshold", "1.5"], "--box_threshold 1.5: must be in [0.0, 1.0]"),
+    (["--text_threshold", "nan"], "--text_threshold nan: must be in [0.0, 1.0]"),
+    (["--area_threshold", "0"], "--area_threshold 0.0: must be in (0.0, 1.0]"),
+    (["--threshold", "1.5"], "--threshold 1.5: must be in [0.0, 1.0]"),
+])
+def test_predict_rejects_out_of_range_values_before_loading(one_image, capsys, argv, message):
+    rc = run(["--images", "x.png", "--class", "tex_a", "--ckpt_path", "missing.pth", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"error: {message}"]
+
+
+def test_predict_and_test_py_give_the_same_maps_with_research_rules(
+        tmp_path, tiny_filo_ckpt, synthetic_prompts, tiny_grounding_ckpt, bert_vocab_dir, capsys):
+    """Same pipeline, same flags: predict's map of an image equals test.py's saved map."""
+    from filo.cli.test import main as test_main
+    from filo.data.synthetic import make_mvtec_like
+
+    ckpt, _ = tiny_filo_ckpt
+    data = tmp_path / "data"
+    make_mvtec_like(data, classes=("tex_a",), n_train_good=0, n_test_good=1, n_test_defect=1,
+                    size=(80, 60), seed=4)
+    flags = ["--ckpt_path", str(ckpt), "--prompts", str(synthetic_prompts), "--image_size", "32",
+             "--device", "cpu", "--num_workers", "0", "--grounded_checkpoint",
+             str(tiny_grounding_ckpt), "--bert_dir", str(bert_vocab_dir), "--legacy_box_slices",
+             "--legacy_grid", "--score_mode", "softmax", "--outside_box_factor", "0.5",
+             "--batch_size", "1"]
+    try:
+        test_main(["--dataset", "mvtec", "--data_path", str(data), "--save_path",
+                   str(tmp_path / "run"), "--save_maps", str(tmp_path / "maps"), *flags])
+    except SystemExit as exc:
+        assert exc.code in (0, None), capsys.readouterr().err
+    image = data / "tex_a" / "test" / "good" / "000.png"
+    assert run(["--images", str(image), "--class", "tex_a", "--out", str(tmp_path / "pred"),
+                *flags]) == 0, capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(tmp_path / "pred" / "000.npy"),
+                                  np.load(tmp_path / "maps" / "tex_a" / "test" / "good" / "000.npy"))
+    scores = (tmp_path / "maps" / "scores.csv").read_text().splitlines()
+    row = next(r for r in scores if r.startswith("tex_a/test/good/000.png"))
+    summary = json.loads((tmp_path / "pred" / "summary.json").read_text())
+    assert summary["images"][0]["image_score"] == float(row.split(",")[-1])

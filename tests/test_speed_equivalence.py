@@ -1,7 +1,8 @@
 """The optimized inference path gives the research-code-like path's maps and scores (1e-4).
 
 Research-like = batch 1, torch.no_grad, all nine positions' prompts encoded, full 77-token
-context, six separate MMCI convolutions, BLAS linears (filo.model.RESEARCH_LIKE_SWITCHES).
+context, six separate MMCI convolutions, BLAS linears (filo.model.RESEARCH_LIKE_SWITCHES,
+InferenceOptions fields).
 Optimized = the defaults, batched, FiLo.predict (inference_mode, fused MMCI, subset + truncated
 text, oneDNN linears).
 """
@@ -13,7 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from filo.heads import MMCIHeads
-from filo.model import RESEARCH_LIKE_SWITCHES, FiLo, FiLoConfig, fused_mmci_weights
+from filo.model import (
+    RESEARCH_LIKE_SWITCHES,
+    FiLo,
+    FiLoConfig,
+    InferenceOptions,
+    fused_mmci_weights,
+)
 
 CLASSES = ["bottle", "pcb2", "macaroni1", "bottle", "wood"]
 POSITIONS = ["center", None, "top right", "bottom left", "left"]
@@ -25,7 +32,7 @@ def _pair():
     with torch.no_grad():
         for p in fast.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    slow = FiLo(FiLoConfig.tiny(**RESEARCH_LIKE_SWITCHES)).eval()
+    slow = FiLo(FiLoConfig.tiny(), options=InferenceOptions(**RESEARCH_LIKE_SWITCHES)).eval()
     slow.load_state_dict(fast.state_dict())
     return fast, slow
 
@@ -40,13 +47,13 @@ def _images(n: int, seed: int = 1) -> torch.Tensor:
 
 
 def test_switches_default_off_and_research_like_on():
-    c = FiLoConfig()
+    c = InferenceOptions()
     assert (c.encode_all_positions, c.truncate_context, c.fuse_mmci, c.onednn_linear,
             c.autocast) == (False, True, True, True, "none")
-    r = FiLoConfig.tiny(**RESEARCH_LIKE_SWITCHES)
+    r = InferenceOptions(**RESEARCH_LIKE_SWITCHES)
     assert (r.encode_all_positions, r.truncate_context, r.fuse_mmci, r.onednn_linear) == (
         True, False, False, False)
-    assert FiLoConfig.from_dict(r.to_dict()) == r
+    assert FiLo(FiLoConfig.tiny(), options=r).options == r
 
 
 def test_optimized_batch_equals_research_like_per_image(pair):
@@ -71,7 +78,7 @@ def test_each_switch_alone_keeps_the_result(pair):
     classes, positions = CLASSES[:3], POSITIONS[:3]
     base = fast.predict(images, classes, positions)
     for switch, value in RESEARCH_LIKE_SWITCHES.items():
-        m = FiLo(FiLoConfig.tiny(**{switch: value})).eval()
+        m = FiLo(FiLoConfig.tiny(), options=InferenceOptions(**{switch: value})).eval()
         m.load_state_dict(fast.state_dict())
         out = m.predict(images, classes, positions)
         torch.testing.assert_close(out.anomaly_map, base.anomaly_map, atol=1e-5, rtol=0)

@@ -215,10 +215,10 @@ def test_kernels_switch_reaches_both_models_and_keeps_the_maps(
         capsys) -> None:
     """--kernels reference (plain PyTorch CPU ops) and the default fast kernels: same boxes,
     maps equal to float rounding; the switch really reaches FiLo and the detector."""
-    from filo.cli.test import build_parser, settings_from_args
+    from filo.cli.test import build_parser, configs_from_args
     from filo.detector.deform_attn import GatherDeformableAttention
-    from filo.evaluation.predictor import build_predictor
     from filo.kernels import OneDNNLinear
+    from filo.pipeline import build_pipeline
 
     ckpt, _ = tiny_filo_ckpt
     data = tmp_path / "data"
@@ -229,11 +229,12 @@ def test_kernels_switch_reaches_both_models_and_keeps_the_maps(
               "--num_workers", "0", "--grounded_checkpoint", str(tiny_grounding_ckpt),
               "--bert_dir", str(bert_vocab_dir)]
     for kernels in ("fast", "reference"):
-        settings = settings_from_args(build_parser().parse_args(
+        _, config = configs_from_args(build_parser().parse_args(
             [*common, "--kernels", kernels, "--save_path", str(tmp_path / kernels)]))
-        predictor = build_predictor(settings)
+        predictor = build_pipeline(config)
         fast = kernels == "fast"
-        assert predictor.model.config.onednn_linear is fast
+        options = getattr(predictor.model, "options", predictor.model.config)
+        assert options.onednn_linear is fast
         modules = list(predictor.detector.model.modules())
         assert any(isinstance(m, OneDNNLinear) for m in modules) is fast
         assert any(isinstance(m, GatherDeformableAttention) for m in modules) is fast
@@ -251,3 +252,68 @@ def test_kernels_switch_reaches_both_models_and_keeps_the_maps(
         b = json.loads((tmp_path / "boxes_reference" / rel.with_suffix(".json")).read_text())
         assert a["position"] == b["position"] and a["phrases"] == b["phrases"]
         np.testing.assert_allclose(a["boxes"], b["boxes"], atol=0.02)
+
+
+def test_each_checkpoint_file_is_read_once_per_run(tmp_path, tiny_filo_ckpt, synthetic_prompts,
+                                                   tiny_grounding_ckpt, bert_vocab_dir,
+                                                   monkeypatch, capsys) -> None:
+    """A whole test.py run with the box step opens the FiLo and the grounding file once each."""
+    from collections import Counter
+
+    ckpt, _ = tiny_filo_ckpt
+    data = tmp_path / "data"
+    make_mvtec_like(data, classes=("tex_a",), n_train_good=0, n_test_good=1, n_test_defect=1,
+                    size=(48, 40), seed=5)
+    reads: Counter = Counter()
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads[str(Path(f).resolve()) if isinstance(f, (str, Path)) else repr(f)] += 1
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    rc = run_main(["--dataset", "mvtec", "--data_path", str(data), "--ckpt_path", str(ckpt),
+                   "--prompts", str(synthetic_prompts), "--image_size", "32", "--device", "cpu",
+                   "--num_workers", "0", "--grounded_checkpoint", str(tiny_grounding_ckpt),
+                   "--bert_dir", str(bert_vocab_dir), "--save_path", str(tmp_path / "run")])
+    assert rc == 0, capsys.readouterr().err
+    assert reads[str(Path(ckpt).resolve())] == 1
+    assert reads[str(Path(tiny_grounding_ckpt).resolve())] == 1
+
+
+def test_exact_runs_the_detector_one_image_at_a_time_with_reference_kernels(
+        tmp_path, tiny_filo_ckpt, synthetic_prompts, tiny_grounding_ckpt, bert_vocab_dir,
+        capsys) -> None:
+    """--exact: results independent of --batch_size (bit for bit), reference kernels."""
+    from filo.cli.test import build_parser, configs_from_args
+    from filo.kernels import OneDNNLinear
+    from filo.pipeline import build_pipeline
+
+    ckpt, _ = tiny_filo_ckpt
+    data = tmp_path / "data"
+    make_mvtec_like(data, classes=("tex_a",), n_train_good=0, n_test_good=2, n_test_defect=2,
+                    size=(64, 48), seed=6)
+    common = ["--dataset", "mvtec", "--data_path", str(data), "--ckpt_path", str(ckpt),
+              "--prompts", str(synthetic_prompts), "--image_size", "32", "--device", "cpu",
+              "--num_workers", "0", "--grounded_checkpoint", str(tiny_grounding_ckpt),
+              "--bert_dir", str(bert_vocab_dir), "--exact"]
+    _, config = configs_from_args(build_parser().parse_args(common))
+    pipeline = build_pipeline(config)
+    assert pipeline.detector.params.batch_size == 1 and not pipeline.detector.params.fast_kernels
+    assert not any(isinstance(m, OneDNNLinear) for m in pipeline.detector.model.modules())
+    assert pipeline.model.options.onednn_linear is False
+    for bs in ("1", "4"):
+        rc = run_main([*common, "--batch_size", bs, "--save_path", str(tmp_path / f"run{bs}"),
+                       "--save_maps", str(tmp_path / f"maps{bs}"),
+                       "--save_boxes", str(tmp_path / f"boxes{bs}")])
+        assert rc == 0, capsys.readouterr().err
+    maps = sorted((tmp_path / "maps1").rglob("*.npy"))
+    assert len(maps) == 4
+    for path in maps:
+        rel = path.relative_to(tmp_path / "maps1")
+        np.testing.assert_array_equal(np.load(path), np.load(tmp_path / "maps4" / rel))
+        a = json.loads((tmp_path / "boxes1" / rel.with_suffix(".json")).read_text())
+        b = json.loads((tmp_path / "boxes4" / rel.with_suffix(".json")).read_text())
+        assert a == b
+    assert (tmp_path / "maps1" / "scores.csv").read_text() == \
+        (tmp_path / "maps4" / "scores.csv").read_text()

@@ -220,8 +220,8 @@ def test_stage_forwards_match_model_forward(data_root, tmp_path):
 def _heldout_auroc(model, root) -> float:
     ds = EvalDataset(flatten(load_split(root, "mvtec", "test")), root, image_size=32)
     batch = collate([ds[i] for i in range(len(ds))])
-    out = model.predict(batch["image"], batch["cls_name"])
-    return pixel_auroc(batch["mask"].numpy(), out.anomaly_map.numpy())
+    out = model.predict(batch.images, batch.cls_names)
+    return pixel_auroc(batch.masks.numpy(), out.anomaly_map.numpy())
 
 
 def test_training_lowers_loss_and_improves_heldout_auroc(data_root, heldout_root, tmp_path):

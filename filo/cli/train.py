@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mosaic_prob", type=float, default=None,
                    help="probability of a 2x2 same-class mosaic per sample (default: 0.2 for "
                         "mvtec, 0 otherwise)")
-    d.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
+    from filo.evaluation.runner import RunConfig
+    from filo.settings import add_args
+
+    add_args(d, RunConfig, ("num_workers",))  # the one definition every CLI shares
     m = p.add_argument_group("model")
     m.add_argument("--model_config", default="vit-l-14-336", choices=["vit-l-14-336", "tiny"],
                    help="vit-l-14-336 (needs --clip_weights) or tiny (random weights, tests/demo)")
@@ -104,9 +107,12 @@ def settings_from_args(args: argparse.Namespace):
             raise FiloError(f"CLIP weights {clip_weights} not found; fetch them with `python -m "
                             f"filo download` or pass --clip_weights (or set FILO_CLIP_WEIGHTS)")
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    from filo.fileio import check_writable_dir
+
+    save_dir = check_writable_dir(args.save_dir or _default_save_dir(), "--save_dir")
     return TrainSettings(
         dataset=args.dataset, data_path=Path(data_path),
-        save_dir=args.save_dir or _default_save_dir(), clip_weights=clip_weights,
+        save_dir=save_dir, clip_weights=clip_weights,
         model_config=args.model_config, epochs=args.epochs, adapter_epochs=args.adapter_epochs,
         batch_size=args.batch_size, lr=args.lr, prompt_lr=args.prompt_lr,
         adapter_lr=args.adapter_lr, image_size=args.image_size, device=args.device,

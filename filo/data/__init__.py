@@ -9,7 +9,7 @@ Public API::
 
 from __future__ import annotations
 
-from filo.data.dataset import EvalDataset, collate
+from filo.data.dataset import EvalDataset, ImageBatch, collate
 from filo.data.layouts import (
     DATASETS,
     IMAGE_EXTENSIONS,
@@ -46,7 +46,7 @@ from filo.data.transforms import (
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS",
     "MVTEC_CLASSES", "VISA_CLASSES", "EvalDataset", "Sample", "build_meta", "clip_tensor",
-    "collate", "decode_image", "detect_dataset", "detector_resize_size", "detector_tensor",
+    "ImageBatch", "collate", "decode_image", "detect_dataset", "detector_resize_size", "detector_tensor",
     "flatten", "iter_samples", "load_clip_input", "load_detector_input", "load_mask", "load_rgb",
     "load_split", "mask_tensor", "read_meta", "scan_folder", "scan_mvtec", "scan_visa",
     "write_meta",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,21 +83,34 @@ class EvalDataset(Dataset):
         return item
 
 
-def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch EvalDataset items: ``image`` [B,3,S,S], ``mask`` [B,S,S] bool, ``label`` [B] long,
-    lists for ``cls_name``, ``specie_name``, ``img_path``, ``orig_size`` and (variable-size)
-    ``det_image``."""
+@dataclass
+class ImageBatch:
+    """A batch of :class:`EvalDataset` items, typed (what the pipeline and the runner read)."""
+
+    images: torch.Tensor  # [B, 3, S, S] CLIP input
+    masks: torch.Tensor  # [B, S, S] bool ground truth (all False for normal images)
+    labels: torch.Tensor  # [B] long, 0 normal / 1 anomalous
+    cls_names: list[str]
+    specie_names: list[str]
+    img_paths: list[str]  # as listed (relative to the dataset root)
+    orig_sizes: list[tuple[int, int]]  # (w, h) of each image file
+    det_images: list[torch.Tensor] | None = None  # GroundingDINO inputs [3, h', w'] (varying)
+
+    def __len__(self) -> int:
+        return len(self.img_paths)
+
+
+def collate(items: Sequence[dict[str, Any]]) -> ImageBatch:
+    """Batch EvalDataset items into an :class:`ImageBatch`."""
     if not items:
         raise ValueError("collate needs at least one item")
-    batch: dict[str, Any] = {
-        "image": torch.stack([it["image"] for it in items]),
-        "mask": torch.stack([it["mask"] for it in items]),
-        "label": torch.tensor([int(it["label"]) for it in items], dtype=torch.long),
-        "cls_name": [it["cls_name"] for it in items],
-        "specie_name": [it.get("specie_name", "") for it in items],
-        "img_path": [it["img_path"] for it in items],
-        "orig_size": [tuple(it["orig_size"]) for it in items],
-    }
-    if "det_image" in items[0]:
-        batch["det_image"] = [it["det_image"] for it in items]
-    return batch
+    return ImageBatch(
+        images=torch.stack([it["image"] for it in items]),
+        masks=torch.stack([it["mask"] for it in items]),
+        labels=torch.tensor([int(it["label"]) for it in items], dtype=torch.long),
+        cls_names=[it["cls_name"] for it in items],
+        specie_names=[it.get("specie_name", "") for it in items],
+        img_paths=[it["img_path"] for it in items],
+        orig_sizes=[tuple(it["orig_size"]) for it in items],
+        det_images=[it["det_image"] for it in items] if "det_image" in items[0] else None,
+    )

@@ -222,9 +222,38 @@ def _read_visa_rows(csv_path: Path) -> list[dict[str, str]]:
         raise FiloError(f"{csv_path} is not a valid csv ({err})") from None
 
 
+def listed_path_problem(rel: str) -> str | None:
+    """Why a path listed in a split file leaves the dataset root (absolute, or ``..`` climbing
+    out of it), or None. Lexical: symbolic links inside the root are the user's own choice."""
+    text = rel.replace("\\", "/")
+    if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+        return "is an absolute path"
+    depth = 0
+    for part in text.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return "climbs out of the dataset root with '..'"
+        elif part not in ("", "."):
+            depth += 1
+    return None
+
+
+def _check_listed(root: Path, sample: Sample, where: str, allow_outside_root: bool) -> None:
+    if allow_outside_root:
+        return
+    for rel in (sample.img_path, sample.mask_path):
+        problem = listed_path_problem(rel) if rel else None
+        if problem:
+            raise FiloError(f"{where}: {rel!r} {problem}, outside the dataset root {root}; list "
+                            f"paths relative to the root, or pass --allow_outside_root to accept "
+                            f"it (its outputs then go to _outside/ in the output folders)")
+
+
 def scan_visa(root: str | os.PathLike, split: str = "test",
               classes: str | Sequence[str] | None = None, *, source: str = "--root",
-              check_files: bool = True) -> dict[str, list[Sample]]:
+              check_files: bool = True, allow_outside_root: bool = False
+              ) -> dict[str, list[Sample]]:
     """Read a VisA tree through ``{root}/split_csv/1cls.csv`` (columns object,split,label,image,mask)."""
     root_path = _check_root(root, source)
     _check_split(split)
@@ -257,9 +286,10 @@ def scan_visa(root: str | os.PathLike, split: str = "test",
         if abnormal and not row["mask"]:
             raise FiloError(f"anomalous image {root_path / row['image']} has no mask: "
                             f"{csv_path} line {line} has an empty mask column")
-        per_class[cls_name].append(Sample(
-            img_path=row["image"], mask_path=row["mask"] if abnormal else "", cls_name=cls_name,
-            specie_name="", anomaly=int(abnormal)))
+        sample = Sample(img_path=row["image"], mask_path=row["mask"] if abnormal else "",
+                        cls_name=cls_name, specie_name="", anomaly=int(abnormal))
+        _check_listed(root_path, sample, f"{csv_path} line {line}", allow_outside_root)
+        per_class[cls_name].append(sample)
     if not order:
         raise FiloError(f"no classes found in {csv_path}: the csv has no rows")
     known = [c for c in VISA_CLASSES if c in per_class]
@@ -377,7 +407,8 @@ def check_files_exist(root: Path, split: dict[str, list[Sample]], limit: int = 3
 
 def load_split(root: str | os.PathLike, dataset: str = "auto", split: str = "test",
                classes: str | Sequence[str] | None = None, *, source: str = "--root",
-               check_files: bool = True) -> dict[str, list[Sample]]:
+               check_files: bool = True, allow_outside_root: bool = False
+               ) -> dict[str, list[Sample]]:
     """The samples of one split, ``{cls_name: [Sample, ...]}`` in dataset order.
 
     ``dataset`` is ``mvtec``, ``visa``, ``folder``, ``meta`` (read ``{root}/meta.json``) or
@@ -396,7 +427,8 @@ def load_split(root: str | os.PathLike, dataset: str = "auto", split: str = "tes
     if dataset == "folder":
         return scan_folder(root_path, split, classes, source=source)
     if dataset == "visa":
-        return scan_visa(root_path, split, classes, source=source, check_files=check_files)
+        return scan_visa(root_path, split, classes, source=source, check_files=check_files,
+                         allow_outside_root=allow_outside_root)
     if dataset == "meta":
         meta_path = root_path / META_NAME
         meta = read_meta(meta_path)
@@ -405,6 +437,10 @@ def load_split(root: str | os.PathLike, dataset: str = "auto", split: str = "tes
         if not meta[split]:
             raise FiloError(f"no classes found in {meta_path} under {split!r}")
         out = _select(meta[split], classes, str(meta_path))
+        for cls_name, samples in out.items():
+            for i, sample in enumerate(samples):
+                _check_listed(root_path, sample, f"{meta_path} {split}/{cls_name}[{i}]",
+                              allow_outside_root)
         if check_files:
             check_files_exist(root_path, out)
         return out

@@ -4,7 +4,8 @@ Public API::
 
     from filo.detector import load_detector, Detector, Detection, DetectionParams
     det = load_detector("ckpt/grounding_train_on_mvtec.pth", device="cpu", bert_dir=None)
-    results = det.detect(images, class_names, prompts)   # list[Detection], one per image
+    dets = det.detect_tensors(pixel_values, orig_sizes, captions, match_words)  # one per image
+    # FiLo's whole box step (caption, detect, map boxes, position): filo.pipeline.box_step
 
 Checkpoints in the ORIGINAL GroundingDINO layout are converted on load; ``python -m
 filo.detector convert IN OUT`` writes the converted file once (canonical transformers-5.x names,

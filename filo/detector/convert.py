@@ -30,10 +30,15 @@ import torch
 
 from filo.detector.config import DetectorArch, arch_from_state_dict
 from filo.errors import FiloError
+from filo.weights import clean_state_dict, read_weights, unwrap
 
 log = logging.getLogger(__name__)
 
 HF_FORMAT = "filo-gdino-hf"
+GROUNDING_CHECKPOINT_HINT = (
+    "use grounding_train_on_{mvtec,visa}.pth (FiLo release) or groundingdino_swint_ogc.pth "
+    "(IDEA-Research), completely downloaded"
+)
 
 SWIN = "model.backbone.conv_encoder.model.swin"
 SWIN_NORMS = "model.backbone.conv_encoder.model.hidden_states_norms"
@@ -179,51 +184,56 @@ IGNORED_KEYS: list[tuple[str, str]] = [
 NAMING_V5 = "v5"
 NAMING_V4 = "v4"
 _SWIN_V4 = "model.backbone.conv_encoder.model"
-_BLOCK = r"model\.backbone\.conv_encoder\.model\.swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\."
-_BLOCK_V4 = _SWIN_V4 + r".encoder.layers.\1.blocks.\2."
+
+# The 4.x Swin renames as pairs of key patterns, (canonical, transformers 4.x), from which both
+# directions are generated (V4_RENAMES and its inverse): literal dots, and placeholders
+# ``{name}`` that stand for the same part of the key on both sides (see _SLOTS).
+_V4_PAIRS: list[tuple[str, str]] = [
+    (SWIN + ".embeddings.{emb}.{wb}", _SWIN_V4 + ".embeddings.{emb}.{wb}"),
+    (SWIN + ".encoder.layers.{i}.blocks.{j}.attention.q_proj.{wb}",
+     _SWIN_V4 + ".encoder.layers.{i}.blocks.{j}.attention.self.query.{wb}"),
+    (SWIN + ".encoder.layers.{i}.blocks.{j}.attention.k_proj.{wb}",
+     _SWIN_V4 + ".encoder.layers.{i}.blocks.{j}.attention.self.key.{wb}"),
+    (SWIN + ".encoder.layers.{i}.blocks.{j}.attention.v_proj.{wb}",
+     _SWIN_V4 + ".encoder.layers.{i}.blocks.{j}.attention.self.value.{wb}"),
+    (SWIN + ".encoder.layers.{i}.blocks.{j}.attention.o_proj.{wb}",
+     _SWIN_V4 + ".encoder.layers.{i}.blocks.{j}.attention.output.dense.{wb}"),
+    (SWIN + ".encoder.layers.{i}.blocks.{j}.attention.relative_position_bias"
+            ".relative_position_bias_table",
+     _SWIN_V4 + ".encoder.layers.{i}.blocks.{j}.attention.self.relative_position_bias_table"),
+    (SWIN + ".encoder.layers.{i}.blocks.{j}.{ln}.{wb}",
+     _SWIN_V4 + ".encoder.layers.{i}.blocks.{j}.{ln}.{wb}"),
+    (SWIN + ".encoder.layers.{i}.blocks.{j}.mlp.fc1.{wb}",
+     _SWIN_V4 + ".encoder.layers.{i}.blocks.{j}.intermediate.dense.{wb}"),
+    (SWIN + ".encoder.layers.{i}.blocks.{j}.mlp.fc2.{wb}",
+     _SWIN_V4 + ".encoder.layers.{i}.blocks.{j}.output.dense.{wb}"),
+    (SWIN + ".encoder.layers.{i}.downsample.{ds}.{wb}",
+     _SWIN_V4 + ".encoder.layers.{i}.downsample.{ds}.{wb}"),
+]
+_SLOTS = {"i": r"\d+", "j": r"\d+", "wb": "weight|bias", "ln": "layernorm_before|layernorm_after",
+          "emb": r"patch_embeddings\.projection|norm", "ds": "reduction|norm"}
+# Where the renamed Swin keys live under each naming; every key outside keeps its name (BERT,
+# encoder/decoder, heads and 4.x's hidden_states_norms, which sits next to the 4.x Swin).
+_SWIN_SCOPE = {NAMING_V5: re.escape(SWIN + "."),
+               NAMING_V4: re.escape(_SWIN_V4 + ".") + "(?:embeddings|encoder)\\."}
+
+
+def _rename_rules(pairs: list[tuple[str, str]], scope: str) -> list[tuple[str, str]]:
+    """(regex, template) rules renaming each pair's left pattern to its right one, plus the
+    identity for every key outside ``scope`` (keys inside it that no pair knows match nothing)."""
+    rules = []
+    for src, dst in pairs:
+        regex = re.sub(r"\\{(\w+)\\}", lambda m: f"(?P<{m.group(1)}>{_SLOTS[m.group(1)]})",
+                       re.escape(src))
+        rules.append((regex, re.sub(r"\{(\w+)\}", r"\\g<\1>", dst)))
+    return [*rules, (f"((?!{scope}).*)", r"\1")]
+
 
 # (canonical-key regex, transformers-4.x template). Every canonical key matches exactly one rule.
-V4_RENAMES: list[tuple[str, str]] = [
-    (r"model\.backbone\.conv_encoder\.model\.swin\.embeddings\."
-     r"(patch_embeddings\.projection|norm)\.(weight|bias)",
-     _SWIN_V4 + r".embeddings.\1.\2"),
-    (_BLOCK + r"attention\.q_proj\.(weight|bias)", _BLOCK_V4 + r"attention.self.query.\3"),
-    (_BLOCK + r"attention\.k_proj\.(weight|bias)", _BLOCK_V4 + r"attention.self.key.\3"),
-    (_BLOCK + r"attention\.v_proj\.(weight|bias)", _BLOCK_V4 + r"attention.self.value.\3"),
-    (_BLOCK + r"attention\.o_proj\.(weight|bias)", _BLOCK_V4 + r"attention.output.dense.\3"),
-    (_BLOCK + r"attention\.relative_position_bias\.relative_position_bias_table",
-     _BLOCK_V4 + r"attention.self.relative_position_bias_table"),
-    (_BLOCK + r"(layernorm_before|layernorm_after)\.(weight|bias)", _BLOCK_V4 + r"\3.\4"),
-    (_BLOCK + r"mlp\.fc1\.(weight|bias)", _BLOCK_V4 + r"intermediate.dense.\3"),
-    (_BLOCK + r"mlp\.fc2\.(weight|bias)", _BLOCK_V4 + r"output.dense.\3"),
-    (r"model\.backbone\.conv_encoder\.model\.swin\.encoder\.layers\.(\d+)\.downsample\."
-     r"(reduction|norm)\.(weight|bias)", _SWIN_V4 + r".encoder.layers.\1.downsample.\2.\3"),
-    # everything outside the Swin backbone keeps its name (hidden_states_norms included)
-    (r"((?!model\.backbone\.conv_encoder\.model\.swin\.).*)", r"\1"),
-]
-
-# The inverse of V4_RENAMES (transformers-4.x key -> canonical), for writing a 4.x model's own
-# state dict in the canonical layout (see canonical_state_dict). ``None``: a buffer 4.x keeps
-# in its state dict that the canonical layout does not store.
-_B4 = r"model\.backbone\.conv_encoder\.model\.encoder\.layers\.(\d+)\.blocks\.(\d+)\."
-_B5 = SWIN + r".encoder.layers.\1.blocks.\2."
-V4_TO_CANONICAL: list[tuple[str, str | None]] = [
-    (r"model\.backbone\.conv_encoder\.model\.embeddings\."
-     r"(patch_embeddings\.projection|norm)\.(weight|bias)", SWIN + r".embeddings.\1.\2"),
-    (_B4 + r"attention\.self\.query\.(weight|bias)", _B5 + r"attention.q_proj.\3"),
-    (_B4 + r"attention\.self\.key\.(weight|bias)", _B5 + r"attention.k_proj.\3"),
-    (_B4 + r"attention\.self\.value\.(weight|bias)", _B5 + r"attention.v_proj.\3"),
-    (_B4 + r"attention\.output\.dense\.(weight|bias)", _B5 + r"attention.o_proj.\3"),
-    (_B4 + r"attention\.self\.relative_position_bias_table",
-     _B5 + r"attention.relative_position_bias.relative_position_bias_table"),
-    (_B4 + r"attention\.self\.relative_position_index", None),
-    (_B4 + r"(layernorm_before|layernorm_after)\.(weight|bias)", _B5 + r"\3.\4"),
-    (_B4 + r"intermediate\.dense\.(weight|bias)", _B5 + r"mlp.fc1.\3"),
-    (_B4 + r"output\.dense\.(weight|bias)", _B5 + r"mlp.fc2.\3"),
-    (r"model\.backbone\.conv_encoder\.model\.encoder\.layers\.(\d+)\.downsample\."
-     r"(reduction|norm)\.(weight|bias)", SWIN + r".encoder.layers.\1.downsample.\2.\3"),
-    (r"((?!model\.backbone\.conv_encoder\.model\.(?:embeddings|encoder)\.).*)", r"\1"),
-]
+V4_RENAMES = _rename_rules(_V4_PAIRS, _SWIN_SCOPE[NAMING_V5])
+# The inverse (transformers-4.x key -> canonical), for writing a 4.x model's own state dict in
+# the canonical layout (see canonical_state_dict); 4.x-only buffers (HF_ONLY_KEYS) are dropped.
+_V4_TO_CANONICAL = _rename_rules([(v4, v5) for v5, v4 in _V4_PAIRS], _SWIN_SCOPE[NAMING_V4])
 
 # Model keys (per naming) that no original key fills, why that is harmless, and what to do:
 # "identity" fills weight 1 / bias 0, "keep" leaves the value transformers computed at init.
@@ -248,7 +258,7 @@ NAMING_PROBES: dict[str, str] = {
 _COMPILED = [(re.compile(rx + r"\Z"), tpl, kind) for rx, tpl, kind in KEY_RULES]
 _IGNORED = [(re.compile(rx + r"\Z"), why) for rx, why in IGNORED_KEYS]
 _V4 = [(re.compile(rx + r"\Z"), tpl) for rx, tpl in V4_RENAMES]
-_V4_INV = [(re.compile(rx + r"\Z"), tpl) for rx, tpl in V4_TO_CANONICAL]
+_V4_INV = [(re.compile(rx + r"\Z"), tpl) for rx, tpl in _V4_TO_CANONICAL]
 _HF_ONLY = {naming: [(re.compile(rx + r"\Z"), why, action) for rx, why, action in rules]
             for naming, rules in HF_ONLY_KEYS.items()}
 
@@ -266,11 +276,6 @@ class ConversionReport:
     def summary(self) -> str:
         return (f"{len(self.converted)} keys converted, {len(self.ignored)} known leftovers "
                 f"ignored, {len(self.unknown)} unknown")
-
-
-def strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop a DataParallel ``module.`` prefix from every key that has it."""
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
 def _split_qkv(tensor: torch.Tensor, key: str) -> tuple[torch.Tensor, ...]:
@@ -298,7 +303,7 @@ def convert_key(key: str, value: torch.Tensor) -> list[tuple[str, torch.Tensor]]
 def convert_state_dict(original: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
                                                                    ConversionReport]:
     """Original-layout state dict -> transformers ``GroundingDinoForObjectDetection`` state dict."""
-    original = strip_prefix(original)
+    original = clean_state_dict(original)
     report = ConversionReport()
     out: dict[str, torch.Tensor] = {}
     for key, value in original.items():
@@ -340,12 +345,6 @@ def hf_only_rule(key: str, naming: str = NAMING_V5) -> tuple[str, str] | None:
     return next(((why, action) for rx, why, action in _HF_ONLY[naming] if rx.match(key)), None)
 
 
-def hf_only_reason(key: str, naming: str = NAMING_V5) -> str | None:
-    """Why a transformers key may stay unfilled by a converted checkpoint (or None)."""
-    rule = hf_only_rule(key, naming)
-    return rule[0] if rule else None
-
-
 def installed_naming(model_keys) -> str:
     """The naming (``"v5"`` or ``"v4"``) of an instantiated model, from its state-dict keys."""
     keys = set(model_keys)
@@ -367,7 +366,12 @@ def rename_key(key: str, naming: str) -> str | None:
         return key
     if naming != NAMING_V4:
         raise ValueError(f"unknown naming {naming!r}")
-    for rx, template in _V4:
+    return _apply_renames(_V4, key)
+
+
+def _apply_renames(rules: list[tuple[re.Pattern, str]], key: str) -> str | None:
+    """``key`` renamed by the first rule whose regex matches it (None: no rule matches)."""
+    for rx, template in rules:
         match = rx.match(key)
         if match:
             return match.expand(template)
@@ -396,14 +400,12 @@ def canonical_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torc
         return dict(model_state)
     out: dict[str, torch.Tensor] = {}
     for key, value in model_state.items():
-        for rx, template in _V4_INV:
-            match = rx.match(key)
-            if match:
-                if template is not None:
-                    out[match.expand(template)] = value
-                break
-        else:  # pragma: no cover - the last rule matches every other key
+        if hf_only_rule(key, naming) is not None:
+            continue  # a 4.x-only buffer the canonical layout does not store
+        new = _apply_renames(_V4_INV, key)
+        if new is None:
             raise FiloError(f"model key {key}: no canonical name")
+        out[new] = value
     return out
 
 
@@ -422,21 +424,21 @@ class LoadedCheckpoint:
 
 
 def detect_layout(obj: object, path: str | Path = "checkpoint") -> tuple[str, dict]:
-    """Tell apart the layouts by their keys; return (layout, state dict or payload)."""
+    """Tell apart the layouts by their keys; return (layout, payload): the whole dict for the
+    transformers layout, the state dict (``module.`` prefixes stripped) for the original one."""
     if isinstance(obj, dict) and obj.get("format") == HF_FORMAT:
         return "transformers", obj
     if isinstance(obj, dict) and "filo" in obj:
         raise FiloError(f"{path}: this is a FiLo checkpoint ('filo' key), not a GroundingDINO "
                         "one; pass it as the FiLo checkpoint and give --grounded_checkpoint "
                         "grounding_train_on_{mvtec,visa}.pth or groundingdino_swint_ogc.pth")
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
+    obj, _ = unwrap(obj, ("model",))
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        keys = strip_prefix(obj)
-        if "backbone.0.patch_embed.proj.weight" in keys and any(k.startswith("bert.")
-                                                                for k in keys):
-            return "original", obj
-        if any(k.startswith("model.text_backbone.") for k in keys):
+        state = clean_state_dict(obj)
+        if "backbone.0.patch_embed.proj.weight" in state and any(k.startswith("bert.")
+                                                                 for k in state):
+            return "original", state
+        if any(k.startswith("model.text_backbone.") for k in state):
             raise FiloError(f"{path}: a bare transformers state dict without architecture; "
                             "convert the original checkpoint with `python -m filo.detector "
                             "convert IN OUT`")
@@ -446,23 +448,14 @@ def detect_layout(obj: object, path: str | Path = "checkpoint") -> tuple[str, di
 
 
 def read_checkpoint(path: str | Path, bert_config: dict | None = None) -> LoadedCheckpoint:
-    """Read a GroundingDINO checkpoint of either layout, converting the original one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FiloError(f"{path}: GroundingDINO checkpoint not found; put "
-                        "grounding_train_on_{mvtec,visa}.pth or groundingdino_swint_ogc.pth there")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is a user error here
-        raise FiloError(f"{path}: cannot read as a torch checkpoint ({type(err).__name__}); "
-                        "download it again") from None
+    """Read a GroundingDINO checkpoint of either layout (once), converting the original one."""
+    obj = read_weights(path, what="GroundingDINO checkpoint", hint=GROUNDING_CHECKPOINT_HINT)
     layout, payload = detect_layout(obj, path)
     if layout == "transformers":
         return LoadedCheckpoint(state_dict=payload["state_dict"],
                                 arch=DetectorArch.from_dict(payload["arch"]), layout=layout)
-    original = strip_prefix(payload)
-    arch = arch_from_state_dict(original, source=str(path), bert_config=bert_config)
-    state_dict, report = convert_state_dict(original)
+    arch = arch_from_state_dict(payload, source=str(path), bert_config=bert_config)
+    state_dict, report = convert_state_dict(payload)
     log.info("%s: original GroundingDINO layout, %s", path, report.summary())
     if report.unknown:
         raise FiloError(f"{path}: {len(report.unknown)} keys no conversion rule knows "

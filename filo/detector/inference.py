@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from filo.detector.caption import build_caption, phrase_from_token_probs, phrase_matches
+from filo.detector.caption import phrase_from_token_probs, phrase_matches
 from filo.detector.deform_attn import use_gather_deformable_attention
 from filo.device import resolve_device
 from filo.kernels import use_onednn_linears
@@ -206,32 +206,6 @@ class Detector:
                 results[i] = postprocess(probs[j], boxes[j], ids[j], self.tokenizer,
                                          image_sizes[i], match_words[i], self.params)
         return results  # type: ignore[return-value]
-
-    # -- convenience -------------------------------------------------------------------------
-    def detect(self, images: Sequence, captions: str | Sequence[str],
-               match_words: Sequence[str] | Sequence[Sequence[str]]) -> list[Detection]:
-        """Detections for PIL images (resized by the reference rule, ImageNet-normalized).
-
-        ``captions``: one caption for all images or one per image; ``match_words``: the words
-        that make a box count (detail phrases + general words), shared or one list per image.
-        """
-        from filo.data.transforms import detector_tensor
-
-        prepared = [detector_tensor(img) for img in images]
-        n = len(prepared)
-        caps = [captions] * n if isinstance(captions, str) else list(captions)
-        if match_words and isinstance(match_words[0], str):
-            words = [list(match_words)] * n  # type: ignore[list-item]
-        else:
-            words = [list(w) for w in match_words]  # type: ignore[union-attr]
-        return self.detect_tensors([t for t, _ in prepared], [s for _, s in prepared], caps,
-                                   words)
-
-    def detect_class(self, images: Sequence, general_words: Sequence[str],
-                     detail_phrases: Sequence[str]) -> list[Detection]:
-        """FiLo's box step for images of one class: caption and matching words per section 6."""
-        caption = build_caption(general_words, detail_phrases)
-        return self.detect(images, caption, [*detail_phrases, *general_words])
 
 
 def load_detector(checkpoint: str | Path, device: str | torch.device | None = "cpu",

@@ -24,6 +24,7 @@ from filo.fileio import atomic_write_text
 
 COLUMNS = ("auroc_px", "f1_px", "ap_px", "aupro", "auroc_sp", "f1_sp", "ap_sp")
 EXTRA_COLUMNS = ("aupro_exact",)
+IMAGE_COLUMNS = ("auroc_sp", "f1_sp", "ap_sp")  # detector-only runs without pixel metrics
 HEADERS = ("objects", *COLUMNS, *EXTRA_COLUMNS)
 COLUMN_NOTES = {
     "aupro": "legacy AUPRO: 200 thresholds, FPR < 0.3 rescaled to [0, 1] (the papers' definition)",

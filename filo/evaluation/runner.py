@@ -1,12 +1,15 @@
-"""The test run: predictions for every test image (cached, resumable), then the tables.
+"""The evaluation run: predictions for every test image (cached, resumable), then the tables.
 
-Order of work:
+Used by test.py (FiLo, with or without the box step) and by detector-only runs
+(``python -m filo.detect``): both are a :class:`~filo.pipeline.PipelineConfig` plus a
+:class:`RunConfig` (which data, which outputs). Order of work:
+
 1. list the test split (dataset order), open the prediction cache for these settings;
-2. predict the images that have no cache entry yet, in batches (detector boxes first when a
-   grounding checkpoint is given, then the FiLo maps, then the box fusion), writing each entry
-   atomically as soon as it is made;
+2. build the pipeline and predict the images that have no cache entry yet, in batches, writing
+   each entry atomically as soon as it is made;
 3. read the cache class by class and compute the metrics; write the table, ``results.json``,
-   ``results.csv``, the log, and optionally per-image maps and ``scores.csv``.
+   ``results.csv``, the log, and optionally per-image maps, box JSON files, COCO detections and
+   visualisations.
 
 ``--from_cache`` skips step 2 (no model is loaded) and fails if an entry is missing.
 """
@@ -15,10 +18,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,173 +35,214 @@ from filo.data.dataset import EvalDataset, collate
 from filo.data.layouts import load_split
 from filo.data.records import Sample
 from filo.errors import FiloError
-from filo.evaluation.cache import Prediction, PredictionCache, file_fingerprint
-from filo.evaluation.report import ClassResult, class_metrics, render_table, write_results
-from filo.fileio import atomic_save_npy, atomic_write_text
+from filo.evaluation.cache import Prediction, PredictionCache, input_identity
+from filo.evaluation.report import (
+    COLUMNS,
+    EXTRA_COLUMNS,
+    IMAGE_COLUMNS,
+    ClassResult,
+    class_metrics,
+    render_table,
+    write_results,
+)
+from filo.fileio import atomic_save_npy, atomic_write_text, check_writable_dir, output_file
+from filo.pipeline import Pipeline, PipelineConfig, build_pipeline
+from filo.settings import as_dict, at_least, setting
 
 logger = logging.getLogger(__name__)
 
-# Bumped when the default computation behind unchanged settings changes (2: a research-layout
-# checkpoint runs CLIP with exact GELU), so older cache entries are not reused.
-RULES_VERSION = 2
+DATASETS = ("mvtec", "visa", "folder", "meta", "auto")
+DATA_ENV = {"mvtec": "MVTEC_ROOT", "visa": "VISA_ROOT"}
 
 
 @dataclass
-class EvalSettings:
-    """Every setting of a test run (the CLI flags)."""
+class RunConfig:
+    """Which images a run evaluates and what it writes (the pipeline settings are apart)."""
 
-    dataset: str = "mvtec"
-    data_path: Path | None = None
-    ckpt_path: Path | None = None
-    grounded_checkpoint: Path | None = None
-    box_threshold: float = 0.25
-    text_threshold: float = 0.25
-    area_threshold: float = 0.7
-    outside_box_factor: float = 0.7
-    image_size: int = 518
-    device: str | None = None
-    batch_size: int = 8
-    num_workers: int = 2
-    classes: list[str] | None = None
-    prompts: Path | None = None
-    no_grounding: bool = False
-    position: str | None = None
-    save_path: Path = Path("outputs/results/test")
-    save_maps: Path | None = None
-    save_boxes: Path | None = None
-    viz_dir: Path | None = None
-    viz_limit: int | None = None
-    viz_only_errors: bool = False
-    viz_lift_boxes: bool = False
-    from_cache: bool = False
-    score_mode: str = "research"
-    autocast: str = "none"  # 'bf16' / 'fp16': faster, not bit-exact (see README, Performance)
-    kernels: str = "fast"  # 'reference': plain PyTorch CPU ops (same maps to ~1e-6, slower)
-    legacy_macaroni: bool = False
-    legacy_phrase_case: bool = False
-    legacy_text_threshold: bool = False
-    legacy_grid: bool = False
-    legacy_box_slices: bool = False
-    clip_act: str | None = None  # None: what the checkpoint records / the research rule
-    bert_dir: Path | None = None
+    dataset: str = setting("mvtec", "dataset layout of --data_path", choices=DATASETS)
+    data_path: Path | None = setting(None, "dataset root",
+                                     default_help="$MVTEC_ROOT or $VISA_ROOT by --dataset")
+    classes: str | None = setting(None, "comma-separated class names to evaluate",
+                                  default_help="all, in dataset order")
+    batch_size: int = setting(8, "images per forward pass", check=at_least(1))
+    num_workers: int = setting(2, "data-loading worker processes", check=at_least(0))
+    save_path: Path | None = setting(
+        None, "results folder: table, results.json/.csv, log, prediction cache",
+        default_help="$RESULTS_DIR/test_<dataset> (detector-only: detect_<dataset>)")
+    save_maps: Path | None = setting(None, "write one float32 .npy map per image and scores.csv "
+                                     "here")
+    save_boxes: Path | None = setting(None, "write the detector's boxes as one JSON per image here")
+    save_coco: Path | None = setting(
+        None, "write all kept boxes as COCO detections to this file (bbox x,y,w,h in original "
+        "pixels, score, category = the matched prompt word or 'anomaly')", metavar="FILE")
+    pixel_metrics: bool = setting(
+        False, "detector-only runs: also score the box maps against the masks (FiLo runs always "
+        "do)")
+    viz_dir: Path | None = setting(None, "write visualisations (panels and index.html) here")
+    viz_limit: int | None = setting(None, "at most N visualisations per class", check=at_least(0),
+                                    default_help="all", metavar="N")
+    viz_only_errors: bool = setting(False, "visualise only misclassified images (per-class "
+                                    "F1-optimal threshold)")
+    viz_lift_boxes: bool = setting(False, "visual only: raise the shown heat inside detector "
+                                   "boxes", aliases=("--lift_boxes",))
+    from_cache: bool = setting(False, "recompute the tables from cached predictions without "
+                               "running any model")
+    allow_outside_root: bool = setting(
+        False, "accept images listed outside the dataset root (absolute paths or '..' in "
+        "meta.json / split_csv); their outputs go to _outside/ in the output folders")
 
-    @property
-    def grounding(self) -> bool:
-        return not self.no_grounding and self.grounded_checkpoint is not None
+    def class_list(self) -> list[str] | None:
+        if not self.classes:
+            return None
+        return [c.strip() for c in self.classes.split(",") if c.strip()] or None
 
-    def prediction_settings(self) -> dict[str, Any]:
-        """What changes the per-image predictions (the cache key)."""
-        out: dict[str, Any] = {
-            "filo_ckpt": file_fingerprint(self.ckpt_path),
-            "image_size": self.image_size,
-            "prompts": _file_digest(self.prompts),
-            "score_mode": self.score_mode,
-            "autocast": self.autocast,
-            "legacy_macaroni": self.legacy_macaroni,
-            "clip_act": self.clip_act or "auto",
-            "rules": RULES_VERSION,
-            "grounding": self.grounding,
-            "position": None if self.grounding else self.position,
-        }
-        if self.grounding:
-            out.update(
-                grounded_checkpoint=file_fingerprint(self.grounded_checkpoint),
-                box_threshold=self.box_threshold,
-                text_threshold=self.text_threshold,
-                area_threshold=self.area_threshold,
-                outside_box_factor=self.outside_box_factor,
-                legacy_phrase_case=self.legacy_phrase_case,
-                legacy_text_threshold=self.legacy_text_threshold,
-                legacy_grid=self.legacy_grid,
-                legacy_box_slices=self.legacy_box_slices,
-            )
+    def resolved(self, prefix: str = "test") -> RunConfig:
+        """Defaults from the environment filled in: data path and results folder."""
+        from dataclasses import replace
+
+        out = replace(self)
+        if out.data_path is None:
+            env = DATA_ENV.get(out.dataset)
+            if env and os.environ.get(env):
+                out.data_path = Path(os.environ[env])
+            else:
+                raise FiloError("--data_path is required (or set MVTEC_ROOT / VISA_ROOT via "
+                                "env.sh)")
+        if out.save_path is None:
+            out.save_path = Path(os.environ.get("RESULTS_DIR", "outputs/results")) / \
+                f"{prefix}_{out.dataset}"
         return out
 
-    def as_log_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+PipelineFactory = Callable[[PipelineConfig], Pipeline]
 
 
-def _file_digest(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    import hashlib
-
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    except OSError:
-        return str(path)
-
-
-@dataclass
-class BatchPredictions:
-    """Model output for one batch, on the CPU."""
-
-    anomaly_maps: np.ndarray  # [B, S, S] float32, after the box fusion
-    image_scores: np.ndarray  # [B]
-    extras: list[dict[str, Any]] = field(default_factory=list)
+def check_outputs_writable(run: RunConfig) -> None:
+    """Every output folder of the run can be written (checked before anything is loaded)."""
+    check_writable_dir(run.save_path or "outputs/results/test", "--save_path")
+    for flag in ("save_maps", "save_boxes", "viz_dir"):
+        if getattr(run, flag) is not None:
+            check_writable_dir(getattr(run, flag), f"--{flag}")
+    if run.save_coco is not None:
+        check_writable_dir(Path(run.save_coco).parent, "--save_coco (its folder)")
 
 
-Predictor = Callable[[dict[str, Any]], BatchPredictions]
+class _Unreadable(FiloError):
+    """A cache entry listed as present could not be read back (torn or removed meanwhile)."""
+
+    def __init__(self, sample: Sample) -> None:
+        super().__init__(f"the cache entry of {sample.img_path} could not be read; run the same "
+                         f"command again to recompute it")
+        self.sample = sample
 
 
-def run_test(settings: EvalSettings, *, predictor_factory: Callable[[EvalSettings], Predictor] | None = None,
-             log: Callable[[str], None] = print) -> list[ClassResult]:
-    """Run a whole test: predict what is not cached, then compute and write the tables."""
-    if settings.data_path is None:
+def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
+                   pipeline_factory: PipelineFactory | None = None,
+                   log: Callable[[str], None] = print) -> list[ClassResult]:
+    """Run a whole evaluation: predict what is not cached, then compute and write the tables.
+
+    Cheap checks come first (output folders writable, dataset listing, prompt file and classes),
+    so a bad input is one error line before any model is loaded or any cache folder is made.
+    """
+    if run.data_path is None:
         raise FiloError("--data_path is required (the dataset root)")
-    split = load_split(settings.data_path, settings.dataset, "test", settings.classes,
-                       source="--data_path")
+    if not run.from_cache:
+        pipeline.check_usable()
+    check_outputs_writable(run)
+    split = load_split(run.data_path, run.dataset, "test", run.class_list(),
+                       source="--data_path", allow_outside_root=run.allow_outside_root)
+    empty = [c for c, group in split.items() if not group]
+    for cls_name in empty:
+        logger.warning("class %s has no test images; it is left out of the table and the means",
+                       cls_name)
+        log(f"[filo] warning: class {cls_name} has no test images under {run.data_path}; "
+            f"left out of the table and the means")
+    split = {c: group for c, group in split.items() if group}
+    if not split:
+        raise FiloError(f"no test images under {run.data_path} ({run.dataset} layout)")
     samples = [s for group in split.values() for s in group]
-    out_dir = Path(settings.save_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cache = PredictionCache(out_dir / "cache", settings.prediction_settings())
-    todo = [s for s in samples if not cache.has(s.img_path)]
-    log(f"[filo] {len(samples)} test images in {len(split)} classes; "
-        f"{len(samples) - len(todo)} cached in {cache.dir}")
+    prompts = None
+    if not run.from_cache and pipeline_factory is None:
+        from filo.pipeline import load_pipeline_prompts
 
-    if todo:
-        if settings.from_cache:
+        prompts = load_pipeline_prompts(pipeline)
+        unknown = [c for c in split if not prompts.has_class(c)]
+        if unknown:
+            raise FiloError(f"class {unknown[0]!r} of {run.data_path} has no prompts in "
+                            f"{prompts.source}; add it to a prompt file and pass --prompts "
+                            f"(see prompts/README.md)")
+    out_dir = Path(run.save_path or "outputs/results/test")
+    cache = PredictionCache(out_dir / "cache", cache_key(run, pipeline))
+    sources = {s.img_path: input_identity(run.data_path, s.img_path, s.mask_path)
+               for s in samples}
+    model: Pipeline | None = None
+
+    def predict(todo: list[Sample]) -> None:
+        nonlocal model
+        if run.from_cache:
             raise FiloError(f"--from_cache: {len(todo)} of {len(samples)} images have no cached "
                             f"prediction in {cache.dir} (first: {todo[0].img_path}); run without "
                             f"--from_cache to compute them")
-        if predictor_factory is None:
-            from filo.evaluation.predictor import build_predictor as predictor_factory
-            from filo.evaluation.predictor import check_classes, load_prompts_for
+        if model is None:
+            if pipeline_factory is None:
+                model = build_pipeline(pipeline, prompts=prompts)
+            else:
+                model = pipeline_factory(pipeline)
+            model.check_classes(list(split), str(run.data_path))
+        _predict_missing(run, todo, cache, model, sources)
 
-            check_classes(load_prompts_for(settings), list(split), str(settings.data_path))
-        predictor = predictor_factory(settings)
-        _predict_missing(settings, todo, cache, predictor)
-
-    results = _evaluate_classes(split, cache, settings)
-    _write_outputs(settings, split, cache, results, out_dir, log)
+    todo = [s for s in samples if not cache.has(s.img_path, sources[s.img_path])]
+    log(f"[filo] {len(samples)} test images in {len(split)} classes; "
+        f"{len(samples) - len(todo)} cached in {cache.dir}")
+    if todo:
+        predict(todo)
+    pixel = pipeline.uses_filo or run.pixel_metrics
+    for _attempt in range(3):
+        try:
+            results = _evaluate_classes(split, cache, pixel)
+            break
+        except _Unreadable as err:  # get() removed the torn entry: recompute it now
+            broken = [s for s in samples if not cache.has(s.img_path)]
+            logger.warning("unreadable cache entries (first %s): recomputing", err.sample.img_path)
+            log(f"[filo] warning: {len(broken)} cache entr{'y' if len(broken) == 1 else 'ies'} "
+                f"in {cache.dir} could not be read (first: {err.sample.img_path}); recomputing")
+            predict(broken)
+    else:
+        raise FiloError(f"cache entries in {cache.dir} keep coming back unreadable; check the "
+                        f"disk, or delete the folder and run again")
+    columns = (*COLUMNS, *EXTRA_COLUMNS) if pixel else IMAGE_COLUMNS
+    _write_outputs(run, pipeline, split, cache, results, out_dir, columns, log)
     return results
 
 
-def _predict_missing(settings: EvalSettings, todo: Sequence[Sample], cache: PredictionCache,
-                     predictor: Predictor) -> None:
-    dataset = EvalDataset(todo, settings.data_path, settings.image_size,
-                          with_detector_input=settings.grounding)
-    loader = DataLoader(dataset, batch_size=max(1, settings.batch_size), shuffle=False,
-                        num_workers=max(0, settings.num_workers), collate_fn=collate,
-                        persistent_workers=False)
+def cache_key(run: RunConfig, pipeline: PipelineConfig) -> dict[str, Any]:
+    """The prediction cache's settings key: the pipeline's plus the dataset root."""
+    return {**pipeline.cache_key(), "data_root": str(Path(run.data_path).resolve())}
+
+
+def _predict_missing(run: RunConfig, todo: Sequence[Sample], cache: PredictionCache,
+                     model: Pipeline, sources: dict[str, dict[str, Any]]) -> None:
+    dataset = EvalDataset(todo, run.data_path, model.image_size,
+                          with_detector_input=model.needs_detector_input)
+    loader = DataLoader(dataset, batch_size=run.batch_size, shuffle=False,
+                        num_workers=run.num_workers, collate_fn=collate, persistent_workers=False)
     bar = tqdm(total=len(todo), unit="img", desc="predict", dynamic_ncols=True)
     try:
         for batch in loader:
-            out = predictor(batch)
-            for i, img_path in enumerate(batch["img_path"]):
+            for i, pred in enumerate(model.predict(batch)):
+                extras = {"detections": pred.detection} if pred.detection is not None else {}
                 cache.put(Prediction(
-                    img_path=img_path, cls_name=batch["cls_name"][i],
-                    label=int(batch["label"][i]), image_score=float(out.image_scores[i]),
-                    anomaly_map=out.anomaly_maps[i], mask=batch["mask"][i].numpy(),
-                    extras=out.extras[i] if out.extras else {},
-                ))
-            bar.update(len(batch["img_path"]))
+                    img_path=batch.img_paths[i], cls_name=batch.cls_names[i],
+                    label=int(batch.labels[i]), image_score=pred.image_score,
+                    anomaly_map=pred.anomaly_map, mask=batch.masks[i].numpy(), extras=extras,
+                    source=sources.get(batch.img_paths[i])))
+            bar.update(len(batch))
     finally:
         bar.close()
 
 
 def _evaluate_classes(split: dict[str, list[Sample]], cache: PredictionCache,
-                      settings: EvalSettings) -> list[ClassResult]:
+                      pixel: bool) -> list[ClassResult]:
     results = []
     for cls_name, group in tqdm(split.items(), desc="metrics", unit="class", dynamic_ncols=True):
         preds = [_must_get(cache, s) for s in group]
@@ -204,55 +250,71 @@ def _evaluate_classes(split: dict[str, list[Sample]], cache: PredictionCache,
         masks = np.stack([p.mask for p in preds])
         labels = np.array([p.label for p in preds])
         scores = np.array([p.image_score for p in preds])
-        results.append(class_metrics(cls_name, masks, maps, labels, scores))
+        results.append(class_metrics(cls_name, masks, maps, labels, scores, pixel=pixel))
     return results
 
 
 def _must_get(cache: PredictionCache, s: Sample) -> Prediction:
     pred = cache.get(s.img_path)
-    if pred is None:  # removed or corrupted since it was listed
-        raise FiloError(f"cache entry for {s.img_path} in {cache.dir} is unreadable; run the "
-                        f"same command again to recompute it")
+    if pred is None:  # removed or torn since it was listed (get() deleted a torn file)
+        raise _Unreadable(s)
     return pred
 
 
-def _write_outputs(settings: EvalSettings, split: dict[str, list[Sample]], cache: PredictionCache,
-                   results: list[ClassResult], out_dir: Path, log: Callable[[str], None]) -> None:
-    table = render_table(results)
-    paths = write_results(out_dir, results, settings.as_log_dict())
+def run_log_settings(run: RunConfig, pipeline: PipelineConfig) -> dict[str, Any]:
+    """Every setting of the run, flat (the log and ``results.json``'s ``settings``)."""
+    return {**as_dict(run), "classes": run.class_list(), **as_dict(pipeline)}
+
+
+def _write_outputs(run: RunConfig, pipeline: PipelineConfig, split: dict[str, list[Sample]],
+                   cache: PredictionCache, results: list[ClassResult], out_dir: Path,
+                   columns: Sequence[str], log: Callable[[str], None]) -> None:
+    table = render_table(results, columns)
+    settings = run_log_settings(run, pipeline)
+    paths = write_results(out_dir, results, settings, columns)
     lines = [f"filo test run {time.strftime('%Y-%m-%d %H:%M:%S')}"]
-    lines += [f"{k}: {v}" for k, v in settings.as_log_dict().items()]
+    lines += [f"{k}: {v}" for k, v in settings.items()]
     lines += [f"cache: {cache.dir}", "", table, ""]
     atomic_write_text(out_dir / "test_log.txt", "\n".join(lines))
-    if settings.save_maps is not None:
-        _save_maps(settings.save_maps, split, cache)
-    if settings.save_boxes is not None and settings.grounding:
-        _save_boxes(settings.save_boxes, split, cache)
-    if settings.viz_dir is not None:
-        index = write_visualisations(settings, split, cache, table)
+    if run.save_maps is not None:
+        save_maps(run.save_maps, split, cache)
+    if run.save_boxes is not None and pipeline.grounding:
+        save_boxes(run.save_boxes, split, cache)
+    if run.save_coco is not None and pipeline.grounding:
+        from filo.evaluation.coco import coco_from_cache
+        from filo.pipeline import load_pipeline_prompts
+
+        coco = coco_from_cache(split, cache, load_pipeline_prompts(pipeline),
+                               case_sensitive=pipeline.legacy_phrase_case)
+        atomic_write_text(run.save_coco, json.dumps(coco) + "\n")
+    if run.viz_dir is not None:
+        index = write_visualisations(run, split, cache, table,
+                                     title=f"filo test: {run.dataset} {run.data_path}"
+                                     + ("" if pipeline.uses_filo else " (GroundingDINO box map)"))
         log(f"[filo] visualisations: {index}")
     log("")
     log(table)
     log("")
-    log(f"[filo] aupro = legacy 200-threshold definition (as published); aupro_exact = MVTec AD "
-        f"definition. Results: {paths['md']}, {paths['json']}, {paths['csv']}; log: "
+    note = ("[filo] aupro = legacy 200-threshold definition (as published); aupro_exact = MVTec "
+            "AD definition. " if "aupro" in columns else "[filo] ")
+    log(f"{note}Results: {paths['md']}, {paths['json']}, {paths['csv']}; log: "
         f"{out_dir / 'test_log.txt'}")
 
 
-def write_visualisations(settings: EvalSettings, split: dict[str, list[Sample]],
-                         cache: PredictionCache, table: str | None) -> Path:
+def write_visualisations(run: RunConfig, split: dict[str, list[Sample]], cache: PredictionCache,
+                         table: str | None, title: str) -> Path:
     """One panel per image (input, map overlay on a fixed 0..1 scale, GT outline, boxes) and
     ``index.html``; visual options never touch the cached numbers."""
     from filo.data.transforms import load_rgb
     from filo.viz import VizWriter
 
-    root = Path(settings.data_path) if settings.data_path is not None else None
+    root = Path(run.data_path) if run.data_path is not None else None
 
     def load_image(img_path: str) -> np.ndarray:
         return np.asarray(load_rgb(root / img_path if root is not None else img_path))
 
-    writer = VizWriter(settings.viz_dir, 0.0, 1.0, settings.viz_limit, settings.viz_only_errors,
-                       None, settings.viz_lift_boxes, load_image=load_image, root=root)
+    writer = VizWriter(run.viz_dir, 0.0, 1.0, run.viz_limit, run.viz_only_errors, None,
+                       run.viz_lift_boxes, load_image=load_image, root=root)
     total = sum(len(g) for g in split.values())
     with tqdm(total=total, desc="visualise", unit="img", dynamic_ncols=True) as bar:
         for group in split.values():
@@ -266,18 +328,11 @@ def write_visualisations(settings: EvalSettings, split: dict[str, list[Sample]],
                            pred.anomaly_map, gt_mask=pred.mask if pred.label else None,
                            boxes=det.get("boxes"), labels=det.get("phrases"),
                            scores=det.get("scores"), matched=det.get("matched"))
-    return writer.finish(table, title=f"filo test: {settings.dataset} {settings.data_path}")
+    return writer.finish(table, title=title)
 
 
-def map_file_name(img_path: str, suffix: str) -> Path:
-    """Output name for an image: its path relative to the dataset root plus ``suffix``."""
-    rel = Path(img_path)
-    if rel.is_absolute():
-        rel = Path(*rel.parts[1:])
-    return rel.parent / (rel.stem + suffix)
-
-
-def _save_maps(directory: Path, split: dict[str, list[Sample]], cache: PredictionCache) -> None:
+def save_maps(directory: Path, split: dict[str, list[Sample]], cache: PredictionCache) -> None:
+    """One float32 ``.npy`` per image (dataset-relative names) and ``scores.csv``."""
     directory = Path(directory)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -285,20 +340,23 @@ def _save_maps(directory: Path, split: dict[str, list[Sample]], cache: Predictio
     for group in split.values():
         for s in group:
             pred = _must_get(cache, s)
-            atomic_save_npy(directory / map_file_name(s.img_path, ".npy"),
+            atomic_save_npy(output_file(directory, s.img_path, ".npy"),
                             pred.anomaly_map.astype(np.float32))
             writer.writerow([s.img_path, s.cls_name, pred.label, repr(float(pred.image_score))])
     atomic_write_text(directory / "scores.csv", buf.getvalue())
 
 
-def _save_boxes(directory: Path, split: dict[str, list[Sample]], cache: PredictionCache) -> None:
-    import json
+def box_record(img_path: str, detection: dict[str, Any]) -> dict[str, Any]:
+    """The one box JSON format (test.py, detector-only runs and predict)."""
+    return {"img_path": img_path, **detection}
 
+
+def save_boxes(directory: Path, split: dict[str, list[Sample]], cache: PredictionCache) -> None:
+    """One JSON per image (:func:`box_record`), dataset-relative names."""
     for group in split.values():
         for s in group:
-            pred = _must_get(cache, s)
-            det = pred.extras.get("detections")
+            det = _must_get(cache, s).extras.get("detections")
             if det is None:
                 continue
-            atomic_write_text(Path(directory) / map_file_name(s.img_path, ".json"),
-                              json.dumps(det, indent=1) + "\n")
+            atomic_write_text(output_file(directory, s.img_path, ".json"),
+                              json.dumps(box_record(s.img_path, det), indent=1) + "\n")

@@ -331,10 +331,12 @@ def read_state(path: Path) -> dict[str, Any]:
         raise FiloError(f"--resume: no training state {path}; run without --resume to start a "
                         f"new training (or point --save_dir at the interrupted run)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # tensors, dicts, lists, numbers and strings only: a crafted sidecar cannot run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise FiloError(f"--resume: cannot read training state {path} ({type(err).__name__}); "
-                        f"delete it and train without --resume") from err
+        raise FiloError(f"--resume: cannot read training state {path} ({type(err).__name__}): "
+                        f"it is corrupt or holds more than tensors and plain values; delete it "
+                        f"and train without --resume") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise FiloError(f"--resume: {path} is not a training state of this version; delete it "
                         f"and train without --resume")

@@ -1,0 +1,332 @@
+"""The inference pipeline: a batch of images in, per image a map, a score, boxes and a position.
+
+One home for the step every entry point runs (test.py, detector-only runs, ``filo.predict``,
+the demo, the benchmark):
+
+1. **box step** (:func:`box_step`, docs/design.md section 6), when a grounding checkpoint is
+   given: caption of the class -> GroundingDINO -> kept boxes -> boxes in map pixels -> position
+   word of the best counted box -> the counted boxes;
+2. **FiLo** (docs/design.md sections 2-5), when a FiLo checkpoint is given: the anomaly map and
+   the image score with the abnormal prompts of that position (all nine averaged without the
+   box step, or ``--position``);
+3. **fusion**: the map is multiplied by the outside-box factor outside the counted boxes.
+
+Without a FiLo checkpoint the pipeline is the detector alone: the map is the box map (each pixel
+the best score of the counted boxes covering it) and the image score the best kept box's score.
+
+:class:`PipelineConfig` holds exactly the settings that change a prediction; its fields are
+also the command-line flags of every CLI (:mod:`filo.settings`). :func:`build_pipeline` loads
+each file once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from filo.backbone import CLIP_ACTS
+from filo.data.dataset import ImageBatch
+from filo.data.transforms import DEFAULT_IMAGE_SIZE
+from filo.device import resolve_device
+from filo.errors import FiloError
+from filo.fusion import box_score_map, fuse_with_boxes, position_from_boxes
+from filo.prompts import PromptTable, load_prompt_table
+from filo.settings import at_least, in_range, setting
+
+logger = logging.getLogger(__name__)
+
+KERNELS = ("fast", "reference")
+AUTOCAST = ("none", "bf16", "fp16")
+SCORE_MODES = ("research", "softmax")
+# every research-code switch of the prediction (what RULES=research / the scripts turn on)
+RESEARCH_RULES = ("legacy_macaroni", "legacy_phrase_case", "legacy_text_threshold", "legacy_grid",
+                  "legacy_box_slices")
+# Bumped when the computation behind unchanged settings changes, so older cache entries are not
+# reused (2: a research-layout checkpoint runs CLIP with exact GELU).
+RULES_VERSION = 2
+
+
+@dataclass
+class PipelineConfig:
+    """Every setting that changes a prediction (and the flags that set them)."""
+
+    ckpt_path: Path | None = setting(
+        None, "FiLo checkpoint ({'filo': ...}, e.g. ckpt/filo_train_on_visa.pth); without it "
+        "the pipeline is GroundingDINO alone")
+    grounded_checkpoint: Path | None = setting(
+        None, "GroundingDINO checkpoint (original or converted layout); enables the box step")
+    no_grounding: bool = setting(False, "FiLo maps alone, no box step")
+    prompts: Path | None = setting(None, "prompt YAML file",
+                                   default_help="the released-checkpoint prompts")
+    image_size: int | None = setting(
+        None, "CLIP input and map size", check=at_least(8),
+        default_help="the FiLo checkpoint's (518 for the released ones); 518 without one")
+    position: str | None = setting(
+        None, "without the box step: fix the position word", default_help="average all nine")
+    score_mode: str = setting("research", "image score: research-code formula or the paper's "
+                              "softmax", choices=SCORE_MODES)
+    clip_act: str | None = setting(
+        None, "CLIP MLP activation", choices=CLIP_ACTS,
+        default_help="the checkpoint's recorded one; for a research-layout checkpoint exact GELU "
+        "unless it is for 336 px, as the research code runs it")
+    box_threshold: float = setting(0.25, "keep boxes whose best token probability exceeds this",
+                                   check=in_range(0.0, 1.0))
+    text_threshold: float = setting(0.25, "phrase tokens above this probability",
+                                    check=in_range(0.0, 1.0))
+    area_threshold: float = setting(0.7, "drop boxes covering this fraction of the image or more",
+                                    check=in_range(0.0, 1.0, lo_open=True))
+    outside_box_factor: float = setting(0.7, "map values outside every counted box are "
+                                        "multiplied by this (1 disables)",
+                                        check=in_range(0.0, 1.0))
+    legacy_macaroni: bool = setting(False, "research-code bug: macaroni1 uses macaroni2's prompts")
+    legacy_phrase_case: bool = setting(False, "research code: case-sensitive phrase matching")
+    legacy_text_threshold: bool = setting(False, "research code: phrases use --box_threshold")
+    legacy_grid: bool = setting(
+        False, "research-code position rule: closed cells [0,172],[173,344],[345,517], best box "
+        "by its printed 2-decimal score, last of ties")
+    legacy_box_slices: bool = setting(
+        False, "research-code box rule: boxes not clamped to the image, corners truncated with "
+        "int() and used as Python slices (a corner <= -1 empties the box), for the position "
+        "word and the outside-box factor")
+    kernels: str = setting(
+        "fast", "CPU float32 kernels: 'fast' (linear layers via oneDNN, deformable attention as "
+        "one gather) or 'reference' (plain PyTorch ops); same maps to ~1e-6, no effect on CUDA",
+        choices=KERNELS)
+    autocast: str = setting("none", "reduced-precision towers (CUDA; bf16 also on recent CPUs): "
+                            "faster, maps differ by up to ~1e-2 from float32", choices=AUTOCAST)
+    exact: bool = setting(
+        False, "reproduction mode: the detector and FiLo see one image at a time and every "
+        "kernel is the reference one, so results do not depend on --batch_size (batching and "
+        "the fast kernels move scores slightly, see README)")
+    device: str | None = setting(None, "cpu, cuda or cuda:N", default_help="cuda if available")
+    bert_dir: Path | None = setting(None, "local bert-base-uncased tokenizer directory",
+                                    default_help="$FILO_BERT_LOCAL or third_party/")
+
+    @property
+    def grounding(self) -> bool:
+        return not self.no_grounding and self.grounded_checkpoint is not None
+
+    @property
+    def uses_filo(self) -> bool:
+        return self.ckpt_path is not None
+
+    @property
+    def fast_kernels(self) -> bool:
+        return self.kernels == "fast" and not self.exact
+
+    def check_usable(self) -> None:
+        """A pipeline needs FiLo, the detector, or both."""
+        if not self.uses_filo and not self.grounding:
+            raise FiloError("nothing to run: give --ckpt_path (a FiLo checkpoint such as "
+                            "ckpt/filo_train_on_visa.pth) and/or --grounded_checkpoint")
+
+    def cache_key(self) -> dict[str, Any]:
+        """What changes the per-image predictions (not device, batch size or workers)."""
+        from filo.evaluation.cache import file_digest, file_fingerprint
+
+        out: dict[str, Any] = {
+            "filo_ckpt": file_fingerprint(self.ckpt_path),
+            "image_size": self.image_size,
+            "prompts": file_digest(self.prompts),
+            "score_mode": self.score_mode,
+            "autocast": self.autocast,
+            "legacy_macaroni": self.legacy_macaroni,
+            "clip_act": self.clip_act or "auto",
+            "rules": RULES_VERSION,
+            "kernels": "fast" if self.fast_kernels else "reference",
+            "grounding": self.grounding,
+            "position": None if self.grounding else self.position,
+        }
+        if self.grounding:
+            out.update(
+                grounded_checkpoint=file_fingerprint(self.grounded_checkpoint),
+                box_threshold=self.box_threshold,
+                text_threshold=self.text_threshold,
+                area_threshold=self.area_threshold,
+                outside_box_factor=self.outside_box_factor,
+                legacy_phrase_case=self.legacy_phrase_case,
+                legacy_text_threshold=self.legacy_text_threshold,
+                legacy_grid=self.legacy_grid,
+                legacy_box_slices=self.legacy_box_slices,
+            )
+            if self.exact:
+                out["exact"] = True
+        return out
+
+
+@dataclass
+class ImagePrediction:
+    """What the pipeline says about one image."""
+
+    anomaly_map: np.ndarray  # float32 [S, S], after the box fusion
+    image_score: float
+    position: str | None  # position word used for the abnormal prompts (None: all nine)
+    detection: dict[str, Any] | None = None  # boxes (original pixels), scores, phrases, ...
+
+
+@dataclass
+class BoxStepResult:
+    """The box step's output for one image."""
+
+    detection: Any  # filo.detector.inference.Detection (position filled in)
+    counted_in_map: np.ndarray  # [N, 4] counted boxes in map pixels (the fusion's geometry)
+    counted_scores: np.ndarray  # [N]
+
+
+def box_step(detector, prompts: PromptTable, det_images, orig_sizes, classes: list[str],
+             size: int, *, legacy_grid: bool = False,
+             legacy_box_slices: bool = False) -> list[BoxStepResult]:
+    """Caption -> detect -> boxes in ``size`` x ``size`` map pixels -> position -> counted boxes
+    (docs/design.md section 6; ``legacy_box_slices`` uses the research box geometry, 6.1)."""
+    from filo.detector.caption import build_caption
+
+    words = prompts.grounding_words
+    captions = [build_caption(words, prompts.detail_phrases(c)) for c in classes]
+    match = [[*prompts.detail_phrases(c), *words] for c in classes]
+    dets = detector.detect_tensors(det_images, orig_sizes, captions, match)
+    out = []
+    for det in dets:
+        in_map = det.boxes_in_map(size, research=legacy_box_slices).numpy()
+        counted = np.asarray(det.matched, dtype=bool).reshape(-1)
+        scores = det.scores.numpy()
+        det.position = position_from_boxes(in_map, scores, counted, prompts.positions, size=size,
+                                           legacy_grid=legacy_grid)
+        out.append(BoxStepResult(det, in_map[counted], scores[counted]))
+    return out
+
+
+class Pipeline:
+    """Loaded models and prompts; :meth:`predict` runs one :class:`ImageBatch`."""
+
+    def __init__(self, config: PipelineConfig, prompts: PromptTable, model=None, detector=None,
+                 image_size: int | None = None) -> None:
+        self.config = config
+        self.prompts = prompts
+        self.model = model
+        self.detector = detector
+        if model is not None:
+            self.image_size = int(model.config.image_size)
+        else:
+            self.image_size = int(image_size or config.image_size or DEFAULT_IMAGE_SIZE)
+        if model is None and detector is None:
+            raise FiloError("a pipeline needs a FiLo model, a detector, or both")
+        if config.position is not None and detector is None:
+            prompts.check_position(config.position)
+
+    @property
+    def needs_detector_input(self) -> bool:
+        return self.detector is not None
+
+    def check_classes(self, class_names, where: str) -> None:
+        """Every class must have prompts (before any image is predicted)."""
+        unknown = [c for c in class_names if not self.prompts.has_class(c)]
+        if unknown:
+            raise FiloError(f"class {unknown[0]!r} of {where} has no prompts in "
+                            f"{self.prompts.source}; add it to a prompt file and pass --prompts "
+                            f"(see prompts/README.md)")
+
+    def _filo(self, images: torch.Tensor, classes: list[str], positions: list[str | None]):
+        """FiLo on the batch; with ``exact`` one image at a time (batched matrix products round
+        differently, ~1e-7), so results do not depend on the batch size."""
+        if not self.config.exact or len(classes) == 1:
+            return self.model.predict(images, classes, positions)
+        outs = [self.model.predict(images[i:i + 1], classes[i:i + 1], positions[i:i + 1])
+                for i in range(len(classes))]
+        return _concat_outputs(outs)
+
+    @torch.inference_mode()
+    def predict(self, batch: ImageBatch) -> list[ImagePrediction]:
+        classes = list(batch.cls_names)
+        size = self.image_size
+        boxes: list[BoxStepResult] | None = None
+        if self.detector is not None:
+            if batch.det_images is None:
+                raise ValueError("the batch has no detector input (EvalDataset "
+                                 "with_detector_input=True)")
+            boxes = box_step(self.detector, self.prompts, batch.det_images, batch.orig_sizes,
+                             classes, size, legacy_grid=self.config.legacy_grid,
+                             legacy_box_slices=self.config.legacy_box_slices)
+            positions = [b.detection.position for b in boxes]
+        else:
+            positions = [self.config.position] * len(classes)
+
+        if self.model is not None:
+            out = self._filo(batch.images, classes, positions)
+            maps = out.anomaly_map.float().cpu()
+            if boxes is not None:
+                maps = fuse_with_boxes(maps, [b.counted_in_map for b in boxes],
+                                       self.config.outside_box_factor,
+                                       legacy_slices=self.config.legacy_box_slices)
+            maps_np = maps.numpy().astype(np.float32)
+            scores = out.image_score.float().cpu().numpy()
+        else:  # detector alone: box map and best box score
+            assert boxes is not None
+            maps_np = np.stack([box_score_map(b.counted_in_map, b.counted_scores, size, size)
+                                for b in boxes])
+            scores = np.array([b.detection.best_score for b in boxes], dtype=np.float64)
+        return [ImagePrediction(maps_np[i], float(scores[i]), positions[i],
+                                detection_record(boxes[i].detection) if boxes is not None
+                                else None)
+                for i in range(len(classes))]
+
+
+def _concat_outputs(outs):
+    from filo.model import FiLoOutput
+
+    return FiLoOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in
+                        ("tap_probs", "anomaly_map", "image_score", "text_score")))
+
+
+def detection_record(det) -> dict[str, Any]:
+    """A detection as JSON data: boxes in original pixels, scores, phrases, matched, position,
+    the detector's normalized boxes and the original image size (w, h)."""
+    return {**det.to_json(), "image_size": [int(v) for v in det.image_size]}
+
+
+def load_pipeline_prompts(config: PipelineConfig) -> PromptTable:
+    """The prompt table of ``--prompts`` (default: the bundled MVTec + VisA tables)."""
+    return load_prompt_table(config.prompts, legacy_macaroni=config.legacy_macaroni)
+
+
+def build_pipeline(config: PipelineConfig, *, prompts: PromptTable | None = None) -> Pipeline:
+    """Load the prompts, the detector and the FiLo model that ``config`` names (each file once)."""
+    config.check_usable()
+    device = resolve_device(config.device)
+    prompts = prompts if prompts is not None else load_pipeline_prompts(config)
+    detector = None
+    if config.grounding:
+        from filo.detector.inference import DetectionParams, load_detector
+
+        params = DetectionParams(
+            box_threshold=config.box_threshold, text_threshold=config.text_threshold,
+            area_threshold=config.area_threshold,
+            legacy_text_threshold=config.legacy_text_threshold,
+            case_sensitive=config.legacy_phrase_case,
+            batch_size=1 if config.exact else 1 << 16,  # else: the whole incoming batch
+            fast_kernels=config.fast_kernels)
+        detector = load_detector(config.grounded_checkpoint, device=device,
+                                 bert_dir=config.bert_dir, params=params)
+    model = None
+    if config.uses_filo:
+        from filo.checkpoint import build_filo_from_checkpoint
+
+        model = build_filo_from_checkpoint(
+            config.ckpt_path, prompts=prompts, device=device,
+            legacy_macaroni=config.legacy_macaroni, score_mode=config.score_mode,
+            autocast=config.autocast, onednn_linear=config.fast_kernels,
+            clip_act=config.clip_act)
+        if config.image_size is not None and model.config.image_size != config.image_size:
+            raise FiloError(f"{config.ckpt_path} is built for {model.config.image_size}x"
+                            f"{model.config.image_size} inputs; pass --image_size "
+                            f"{model.config.image_size} (or leave it out)")
+        model.eval()
+    return Pipeline(config, prompts, model, detector)
+
+
+__all__ = ["BoxStepResult", "ImagePrediction", "Pipeline", "PipelineConfig", "RESEARCH_RULES",
+           "box_step", "build_pipeline", "load_pipeline_prompts"]
