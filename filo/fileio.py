@@ -7,7 +7,6 @@ Temporary files get the usual permissions (``0o666 & ~umask``), not ``mkstemp``'
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -47,10 +46,6 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(target, text.encode("utf-8"))
-
-
-def atomic_write_json(target: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> Path:
-    return atomic_write_text(target, json.dumps(obj, **dump_kwargs) + "\n")
 
 
 def atomic_torch_save(obj: Any, target: str | os.PathLike) -> Path:
