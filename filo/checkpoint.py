@@ -281,6 +281,7 @@ def build_filo_from_checkpoint(
     strict: bool = False,
     clip_act: str | None = None,
     options: InferenceOptions | None = None,
+    image_size: int | None = None,
     **overrides,
 ) -> FiLo:
     """Build a FiLo model whose config comes from the checkpoint (saved config, else shapes).
@@ -292,7 +293,8 @@ def build_filo_from_checkpoint(
     ``clip_act`` ('gelu' / 'quick_gelu') overrides the CLIP MLP activation; None keeps the one
     the checkpoint records, or, for a research-layout file (no saved config), applies the
     research rule: GELU unless the stored image size is 336 (docs/design.md section 1.1).
-    ``device`` None: CUDA if available, else CPU.
+    ``device`` None: CUDA if available, else CPU. ``image_size``: the input size the caller
+    expects; a checkpoint for another size is an error before any model is built.
     """
     from filo.model import InferenceOptions, build_filo, split_overrides
 
@@ -304,6 +306,9 @@ def build_filo_from_checkpoint(
     state = normalize_filo_state_dict(raw)
     config = _checkpoint_config(path, state, saved, clip_act=clip_act,
                                 has_clip_weights=clip_weights is not None, **config_overrides)
+    if image_size is not None and config.image_size != image_size:
+        raise FiloError(f"{path} is built for {config.image_size}x{config.image_size} inputs; "
+                        f"pass --image_size {config.image_size} (or leave it out)")
     model = build_filo(config, prompts=prompts, clip_weights=clip_weights, device="cpu",
                        options=options)
     load_filo_checkpoint(state, model, strict=strict, source=str(path))

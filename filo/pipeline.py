@@ -298,6 +298,17 @@ def build_pipeline(config: PipelineConfig, *, prompts: PromptTable | None = None
     config.check_usable()
     device = resolve_device(config.device)
     prompts = prompts if prompts is not None else load_pipeline_prompts(config)
+    # FiLo first: a checkpoint for another --image_size is refused before anything is built
+    model = None
+    if config.uses_filo:
+        from filo.checkpoint import build_filo_from_checkpoint
+
+        model = build_filo_from_checkpoint(
+            config.ckpt_path, prompts=prompts, device=device,
+            legacy_macaroni=config.legacy_macaroni, score_mode=config.score_mode,
+            autocast=config.autocast, onednn_linear=config.fast_kernels,
+            clip_act=config.clip_act, image_size=config.image_size)
+        model.eval()
     detector = None
     if config.grounding:
         from filo.detector.inference import DetectionParams, load_detector
@@ -311,20 +322,6 @@ def build_pipeline(config: PipelineConfig, *, prompts: PromptTable | None = None
             fast_kernels=config.fast_kernels)
         detector = load_detector(config.grounded_checkpoint, device=device,
                                  bert_dir=config.bert_dir, params=params)
-    model = None
-    if config.uses_filo:
-        from filo.checkpoint import build_filo_from_checkpoint
-
-        model = build_filo_from_checkpoint(
-            config.ckpt_path, prompts=prompts, device=device,
-            legacy_macaroni=config.legacy_macaroni, score_mode=config.score_mode,
-            autocast=config.autocast, onednn_linear=config.fast_kernels,
-            clip_act=config.clip_act)
-        if config.image_size is not None and model.config.image_size != config.image_size:
-            raise FiloError(f"{config.ckpt_path} is built for {model.config.image_size}x"
-                            f"{model.config.image_size} inputs; pass --image_size "
-                            f"{model.config.image_size} (or leave it out)")
-        model.eval()
     return Pipeline(config, prompts, model, detector)
 
 

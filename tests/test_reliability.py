@@ -369,3 +369,18 @@ def test_predict_skips_unreadable_images_and_exits_non_zero(tmp_path, capsys, ti
     assert sorted(Path(r["image"]).name for r in summary["images"]) == ["a.png", "c.png"]
     assert [Path(f["image"]).name for f in summary["failed"]] == ["b.png"]
     assert (out / "a.npy").is_file() and (out / "c.npy").is_file()
+
+
+def test_a_wrong_image_size_is_refused_before_the_model_is_built(tmp_path, capsys,
+                                                                tiny_filo_ckpt, monkeypatch):
+    import filo.model
+
+    def no_build(*a, **k):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(filo.model, "build_filo", no_build)
+    from filo.checkpoint import build_filo_from_checkpoint
+    from filo.errors import FiloError
+
+    with pytest.raises(FiloError, match=r"built for 32x32 inputs; pass --image_size 32"):
+        build_filo_from_checkpoint(tiny_filo_ckpt[0], image_size=518)
