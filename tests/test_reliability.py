@@ -384,3 +384,17 @@ def test_a_wrong_image_size_is_refused_before_the_model_is_built(tmp_path, capsy
 
     with pytest.raises(FiloError, match=r"built for 32x32 inputs; pass --image_size 32"):
         build_filo_from_checkpoint(tiny_filo_ckpt[0], image_size=518)
+
+
+def test_a_malformed_prompt_file_stops_before_the_cache_folder_is_made(tmp_path, capsys, common):
+    root = tmp_path / "data"
+    make_mvtec_like(root, classes=("tex_a",), n_train_good=0, n_test_good=1, n_test_defect=1,
+                    size=48)
+    bad = tmp_path / "prompts.yaml"
+    bad.write_text("classes: [this is: not valid\n")
+    argv = [a for a in common]
+    argv[argv.index("--prompts") + 1] = str(bad)
+    rc = _test_main(["--dataset", "mvtec", "--data_path", str(root), "--save_path",
+                     str(tmp_path / "run"), *argv])
+    assert rc == 2 and "prompts.yaml" in _one_line(capsys)
+    assert not (tmp_path / "run" / "cache").exists()
