@@ -36,6 +36,12 @@ GDINO_SWINT_OGC = (
     "v0.1.0-alpha/groundingdino_swint_ogc.pth"
 )
 
+TORCHVISION_MODELS = "https://download.pytorch.org/models"
+# torchvision's ImageNet WideResNets (PatchCore feature backbones); the file names carry the
+# first 8 hex digits of each file's sha256, which torchvision itself checks
+WIDE_RESNETS = {"wide-resnet50-2": "wide_resnet50_2-95faca4d.pth",
+                "wide-resnet101-2": "wide_resnet101_2-32ee1156.pth"}
+
 BERT_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
 
 
@@ -48,6 +54,7 @@ class AssetFile:
     size: int | None = None
     sha256: str | None = None
     required: bool = True  # a directory asset may hold optional files (config.json)
+    sha256_prefix: str | None = None  # torchvision model files name the first hex digits
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,19 @@ def build_registry(paths: AssetPaths) -> dict[str, Asset]:
             note="GroundingDINO-only runs with the public, not fine-tuned, detector",
         ),
     ]
+    for name, fname in WIDE_RESNETS.items():
+        assets.append(Asset(
+            name=name,
+            description=f"torchvision ImageNet {fname.split('-')[0]} "
+                        "(PatchCore memory-bank backbone)",
+            path=ck / fname,
+            kind="file",
+            files=(AssetFile(fname, f"{TORCHVISION_MODELS}/{fname}",
+                             sha256_prefix=fname.rsplit("-", 1)[1].split(".")[0]),),
+            env_var="CKPT_DIR",
+            source_page="https://pytorch.org/vision/stable/models.html",
+            note="memory-bank mode only (python -m filo.memory build --backbone wrn50/wrn101)",
+        ))
     for ds in ("mvtec", "visa"):
         assets.append(Asset(
             name=f"filo-train-on-{ds}",
@@ -299,6 +319,12 @@ def download_asset(asset: Asset, *, timeout: float = 10.0, cache: ChecksumCache 
                 part.unlink(missing_ok=True)
                 raise FiloError(f"download of {url} has sha256 {got}, expected {spec.sha256}; "
                                 "try again")
+        if spec.sha256_prefix:
+            got = sha256_file(part)
+            if not got.startswith(spec.sha256_prefix):
+                part.unlink(missing_ok=True)
+                raise FiloError(f"download of {url} has sha256 {got}, expected "
+                                f"{spec.sha256_prefix}...; try again")
         os.replace(part, target)
         if cache is not None and spec.sha256:
             cache.sha256(target)

@@ -45,6 +45,7 @@ class JobSpec:
     bert: bool = False
     clip: bool = False  # required (training) or only optional (testing)
     optional: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()  # further assets the job needs (memory-bank backbones)
 
 
 JOBS: dict[str, JobSpec] = {
@@ -67,6 +68,10 @@ JOBS: dict[str, JobSpec] = {
                 "visa", None, "grounding-train-on-mvtec", bert=True),
         JobSpec("train-mvtec", "train FiLo heads on MVTec AD", "mvtec", clip=True),
         JobSpec("train-visa", "train FiLo heads on VisA", "visa", clip=True),
+        JobSpec("memory-mvtec", "build PatchCore memory banks on MVTec AD (WideResNet-50-2)",
+                "mvtec", needs=("wide-resnet50-2",)),
+        JobSpec("memory-visa", "build PatchCore memory banks on VisA (WideResNet-50-2)",
+                "visa", needs=("wide-resnet50-2",)),
         JobSpec("all", "every asset and dataset", None, bert=True, clip=True),
     ]
 }
@@ -167,6 +172,12 @@ def check_asset(asset: Asset, cache: ChecksumCache, *, needed: bool = True,
         if problem:
             return Row(asset.name, WRONG_CONTENT, location,
                        f"{location} {problem}; download it again from {spec.url}", needed)
+    if not custom and spec.sha256_prefix is not None:
+        got = cache.sha256(location)
+        if not got.startswith(spec.sha256_prefix):
+            return Row(asset.name, WRONG_SHA, location,
+                       f"sha256 {got[:12]}..., expected {spec.sha256_prefix}...: delete it and "
+                       f"download again from {spec.url}", needed)
     if not custom and spec.sha256 is not None:
         got = cache.sha256(location)
         if got != spec.sha256:
@@ -235,6 +246,8 @@ def run_doctor(job_name: str | None = None, *, paths: AssetPaths | None = None,
                 needed, override = True, grounded_checkpoint
             elif name == "bert-base-uncased":
                 needed = job.bert
+            elif name in job.needs:
+                needed = True
             elif name == "clip-vit-l-14-336":
                 needed = job.clip or name in job.optional
                 optional = name in job.optional and not job.clip

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 KERNELS = ("fast", "reference")
 AUTOCAST = ("none", "bf16", "fp16")
 SCORE_MODES = ("research", "softmax")
+FUSIONS = ("filo", "memory", "mean", "max")
 # every research-code switch of the prediction (what RULES=research / the scripts turn on)
 RESEARCH_RULES = ("legacy_macaroni", "legacy_phrase_case", "legacy_text_threshold", "legacy_grid",
                   "legacy_box_slices")
@@ -103,6 +104,15 @@ class PipelineConfig:
         False, "reproduction mode: the detector and FiLo see one image at a time and every "
         "kernel is the reference one, so results do not depend on --batch_size (batching and "
         "the fast kernels move scores slightly, see README)")
+    memory_bank: Path | None = setting(
+        None, "folder of PatchCore memory banks (python -m filo.memory build): scores images "
+        "against normal images of their class")
+    fusion: str | None = setting(
+        None, "with --memory_bank: which maps and scores count: filo, memory, or both "
+        "normalised by their normal-image statistics and combined by mean or max",
+        choices=FUSIONS, default_help="memory without --ckpt_path, else mean")
+    fusion_weight: float = setting(0.5, "--fusion mean: weight of the memory bank (FiLo gets "
+                                   "1 - weight)", check=in_range(0.0, 1.0))
     device: str | None = setting(None, "cpu, cuda or cuda:N", default_help="cuda if available")
     bert_dir: Path | None = setting(None, "local bert-base-uncased tokenizer directory",
                                     default_help="$FILO_BERT_LOCAL or third_party/")
@@ -112,8 +122,21 @@ class PipelineConfig:
         return not self.no_grounding and self.grounded_checkpoint is not None
 
     @property
+    def uses_memory(self) -> bool:
+        return self.memory_bank is not None and self.fusion_mode != "filo"
+
+    @property
     def uses_filo(self) -> bool:
-        return self.ckpt_path is not None
+        return self.ckpt_path is not None and self.fusion_mode != "memory"
+
+    @property
+    def fusion_mode(self) -> str:
+        """The effective --fusion (its default depends on what is given)."""
+        if self.memory_bank is None:
+            return "filo"
+        if self.fusion is not None:
+            return self.fusion
+        return "memory" if self.ckpt_path is None else "mean"
 
     @property
     def fast_kernels(self) -> bool:
@@ -121,9 +144,15 @@ class PipelineConfig:
 
     def check_usable(self) -> None:
         """A pipeline needs FiLo, the detector, or both."""
-        if not self.uses_filo and not self.grounding:
+        if self.fusion_mode in ("mean", "max") and self.ckpt_path is None:
+            raise FiloError(f"--fusion {self.fusion_mode} combines FiLo and the memory bank: "
+                            f"give --ckpt_path too, or use --fusion memory")
+        if self.fusion_mode == "filo" and self.fusion == "filo" and self.ckpt_path is None:
+            raise FiloError("--fusion filo needs --ckpt_path")
+        if not self.uses_filo and not self.grounding and not self.uses_memory:
             raise FiloError("nothing to run: give --ckpt_path (a FiLo checkpoint such as "
-                            "ckpt/filo_train_on_visa.pth) and/or --grounded_checkpoint")
+                            "ckpt/filo_train_on_visa.pth), --grounded_checkpoint and/or "
+                            "--memory_bank")
 
     def cache_key(self) -> dict[str, Any]:
         """What changes the per-image predictions (not device, batch size or workers)."""
@@ -142,6 +171,11 @@ class PipelineConfig:
             "grounding": self.grounding,
             "position": None if self.grounding else self.position,
         }
+        if self.memory_bank is not None:
+            from filo.memory.scorer import bank_folder_key
+
+            out.update(memory_bank=bank_folder_key(self.memory_bank), fusion=self.fusion_mode,
+                       fusion_weight=self.fusion_weight if self.fusion_mode == "mean" else None)
         if self.grounding:
             out.update(
                 grounded_checkpoint=file_fingerprint(self.grounded_checkpoint),
@@ -204,17 +238,18 @@ class Pipeline:
     """Loaded models and prompts; :meth:`predict` runs one :class:`ImageBatch`."""
 
     def __init__(self, config: PipelineConfig, prompts: PromptTable, model=None, detector=None,
-                 image_size: int | None = None) -> None:
+                 image_size: int | None = None, memory=None) -> None:
         self.config = config
         self.prompts = prompts
         self.model = model
         self.detector = detector
+        self.memory = memory  # filo.memory.scorer.MemoryScorer
         if model is not None:
             self.image_size = int(model.config.image_size)
         else:
             self.image_size = int(image_size or config.image_size or DEFAULT_IMAGE_SIZE)
-        if model is None and detector is None:
-            raise FiloError("a pipeline needs a FiLo model, a detector, or both")
+        if model is None and detector is None and memory is None:
+            raise FiloError("a pipeline needs a FiLo model, a detector or a memory bank")
         if config.position is not None and detector is None:
             prompts.check_position(config.position)
 
@@ -222,13 +257,53 @@ class Pipeline:
     def needs_detector_input(self) -> bool:
         return self.detector is not None
 
+    @property
+    def memory_transform(self):
+        """PIL image -> memory-bank input (None without a memory bank)."""
+        return self.memory.transform() if self.memory is not None else None
+
     def check_classes(self, class_names, where: str) -> None:
         """Every class must have prompts (before any image is predicted)."""
         unknown = [c for c in class_names if not self.prompts.has_class(c)]
-        if unknown:
+        if unknown and (self.model is not None or self.detector is not None):
             raise FiloError(f"class {unknown[0]!r} of {where} has no prompts in "
                             f"{self.prompts.source}; add it to a prompt file and pass --prompts "
                             f"(see prompts/README.md)")
+        if self.memory is not None:
+            self.memory.check_classes(class_names)
+            if self.config.fusion_mode in ("mean", "max"):
+                for c in class_names:
+                    if "filo" not in self.memory.meta(c).calibration:
+                        raise FiloError(
+                            f"--fusion {self.config.fusion_mode}: the bank of class {c!r} in "
+                            f"{self.config.memory_bank} has no FiLo normal-image statistics; "
+                            f"rebuild it with `python -m filo.memory build ... --ckpt_path "
+                            f"{self.config.ckpt_path}` or use --fusion memory")
+
+    def _fuse_memory(self, batch: ImageBatch, classes: list[str], filo_maps: np.ndarray,
+                     filo_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """FiLo and memory maps / scores, each normalised by its normal-image statistics (the
+        bank's calibration), combined by mean or max, then squashed to (0, 1) by a logistic
+        (monotonic: rankings and metrics are those of the combined z-scores)."""
+        mem_maps, mem_scores = self.memory.score(batch.mem_images, classes, batch.orig_sizes,
+                                                 self.image_size)
+        w = self.config.fusion_weight
+        maps = np.empty_like(filo_maps)
+        scores = np.empty(len(classes), dtype=np.float64)
+        for i, c in enumerate(classes):
+            cal = self.memory.meta(c).calibration
+            f_cal = cal["filo"]
+            z = [((filo_maps[i] - f_cal["pixel_mean"]) / max(f_cal["pixel_std"], 1e-12),
+                  (filo_scores[i] - f_cal["image_mean"]) / max(f_cal["image_std"], 1e-12)),
+                 ((mem_maps[i] - cal["pixel_mean"]) / max(cal["pixel_std"], 1e-12),
+                  (mem_scores[i] - cal["image_mean"]) / max(cal["image_std"], 1e-12))]
+            if self.config.fusion_mode == "mean":
+                zm, zs = (1 - w) * z[0][0] + w * z[1][0], (1 - w) * z[0][1] + w * z[1][1]
+            else:
+                zm, zs = np.maximum(z[0][0], z[1][0]), max(z[0][1], z[1][1])
+            maps[i] = 1.0 / (1.0 + np.exp(-zm))
+            scores[i] = 1.0 / (1.0 + np.exp(-zs))
+        return maps.astype(np.float32), scores
 
     def _filo(self, images: torch.Tensor, classes: list[str], positions: list[str | None]):
         """FiLo on the batch; with ``exact`` one image at a time (batched matrix products round
@@ -264,6 +339,14 @@ class Pipeline:
                                        legacy_slices=self.config.legacy_box_slices)
             maps_np = maps.numpy().astype(np.float32)
             scores = out.image_score.float().cpu().numpy()
+            if self.memory is not None:
+                maps_np, scores = self._fuse_memory(batch, classes, maps_np, scores)
+        elif self.memory is not None:  # memory bank alone: raw PatchCore maps and scores
+            if batch.mem_images is None:
+                raise ValueError("the batch has no memory-bank input (EvalDataset "
+                                 "memory_transform)")
+            maps_np, scores = self.memory.score(batch.mem_images, classes, batch.orig_sizes,
+                                                size)
         else:  # detector alone: box map and best box score
             assert boxes is not None
             maps_np = np.stack([box_score_map(b.counted_in_map, b.counted_scores, size, size)
@@ -300,7 +383,7 @@ def build_pipeline(config: PipelineConfig, *, prompts: PromptTable | None = None
     prompts = prompts if prompts is not None else load_pipeline_prompts(config)
     # FiLo first: a checkpoint for another --image_size is refused before anything is built
     model = None
-    if config.uses_filo:
+    if config.uses_filo:  # (not with --fusion memory)
         from filo.checkpoint import build_filo_from_checkpoint
 
         model = build_filo_from_checkpoint(
@@ -322,7 +405,13 @@ def build_pipeline(config: PipelineConfig, *, prompts: PromptTable | None = None
             fast_kernels=config.fast_kernels)
         detector = load_detector(config.grounded_checkpoint, device=device,
                                  bert_dir=config.bert_dir, params=params)
-    return Pipeline(config, prompts, model, detector)
+    memory = None
+    if config.uses_memory:
+        from filo.memory.scorer import MemoryScorer
+
+        memory = MemoryScorer(config.memory_bank, ckpt_path=config.ckpt_path, device=device,
+                              filo_model=model)
+    return Pipeline(config, prompts, model, detector, memory=memory)
 
 
 __all__ = ["BoxStepResult", "ImagePrediction", "Pipeline", "PipelineConfig", "RESEARCH_RULES",

@@ -106,7 +106,7 @@ def test_no_import_cycle_in_the_package():
 CLIS = {
     "test": "filo.cli.test", "detect": "filo.cli.detect", "predict": "filo.cli.predict",
     "train": "filo.cli.train", "demo": "filo.cli.demo", "filo": "filo.cli.main",
-    "data": "filo.cli.data", "convert": "filo.cli.convert",
+    "data": "filo.cli.data", "convert": "filo.cli.convert", "memory": "filo.cli.memory",
 }
 
 
@@ -120,7 +120,8 @@ def test_every_entry_point_lives_in_filo_cli(module):
                                      ("filo.predict", "filo.cli.predict"),
                                      ("filo.data.__main__", "filo.cli.data"),
                                      ("filo.detector.__main__", "filo.cli.convert"),
-                                     ("filo.__main__", "filo.cli.main")])
+                                     ("filo.__main__", "filo.cli.main"),
+                                     ("filo.memory.__main__", "filo.cli.memory")])
 def test_old_entry_points_still_work(old, new):
     assert importlib.import_module(old).main is importlib.import_module(new).main
 

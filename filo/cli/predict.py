@@ -81,6 +81,16 @@ def _collate_skipping(items):
     return (collate(good) if good else None), bad
 
 
+def _calibration(pipeline, cls_name: str) -> dict | None:
+    """The bank's calibrated thresholds when the scores are the memory bank's own (--fusion
+    memory); None otherwise (no calibrated threshold for FiLo or fused scores)."""
+    memory = getattr(pipeline, "memory", None)
+    if memory is None or pipeline.config.fusion_mode != "memory":
+        return None
+    cal = memory.meta(cls_name).calibration
+    return cal if "image_threshold" in cal else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from filo.evaluation.runner import RunConfig
 
@@ -93,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--out", type=Path, default=Path("outputs/predict"),
                     help="output folder (default: outputs/predict)")
     io.add_argument("--threshold", type=float, default=None,
-                    help="also write a binary mask of map >= THRESHOLD per image (0..1)")
+                    help="also write a binary mask of map >= THRESHOLD per image (0..1; default "
+                         "with a calibrated memory bank: its pixel threshold)")
     add_args(io, RunConfig, ("batch_size", "num_workers", "viz_lift_boxes"))
     add_pipeline_args(p)
     add_verbose(p)
@@ -114,7 +125,8 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None) -> dict:
     from filo.settings import from_args
     from filo.viz import render_panel, write_panel
 
-    if args.threshold is not None and (problem := in_range(0.0, 1.0)(args.threshold)):
+    if args.threshold is not None and args.memory_bank is None and (
+            problem := in_range(0.0, 1.0)(args.threshold)):
         raise FiloError(f"--threshold {args.threshold}: {problem}")
     from filo.fileio import check_writable_dir, ensure_inside
 
@@ -127,8 +139,10 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None) -> dict:
 
     samples = [Sample(str(p.resolve()), "", args.cls_name, "", 0) for p in images]
     stems = {s.img_path: output_stem(p, list(args.images)) for s, p in zip(samples, images, strict=True)}
-    loader = DataLoader(_SkipUnreadable(EvalDataset(samples, "/", pipeline.image_size,
-                                                    with_detector_input=pipeline.needs_detector_input)),
+    loader = DataLoader(_SkipUnreadable(EvalDataset(
+                            samples, "/", pipeline.image_size,
+                            with_detector_input=pipeline.needs_detector_input,
+                            memory_transform=getattr(pipeline, "memory_transform", None))),
                         batch_size=batching.batch_size, num_workers=batching.num_workers,
                         collate_fn=_collate_skipping)
     summary, failed = [], []
@@ -159,14 +173,21 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None) -> dict:
                           "map": str(stem.with_suffix(".npy")),
                           "overlay": str(stem.with_suffix(".png")),
                           "detections": det or None}
-                if args.threshold is not None:
+                cal = _calibration(pipeline, args.cls_name)
+                if cal is not None:
+                    record.update(verdict="anomalous" if pred.image_score >= cal["image_threshold"]
+                                  else "normal", image_threshold=cal["image_threshold"])
+                threshold = args.threshold
+                if threshold is None and cal is not None:
+                    threshold = cal["pixel_threshold"]
+                if threshold is not None:
                     h, w = rgb.shape[:2]
                     full = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(
                         (w, h), Image.BILINEAR))
-                    binary = full >= args.threshold
+                    binary = full >= threshold
                     mask_path = stem.with_name(stem.name + "_mask.png")
                     Image.fromarray((binary * 255).astype(np.uint8)).save(mask_path)
-                    record.update(mask=str(mask_path), threshold=args.threshold,
+                    record.update(mask=str(mask_path), threshold=threshold,
                                   anomalous_fraction=float(binary.mean()))
                 atomic_write_text(stem.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
                 summary.append(record)

@@ -38,6 +38,7 @@ class EvalDataset(Dataset):
     - ``orig_size``: (w, h) of the image file
     - ``det_image``: float Tensor[3, h', w'] (GroundingDINO input), only when
       ``with_detector_input`` is true
+    - ``mem_image``: the memory-bank input, only with a ``memory_transform``
 
     Only paths are stored, so the dataset is safe with DataLoader workers.
     """
@@ -45,13 +46,15 @@ class EvalDataset(Dataset):
     def __init__(self, samples: Sequence[Sample], root: str | os.PathLike,
                  image_size: int = DEFAULT_IMAGE_SIZE, with_detector_input: bool = False,
                  detector_short_side: int = DETECTOR_SHORT_SIDE,
-                 detector_max_size: int | None = DETECTOR_MAX_SIZE) -> None:
+                 detector_max_size: int | None = DETECTOR_MAX_SIZE,
+                 memory_transform=None) -> None:
         self.samples = list(samples)
         self.root = Path(root)
         self.image_size = int(image_size)
         self.with_detector_input = bool(with_detector_input)
         self.detector_short_side = int(detector_short_side)
         self.detector_max_size = detector_max_size
+        self.memory_transform = memory_transform  # PIL image -> memory-bank input tensor
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -80,6 +83,8 @@ class EvalDataset(Dataset):
         if self.with_detector_input:
             item["det_image"], _ = detector_tensor(img, self.detector_short_side,
                                                    self.detector_max_size)
+        if self.memory_transform is not None:
+            item["mem_image"] = self.memory_transform(img)
         return item
 
 
@@ -95,6 +100,7 @@ class ImageBatch:
     img_paths: list[str]  # as listed (relative to the dataset root)
     orig_sizes: list[tuple[int, int]]  # (w, h) of each image file
     det_images: list[torch.Tensor] | None = None  # GroundingDINO inputs [3, h', w'] (varying)
+    mem_images: torch.Tensor | None = None  # [B, 3, s, s] memory-bank (PatchCore) inputs
 
     def __len__(self) -> int:
         return len(self.img_paths)
@@ -113,4 +119,6 @@ def collate(items: Sequence[dict[str, Any]]) -> ImageBatch:
         img_paths=[it["img_path"] for it in items],
         orig_sizes=[tuple(it["orig_size"]) for it in items],
         det_images=[it["det_image"] for it in items] if "det_image" in items[0] else None,
+        mem_images=(torch.stack([it["mem_image"] for it in items]) if "mem_image" in items[0]
+                    else None),
     )

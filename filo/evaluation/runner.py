@@ -167,7 +167,7 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
 
         prompts = load_pipeline_prompts(pipeline)
         unknown = [c for c in split if not prompts.has_class(c)]
-        if unknown:
+        if unknown and (pipeline.uses_filo or pipeline.grounding):
             raise FiloError(f"class {unknown[0]!r} of {run.data_path} has no prompts in "
                             f"{prompts.source}; add it to a prompt file and pass --prompts "
                             f"(see prompts/README.md)")
@@ -196,7 +196,7 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
         f"{len(samples) - len(todo)} cached in {cache.dir}")
     if todo:
         predict(todo)
-    pixel = pipeline.uses_filo or run.pixel_metrics
+    pixel = pipeline.uses_filo or pipeline.uses_memory or run.pixel_metrics
     for _attempt in range(3):
         try:
             results = _evaluate_classes(split, cache, pixel)
@@ -223,7 +223,8 @@ def cache_key(run: RunConfig, pipeline: PipelineConfig) -> dict[str, Any]:
 def _predict_missing(run: RunConfig, todo: Sequence[Sample], cache: PredictionCache,
                      model: Pipeline, sources: dict[str, dict[str, Any]]) -> None:
     dataset = EvalDataset(todo, run.data_path, model.image_size,
-                          with_detector_input=model.needs_detector_input)
+                          with_detector_input=model.needs_detector_input,
+                          memory_transform=getattr(model, "memory_transform", None))
     loader = DataLoader(dataset, batch_size=run.batch_size, shuffle=False,
                         num_workers=run.num_workers, collate_fn=collate, persistent_workers=False)
     bar = tqdm(total=len(todo), unit="img", desc="predict", dynamic_ncols=True)

@@ -1,0 +1,87 @@
+"""``python -m filo.memory build``: PatchCore memory banks from normal images, one per class.
+
+    python -m filo.memory build --dataset mvtec --data_path $MVTEC_ROOT --out outputs/banks/mvtec
+    python -m filo.memory build --dataset visa --data_path $VISA_ROOT --shots 4 \\
+        --ckpt_path ckpt/filo_train_on_mvtec.pth --out outputs/banks/visa_4shot
+
+Defaults are the PatchCore paper's run (WideResNet-50-2 from --weights, layers 2+3, resize 256,
+crop 224, coreset 10 %). Banks are resumable per class; each bank records its settings and
+calibrated normal/anomalous thresholds. Use them with ``test.py --memory_bank DIR`` and
+``python -m filo.predict --memory_bank DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from filo.cli.common import add_verbose, setup_logging
+from filo.errors import FiloError, cli_entry
+from filo.settings import add_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from filo.evaluation.runner import RunConfig
+    from filo.memory.config import MemoryConfig
+    from filo.pipeline import PipelineConfig
+
+    p = argparse.ArgumentParser(prog="python -m filo.memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build memory banks from normal train images")
+    data = b.add_argument_group("data")
+    add_args(data, RunConfig, ("dataset", "data_path", "classes", "batch_size"))
+    data.add_argument("--out", type=Path, required=True, help="bank folder (one subfolder per class)")
+    add_args(b.add_argument_group("memory bank"), MemoryConfig)
+    add_args(b.add_argument_group("FiLo (clip backbone source; normal statistics for fusion)"),
+             PipelineConfig, ("ckpt_path", "prompts", "device"))
+    add_verbose(b)
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from filo.data.layouts import load_split
+    from filo.evaluation.runner import RunConfig
+    from filo.fileio import check_writable_dir
+    from filo.memory.build import build_banks
+    from filo.memory.config import MemoryConfig
+    from filo.pipeline import PipelineConfig
+    from filo.settings import from_args
+
+    run = from_args(RunConfig, args).resolved("memory")
+    cfg = from_args(MemoryConfig, args)
+    pipe = from_args(PipelineConfig, args)
+    out = check_writable_dir(args.out, "--out")
+    if cfg.backbone != "clip":
+        weights = cfg.weights_path()
+        if weights is not None and not weights.is_file():
+            raise FiloError(f"WideResNet weights {weights} not found: place torchvision's "
+                            f"{weights.name} there (`python -m filo download "
+                            f"{'wide-resnet50-2' if cfg.backbone == 'wrn50' else 'wide-resnet101-2'}`"
+                            f" on a machine with internet) or pass --weights")
+    split = load_split(run.data_path, run.dataset, "train", run.class_list(),
+                       source="--data_path", allow_outside_root=run.allow_outside_root)
+    filo = None
+    if pipe.ckpt_path is not None:
+        from filo.checkpoint import build_filo_from_checkpoint
+        from filo.pipeline import load_pipeline_prompts
+
+        prompts = load_pipeline_prompts(pipe)
+        known = [c for c in split if prompts.has_class(c)]
+        if known:
+            filo = build_filo_from_checkpoint(pipe.ckpt_path, prompts=prompts, device=pipe.device)
+        if len(known) < len(split):
+            print(f"[filo] no prompts for {', '.join(c for c in split if c not in known)}: no "
+                  f"FiLo statistics for those banks (--fusion memory only)")
+    built = build_banks(Path(run.data_path), split, cfg, out, ckpt_path=pipe.ckpt_path,
+                        device=pipe.device, batch_size=run.batch_size, filo=filo)
+    print(f"[filo] {len(split)} bank(s) in {out} ({len(built)} built now)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

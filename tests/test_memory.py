@@ -1,0 +1,250 @@
+"""Memory banks end to end: building (full-shot, k-shot, resumable), calibration, test.py with
+--memory_bank and each --fusion mode, predict verdicts, and the bad-input cases. Tiny FiLo CLIP
+tower as the backbone (a WideResNet is covered in test_memory_core.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from filo.data.synthetic import make_mvtec_like
+
+CLASSES = ("tex_a", "tex_b")
+
+
+def _cli(main, argv) -> int:
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    return 0 if rc is None else int(rc)
+
+
+def _one_line(capsys) -> str:
+    lines = [x for x in capsys.readouterr().err.strip().splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("error")]  # the rest: progress bars
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mem") / "data"
+    make_mvtec_like(root, classes=CLASSES, n_train_good=6, n_test_good=2, n_test_defect=3,
+                    size=64, seed=11)
+    return root
+
+
+def _build(tmp_path, data, ckpt, prompts, *extra, out=None) -> tuple[int, Path]:
+    from filo.cli.memory import main
+
+    out = out or tmp_path / "banks"
+    rc = _cli(main, ["build", "--dataset", "mvtec", "--data_path", str(data), "--out", str(out),
+                     "--backbone", "clip", "--layers", "2,3", "--ckpt_path", str(ckpt),
+                     "--prompts", str(prompts), "--device", "cpu", "--resize", "40",
+                     "--imagesize", "32", *extra])
+    return rc, out
+
+
+@pytest.fixture(scope="module")
+def banks(tmp_path_factory, data, tiny_filo_ckpt, synthetic_prompts):
+    tmp = tmp_path_factory.mktemp("banks")
+    rc, out = _build(tmp, data, tiny_filo_ckpt[0], synthetic_prompts, "--calib_fraction", "0.34")
+    assert rc == 0
+    return out
+
+
+def test_build_writes_one_calibrated_bank_per_class_and_resumes(banks, data, tiny_filo_ckpt,
+                                                                synthetic_prompts, tmp_path,
+                                                                capsys):
+    from filo.memory.bank import load_bank
+
+    for cls in CLASSES:
+        bank, meta = load_bank(banks, cls)
+        assert meta.backbone == "clip" and meta.n_images == 4  # 6 normals, 2 held out
+        assert bank.shape == (meta.n_patches, 1024) and meta.n_patches == int(4 * 16 * 0.1)
+        cal = meta.calibration
+        assert cal["n_images"] == 2 and len(cal["images"]) == 2
+        assert not set(cal["images"]) & set(meta.image_paths)  # held out of the bank
+        assert cal["image_threshold"] >= cal["image_mean"] > 0
+        assert {"pixel_mean", "pixel_std", "image_mean", "image_std"} <= set(cal["filo"])
+    # a second build with the same settings keeps every bank (resume)
+    rc, _ = _build(tmp_path, data, tiny_filo_ckpt[0], synthetic_prompts, "--calib_fraction",
+                   "0.34", out=banks)
+    assert rc == 0 and capsys.readouterr().out.count("kept") == 2
+
+
+def test_k_shot_takes_k_seeded_images_with_leave_one_out_calibration(tmp_path, data,
+                                                                     tiny_filo_ckpt,
+                                                                     synthetic_prompts, capsys):
+    from filo.memory.bank import load_bank
+
+    rc, out = _build(tmp_path, data, tiny_filo_ckpt[0], synthetic_prompts, "--shots", "2")
+    assert rc == 0
+    metas = [load_bank(out, c)[1] for c in CLASSES]
+    for meta in metas:
+        assert meta.shots == 2 and meta.n_images == 2 and meta.coreset_percentage == 1.0
+        assert meta.n_patches == 2 * 16 and meta.calibration["n_images"] == 2
+        assert "leave-one-out" in meta.calibration["method"]
+    # the same seed picks the same shots; another seed (usually) others
+    rc, out2 = _build(tmp_path, data, tiny_filo_ckpt[0], synthetic_prompts, "--shots", "2",
+                      out=tmp_path / "again")
+    assert [load_bank(out2, c)[1].image_paths for c in CLASSES] == [m.image_paths for m in metas]
+    rc, _ = _build(tmp_path, data, tiny_filo_ckpt[0], synthetic_prompts, "--shots", "9",
+                   out=tmp_path / "too_many")
+    assert rc == 2 and "--shots 9" in _one_line(capsys)
+
+
+def _test_py(data, save, *argv) -> int:
+    from filo.cli.test import main
+
+    return _cli(main, ["--dataset", "mvtec", "--data_path", str(data), "--image_size", "32",
+                       "--device", "cpu", "--num_workers", "0", "--save_path", str(save),
+                       "--save_maps", str(save / "maps"), *argv])
+
+
+def _maps(folder: Path) -> dict[str, np.ndarray]:
+    return {str(p.relative_to(folder)): np.load(p) for p in sorted(folder.rglob("*.npy"))}
+
+
+def _scores(folder: Path) -> dict[str, float]:
+    rows = (folder / "scores.csv").read_text().splitlines()[1:]
+    return {r.split(",")[0]: float(r.split(",")[-1]) for r in rows}
+
+
+def test_memory_only_run_matches_a_brute_force_nearest_neighbour(tmp_path, data, banks,
+                                                                 tiny_filo_ckpt, capsys):
+    """--fusion memory: image score = max over patches of the squared distance to the nearest
+    bank row, recomputed here with numpy broadcasting from the same patch features."""
+    from filo.data.transforms import decode_image
+    from filo.memory.bank import load_bank
+    from filo.memory.scorer import MemoryScorer
+
+    rc = _test_py(data, tmp_path / "run", "--memory_bank", str(banks), "--ckpt_path",
+                  str(tiny_filo_ckpt[0]), "--fusion", "memory")
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(res["classes"]) == set(CLASSES) and res["mean"]["auroc_px"] is not None
+    scores = _scores(tmp_path / "run" / "maps")
+    scorer = MemoryScorer(banks, ckpt_path=tiny_filo_ckpt[0])
+    for rel in list(scores)[:3]:
+        cls = rel.split("/")[0]
+        bank, _ = load_bank(banks, cls)
+        x = scorer.transform()(decode_image(data / rel))[None]
+        rows, _ = scorer.embedder.embed(x)
+        d2 = ((rows.numpy()[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2
+              ).sum(-1).min(1)
+        assert scores[rel] == pytest.approx(d2.max(), rel=1e-4)
+    maps = _maps(tmp_path / "run" / "maps")
+    assert all(m.shape == (32, 32) for m in maps.values())
+
+
+def test_mean_and_max_fusion_follow_the_documented_formula(tmp_path, data, banks, tiny_filo_ckpt,
+                                                           synthetic_prompts, capsys):
+    from filo.memory.bank import load_bank
+
+    ckpt = str(tiny_filo_ckpt[0])
+    common = ["--memory_bank", str(banks), "--ckpt_path", ckpt, "--prompts",
+              str(synthetic_prompts)]
+    runs = {}
+    for mode in ("filo", "memory", "mean", "max"):
+        rc = _test_py(data, tmp_path / mode, *common, "--fusion", mode, "--fusion_weight", "0.3")
+        assert rc == 0, capsys.readouterr().err
+        runs[mode] = (_maps(tmp_path / mode / "maps"), _scores(tmp_path / mode / "maps"))
+    # FiLo alone (no bank) gives the --fusion filo numbers
+    assert _test_py(data, tmp_path / "plain", "--ckpt_path", ckpt, "--prompts",
+                    str(synthetic_prompts)) == 0
+    assert _scores(tmp_path / "plain" / "maps") == runs["filo"][1]
+
+    def z(v, mean, std):
+        return (v - mean) / std
+
+    def sig(v):
+        return 1 / (1 + np.exp(-v))
+
+    for rel, f_map in runs["filo"][0].items():
+        cal = load_bank(banks, rel.split("/")[0])[1].calibration
+        fc = cal["filo"]
+        m_map = runs["memory"][0][rel]
+        zf, zm = z(f_map, fc["pixel_mean"], fc["pixel_std"]), z(m_map, cal["pixel_mean"],
+                                                                  cal["pixel_std"])
+        np.testing.assert_allclose(runs["mean"][0][rel], sig(0.7 * zf + 0.3 * zm), atol=2e-6)
+        np.testing.assert_allclose(runs["max"][0][rel], sig(np.maximum(zf, zm)), atol=2e-6)
+        key = rel[:-4] + ".png"
+        sf = z(runs["filo"][1][key], fc["image_mean"], fc["image_std"])
+        sm = z(runs["memory"][1][key], cal["image_mean"], cal["image_std"])
+        assert runs["mean"][1][key] == pytest.approx(sig(0.7 * sf + 0.3 * sm), abs=1e-6)
+
+
+def test_predict_gives_calibrated_verdicts_and_masks(tmp_path, data, banks, tiny_filo_ckpt,
+                                                     synthetic_prompts, capsys):
+    from filo.memory.bank import load_bank
+    from filo.predict import main as predict_main
+
+    images = sorted((data / "tex_a" / "test").rglob("*.png"))
+    out = tmp_path / "pred"
+    rc = _cli(predict_main, ["--images", *map(str, images), "--class", "tex_a", "--memory_bank",
+                             str(banks), "--ckpt_path", str(tiny_filo_ckpt[0]), "--fusion",
+                             "memory", "--out", str(out), "--image_size", "32",
+                             "--num_workers", "0"])
+    assert rc == 0, capsys.readouterr().err
+    cal = load_bank(banks, "tex_a")[1].calibration
+    summary = json.loads((out / "summary.json").read_text())
+    for rec in summary["images"]:
+        want = "anomalous" if rec["image_score"] >= cal["image_threshold"] else "normal"
+        assert rec["verdict"] == want and rec["threshold"] == cal["pixel_threshold"]
+        assert Path(rec["mask"]).is_file()
+
+
+def test_bad_banks_are_one_clear_line(tmp_path, data, banks, tiny_filo_ckpt, synthetic_prompts,
+                                      capsys):
+    import shutil
+
+    from filo.checkpoint import save_filo_checkpoint
+    from filo.model import FiLo, FiLoConfig
+    from filo.prompts import load_prompt_table
+
+    # a bank of another FiLo checkpoint's CLIP tower
+    torch.manual_seed(3)
+    other = save_filo_checkpoint(tmp_path / "other.pth",
+                                 FiLo(FiLoConfig.tiny(), load_prompt_table(synthetic_prompts)))
+    rc = _test_py(data, tmp_path / "r1", "--memory_bank", str(banks), "--ckpt_path", str(other),
+                  "--fusion", "memory")
+    assert rc == 2 and "rebuild them with this checkpoint" in _one_line(capsys)
+    # a truncated bank file
+    broken = tmp_path / "broken"
+    shutil.copytree(banks, broken)
+    bank_file = broken / "tex_a" / "bank.npy"
+    bank_file.write_bytes(bank_file.read_bytes()[:100])
+    rc = _test_py(data, tmp_path / "r2", "--memory_bank", str(broken), "--ckpt_path",
+                  str(tiny_filo_ckpt[0]), "--fusion", "memory")
+    assert rc == 2 and "bank.npy" in _one_line(capsys)
+    # a class without a bank
+    rc = _test_py(data, tmp_path / "r3", "--memory_bank", str(banks), "--ckpt_path",
+                  str(tiny_filo_ckpt[0]), "--fusion", "memory", "--classes", "tex_a")
+    assert rc == 0
+    capsys.readouterr()
+    shutil.rmtree(broken / "tex_b")
+    shutil.copy(banks / "tex_a" / "bank.npy", bank_file)
+    rc = _test_py(data, tmp_path / "r4", "--memory_bank", str(broken), "--ckpt_path",
+                  str(tiny_filo_ckpt[0]), "--fusion", "memory")
+    assert rc == 2 and "no bank for class 'tex_b'" in _one_line(capsys)
+    # --fusion mean needs the FiLo checkpoint
+    rc = _test_py(data, tmp_path / "r5", "--memory_bank", str(banks), "--fusion", "mean")
+    assert rc == 2 and "--fusion mean" in _one_line(capsys)
+
+
+def test_a_class_without_normal_train_images_is_one_line(tmp_path, tiny_filo_ckpt,
+                                                        synthetic_prompts, capsys):
+    root = tmp_path / "d"
+    make_mvtec_like(root, classes=("tex_a", "tex_b"), n_train_good=2, n_test_good=1,
+                    n_test_defect=1, size=64)
+    for p in (root / "tex_b" / "train").rglob("*.png"):
+        p.unlink()
+    rc, out = _build(tmp_path, root, tiny_filo_ckpt[0], synthetic_prompts)
+    assert rc == 2 and "class tex_b has no normal train images" in _one_line(capsys)
+    assert not (out / "tex_a").exists()  # checked before any bank is built
