@@ -63,3 +63,19 @@ def test_kernel_benchmark_table(tmp_path):
         assert float(r.strip("|").split("|")[-1]) <= 1e-5  # max relative difference
     for r in deform:
         assert float(r.strip("|").split("|")[-1]) <= 1e-4  # max absolute difference
+
+
+def test_memory_benchmark_table():
+    """benchmarks/bench_memory.py --quick: every row, and faiss / torch scores equal to the
+    straightforward cdist ones (no timing checks)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"),
+                           "--quick", "--n", "1000", "--bank", "500"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line][1:]
+    steps = [r.strip("|").split("|")[0].strip() for r in rows]
+    assert [s.split(" ")[0] for s in steps] == ["features", "coreset", "kNN", "kNN", "bank"]
+    for r in rows[2:4]:
+        assert float(r.strip("|").split("|")[4]) < 1e-3

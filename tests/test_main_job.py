@@ -46,6 +46,13 @@ def test_fresh_machine_runs_the_demo(tmp_path: Path) -> None:
     # the detector ran: every cached prediction has boxes
     boxes = [p for p in (tmp_path / "results" / "demo" / "results" / "cache").rglob("*.npz")]
     assert len(boxes) == 20
+    # memory-bank rows: 2-shot bank alone and fused with the zero-shot maps, in the summary
+    assert "| memory bank alone (2-shot) |" in res.stdout
+    assert "| FiLo + boxes + 2-shot memory (mean) |" in res.stdout
+    for name in ("results_memory_2shot", "results_mean_2shot"):
+        mem = json.loads((tmp_path / "results" / "demo" / name / "results.json").read_text())
+        assert set(mem["classes"]) == {"obj_d", "obj_e"}
+        assert mem["settings"]["memory_bank"].endswith("target_2shot")
 
 
 def test_user_path_that_does_not_exist_stops_with_the_doctor(tmp_path: Path) -> None:
@@ -101,3 +108,42 @@ def test_reproduction_script_rejects_unknown_rules(tmp_path):
     res = subprocess.run(["bash", str(ROOT / "scripts" / "_run_test.sh"), "mvtec", "visa"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "RULES must be" in res.stderr
+
+
+@pytest.mark.parametrize("script,env_extra,expect", [
+    ("patchcore_mvtec.sh", {}, [
+        "-m filo doctor --job memory-mvtec",
+        "-m filo.memory build --dataset mvtec",
+        "test.py --dataset mvtec"]),
+    ("fewshot_visa.sh", {"SHOTS": "2", "SEED": "3"}, [
+        "-m filo doctor --job memory-visa",
+        "-m filo doctor --job test-visa",
+        "-m filo.memory build --dataset visa",
+        "test.py --dataset visa"]),
+])
+def test_memory_bank_scripts_run_doctor_build_then_test(tmp_path, script, env_extra, expect):
+    """The scripts' command lines, recorded by a stand-in `python` on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.txt"
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 0\n')
+    (bin_dir / "python").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FILO_ROOT": str(ROOT),
+           "VIRTUAL_ENV": str(ROOT / ".venv"), "FILO_NO_INSTALL": "1",
+           "CKPT_DIR": str(tmp_path / "ckpt"), "RESULTS_DIR": str(tmp_path / "res"),
+           "VIZ_DIR": str(tmp_path / "viz"), "MVTEC_ROOT": str(tmp_path / "mvtec"),
+           "VISA_ROOT": str(tmp_path / "visa"), **env_extra}
+    res = subprocess.run(["bash", str(ROOT / "scripts" / script)], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    calls = log.read_text().splitlines()
+    assert [any(c.startswith(e) for c in calls) for e in expect] == [True] * len(expect), calls
+    build = next(c for c in calls if c.startswith("-m filo.memory build"))
+    test = next(c for c in calls if c.startswith("test.py"))
+    bank = build.split("--out ")[1].split()[0]
+    assert f"--memory_bank {bank}" in test
+    if script == "fewshot_visa.sh":
+        assert "--shots 2" in build and "--seed 3" in build and "--ckpt_path" in build
+        assert "--fusion mean" in test and "--grounded_checkpoint" in test
+    else:
+        assert "-p 0.1" in build and "--fusion memory" in test
