@@ -134,8 +134,8 @@ def test_memory_only_run_matches_a_brute_force_nearest_neighbour(tmp_path, data,
     for rel in list(scores)[:3]:
         cls = rel.split("/")[0]
         bank, _ = load_bank(banks, cls)
-        x = scorer.transform()(decode_image(data / rel))[None]
-        rows, _ = scorer.embedder.embed(x)
+        x = scorer.transform()(decode_image(data / rel), cls)[None]
+        rows, _ = scorer._embedders.get(scorer.config(cls)).embed(x)
         d2 = ((rows.numpy()[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2
               ).sum(-1).min(1)
         assert scores[rel] == pytest.approx(d2.max(), rel=1e-4)
@@ -248,3 +248,55 @@ def test_a_class_without_normal_train_images_is_one_line(tmp_path, tiny_filo_ckp
     rc, out = _build(tmp_path, root, tiny_filo_ckpt[0], synthetic_prompts)
     assert rc == 2 and "class tex_b has no normal train images" in _one_line(capsys)
     assert not (out / "tex_a").exists()  # checked before any bank is built
+
+
+def test_presets_give_each_class_its_own_settings(tmp_path, data, tiny_filo_ckpt,
+                                                  synthetic_prompts, capsys):
+    from filo.errors import FiloError
+    from filo.memory.bank import load_bank
+    from filo.memory.config import MemoryConfig
+    from filo.memory.presets import load_preset
+
+    study = load_preset("patchcore_mvtec_study")
+    assert len(study.classes) == 15
+    bottle = study.config_for(MemoryConfig(), "bottle")
+    cable = study.config_for(MemoryConfig(), "cable")
+    assert (bottle.resize, bottle.imagesize, bottle.layers, bottle.coreset) == (256, 224,
+                                                                                 "layer2", 0.01)
+    assert (cable.resize, cable.imagesize, cable.layers) == (336, 320, "layer3")
+    assert study.config_for(MemoryConfig(), "unknown_part").layers == "layer2,layer3"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("default: {resize: 256, colour: red}\n")
+    with pytest.raises(FiloError, match=r"bad\.yaml: default: unknown setting\(s\) colour"):
+        load_preset(bad)
+    bad.write_text("classes:\n  a: {coreset: 7}\n")
+    with pytest.raises(FiloError, match=r"class a: --coreset 7"):
+        load_preset(bad).config_for(MemoryConfig(), "a")
+
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("default: {coreset: 0.25}\nclasses:\n"
+                      "  tex_a: {score_rule: mean, coreset: 0.5}\n  tex_b: {resize: 48}\n")
+    rc, out = _build(tmp_path, data, tiny_filo_ckpt[0], synthetic_prompts, "--preset",
+                     str(preset), "--layers", "2,3")
+    assert rc == 0, capsys.readouterr().err
+    a, b = load_bank(out, "tex_a")[1], load_bank(out, "tex_b")[1]
+    assert a.extra["score_rule"] == "mean" and a.coreset_percentage == 0.5
+    assert b.extra["score_rule"] == "max" and b.coreset_percentage == 0.25 and b.resize == 48
+    assert a.n_patches == int(a.n_images * 16 * 0.5)
+    rc = _test_py(data, tmp_path / "run", "--memory_bank", str(out), "--ckpt_path",
+                  str(tiny_filo_ckpt[0]), "--fusion", "memory")
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_memory_inputs_of_different_sizes_stay_a_list():
+    from filo.data.dataset import collate
+
+    def item(size, cls):
+        return {"image": torch.zeros(3, 8, 8), "mask": torch.zeros(8, 8, dtype=torch.bool),
+                "label": 0, "cls_name": cls, "img_path": cls, "orig_size": (8, 8),
+                "mem_image": torch.zeros(3, size, size)}
+
+    same = collate([item(16, "a"), item(16, "b")])
+    assert isinstance(same.mem_images, torch.Tensor) and same.mem_images.shape == (2, 3, 16, 16)
+    mixed = collate([item(16, "a"), item(24, "b")])
+    assert isinstance(mixed.mem_images, list) and [t.shape[-1] for t in mixed.mem_images] == [16, 24]

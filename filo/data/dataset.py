@@ -54,7 +54,7 @@ class EvalDataset(Dataset):
         self.with_detector_input = bool(with_detector_input)
         self.detector_short_side = int(detector_short_side)
         self.detector_max_size = detector_max_size
-        self.memory_transform = memory_transform  # PIL image -> memory-bank input tensor
+        self.memory_transform = memory_transform  # (PIL image, class) -> memory-bank input
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -84,7 +84,7 @@ class EvalDataset(Dataset):
             item["det_image"], _ = detector_tensor(img, self.detector_short_side,
                                                    self.detector_max_size)
         if self.memory_transform is not None:
-            item["mem_image"] = self.memory_transform(img)
+            item["mem_image"] = self.memory_transform(img, s.cls_name)
         return item
 
 
@@ -100,10 +100,15 @@ class ImageBatch:
     img_paths: list[str]  # as listed (relative to the dataset root)
     orig_sizes: list[tuple[int, int]]  # (w, h) of each image file
     det_images: list[torch.Tensor] | None = None  # GroundingDINO inputs [3, h', w'] (varying)
-    mem_images: torch.Tensor | None = None  # [B, 3, s, s] memory-bank (PatchCore) inputs
+    # memory-bank (PatchCore) inputs: [B, 3, s, s], or a list when classes use other sizes
+    mem_images: torch.Tensor | list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.img_paths)
+
+
+def _stack_if_same(tensors: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    return torch.stack(tensors) if len({t.shape for t in tensors}) == 1 else tensors
 
 
 def collate(items: Sequence[dict[str, Any]]) -> ImageBatch:
@@ -119,6 +124,6 @@ def collate(items: Sequence[dict[str, Any]]) -> ImageBatch:
         img_paths=[it["img_path"] for it in items],
         orig_sizes=[tuple(it["orig_size"]) for it in items],
         det_images=[it["det_image"] for it in items] if "det_image" in items[0] else None,
-        mem_images=(torch.stack([it["mem_image"] for it in items]) if "mem_image" in items[0]
-                    else None),
+        mem_images=_stack_if_same([it["mem_image"] for it in items]) if "mem_image" in items[0]
+        else None,
     )

@@ -117,6 +117,26 @@ class PatchEmbedder:
         return rows.float().cpu(), tuple(grid)
 
 
+class EmbedderCache:
+    """One backbone per (backbone, layers, weights, BatchNorm quirk), shared by every class whose
+    settings differ only in preprocessing or pooling (per-class presets)."""
+
+    def __init__(self, *, ckpt_path: Path | None, device, filo=None) -> None:
+        self.ckpt_path, self.device, self.filo = ckpt_path, device, filo
+        self._cache: dict[tuple, PatchEmbedder] = {}
+
+    def get(self, cfg: MemoryConfig) -> PatchEmbedder:
+        import copy
+
+        key = (cfg.backbone, cfg.layers, str(cfg.weights_path()), cfg.no_bn_quirk)
+        if key not in self._cache:
+            self._cache[key] = PatchEmbedder(cfg, ckpt_path=self.ckpt_path, device=self.device,
+                                             filo_model=self.filo)
+        view = copy.copy(self._cache[key])  # same network, this class's settings
+        view.cfg = cfg
+        return view
+
+
 def _load_images(root: Path, samples: Sequence[Sample], embedder: PatchEmbedder) -> torch.Tensor:
     from filo.data.transforms import decode_image
 
@@ -279,13 +299,20 @@ def build_banks(root: Path, split: dict[str, list[Sample]], cfg: MemoryConfig, o
     from filo.device import resolve_device
     from filo.memory.bank import load_bank, save_bank
 
+    preset = None
+    if cfg.preset is not None:
+        from filo.memory.presets import load_preset
+
+        preset = load_preset(cfg.preset)
+    configs = {c: preset.config_for(cfg, c) if preset is not None else cfg for c in split}
     for cls_name, samples in split.items():  # every class's image choice, before any work
-        choose_images(samples, cfg, cls_name)
-    embedder = PatchEmbedder(cfg, ckpt_path=ckpt_path, device=resolve_device(device),
-                             filo_model=filo)
-    want = build_settings(cfg, embedder)
+        choose_images(samples, configs[cls_name], cls_name)
+    embedders = EmbedderCache(ckpt_path=ckpt_path, device=resolve_device(device), filo=filo)
     built = []
     for cls_name in tqdm(list(split), desc="memory banks", unit="class"):
+        cfg_c = configs[cls_name]
+        embedder = embedders.get(cfg_c)
+        want = build_settings(cfg_c, embedder)
         if (Path(out) / cls_name / "meta.json").is_file():
             try:
                 load_bank(out, cls_name, expect=want)
@@ -293,7 +320,7 @@ def build_banks(root: Path, split: dict[str, list[Sample]], cfg: MemoryConfig, o
                 continue
             except FiloError as err:
                 log(f"[filo] {cls_name}: rebuilding ({err})")
-        bank, fields = build_class_bank(root, cls_name, split[cls_name], cfg, embedder,
+        bank, fields = build_class_bank(root, cls_name, split[cls_name], cfg_c, embedder,
                                         batch_size)
         if filo is not None and filo.prompts.has_class(cls_name):
             cal_paths = set(fields["calibration"].get("images", []))
@@ -301,7 +328,7 @@ def build_banks(root: Path, split: dict[str, list[Sample]], cfg: MemoryConfig, o
             stats = filo_statistics(root, cal_samples, filo, cls_name, batch_size)
             if stats:
                 fields["calibration"]["filo"] = stats
-        save_bank(out, cls_name, bank, bank_meta(cfg, embedder, bank, fields))
+        save_bank(out, cls_name, bank, bank_meta(cfg_c, embedder, bank, fields))
         cal = fields["calibration"]
         thr = (f"image threshold {cal['image_threshold']:.4g}" if "image_threshold" in cal
                else "no calibration images")

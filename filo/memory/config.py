@@ -29,6 +29,9 @@ DEFAULT_LAYERS = {"wrn50": "layer2,layer3", "wrn101": "layer2,layer3"}
 class MemoryConfig:
     """How a bank is built (and, recorded in its meta.json, how it must be used)."""
 
+    preset: str | None = setting(
+        None, "per-class settings from a YAML file or a bundled preset (patchcore_paper, "
+        "patchcore_mvtec_study); the other flags are the defaults it starts from")
     backbone: str = setting("wrn50", "feature backbone: torchvision WideResNet-50-2 / -101-2 "
                             "(ImageNet weights from --weights), or the CLIP ViT tower of the FiLo "
                             "checkpoint given with --ckpt_path", choices=BACKBONES)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from filo.errors import FiloError
-from filo.memory.build import USAGE_FIELDS, PatchEmbedder, score_features
+from filo.memory.build import USAGE_FIELDS, score_features
 from filo.memory.config import MemoryConfig
 
 
@@ -68,13 +68,37 @@ def to_full_geometry(amap: np.ndarray, size: int, crop: tuple[float, float, floa
     return out
 
 
+def _config_from_meta(meta) -> MemoryConfig:
+    settings = dict(meta.extra.get("settings") or {})
+    known = set(MemoryConfig.__dataclass_fields__)
+    cfg = MemoryConfig(**{k: v for k, v in settings.items() if k in known})
+    if cfg.weights is not None:
+        cfg.weights = Path(cfg.weights)
+    return cfg
+
+
+class MemoryInputs:
+    """PIL image, class name -> that class's memory-bank input (picklable for data-loader
+    workers: it holds only numbers)."""
+
+    def __init__(self, params: dict[str, dict[str, Any]]) -> None:
+        self.params = params
+
+    def __call__(self, img, cls_name: str) -> torch.Tensor:
+        from filo.memory.transforms import patchcore_tensor
+
+        p = self.params.get(cls_name) or next(iter(self.params.values()))
+        return patchcore_tensor(img, p["resize"], p["imagesize"], crop=p["crop"],
+                                mean=tuple(p["mean"]), std=tuple(p["std"]))
+
+
 class MemoryScorer:
-    """The banks of one folder, their shared feature extractor and per-class NN scorers."""
+    """The banks of one folder, their feature extractors and per-class NN scorers."""
 
     def __init__(self, directory: str | Path, *, ckpt_path: Path | None = None,
-                 device: torch.device | str = "cpu", expect: dict[str, Any] | None = None,
-                 filo_model=None) -> None:
+                 device: torch.device | str = "cpu", filo_model=None) -> None:
         from filo.memory.bank import list_bank_classes, load_bank
+        from filo.memory.build import EmbedderCache
 
         self.dir = Path(directory)
         if not self.dir.is_dir():
@@ -84,25 +108,23 @@ class MemoryScorer:
         if not self.classes:
             raise FiloError(f"--memory_bank {self.dir} holds no banks (no <class>/meta.json); "
                             f"build them with `python -m filo.memory build`")
-        _, first = load_bank(self.dir, self.classes[0], expect=expect)
-        self.meta0 = first
-        settings = dict(first.extra.get("settings") or {})
-        known = set(MemoryConfig.__dataclass_fields__)
-        self.cfg = MemoryConfig(**{k: v for k, v in settings.items() if k in known})
-        if self.cfg.weights is not None:
-            self.cfg.weights = Path(self.cfg.weights)
-        self.usage = {f: getattr(first, f) for f in USAGE_FIELDS}
-        if self.cfg.backbone == "clip":
-            if ckpt_path is None:
-                raise FiloError(f"the banks in {self.dir} use the CLIP tower of {first.weights}: "
-                                f"pass that FiLo checkpoint with --ckpt_path")
-            if Path(first.weights or "").resolve() != Path(ckpt_path).resolve():
-                raise FiloError(f"the banks in {self.dir} were built with the CLIP tower of "
-                                f"{first.weights}, not of --ckpt_path {ckpt_path}; rebuild them "
-                                f"with this checkpoint or pass that one")
-        self.embedder = PatchEmbedder(self.cfg, ckpt_path=ckpt_path, device=device,
-                                      filo_model=filo_model)
-        self._banks: dict[str, tuple[Any, Any]] = {}
+        self._metas = {}
+        for cls_name in self.classes:  # meta.json only (small); the banks load when used
+            meta = _read_meta(self.dir, cls_name)
+            if meta.backbone == "clip":
+                if ckpt_path is None:
+                    raise FiloError(f"the bank of {cls_name} in {self.dir} uses the CLIP tower "
+                                    f"of {meta.weights}: pass that FiLo checkpoint with "
+                                    f"--ckpt_path")
+                if Path(meta.weights or "").resolve() != Path(ckpt_path).resolve():
+                    raise FiloError(f"the banks in {self.dir} were built with the CLIP tower of "
+                                    f"{meta.weights}, not of --ckpt_path {ckpt_path}; rebuild "
+                                    f"them with this checkpoint or pass that one")
+            self._metas[cls_name] = meta
+        self._cfgs = {c: _config_from_meta(m) for c, m in self._metas.items()}
+        self._embedders = EmbedderCache(ckpt_path=ckpt_path, device=device, filo=filo_model)
+        self._banks: dict[str, Any] = {}
+        self._load_bank = load_bank
 
     def check_classes(self, class_names) -> None:
         missing = [c for c in class_names if c not in self.classes]
@@ -112,48 +134,62 @@ class MemoryScorer:
                             f"filo.memory build --classes {missing[0]} --out {self.dir}`")
 
     def meta(self, cls_name: str):
-        return self._bank(cls_name)[1]
+        return self._metas[cls_name]
 
-    def _bank(self, cls_name: str):
+    def config(self, cls_name: str) -> MemoryConfig:
+        return self._cfgs[cls_name]
+
+    def _scorer(self, cls_name: str):
         if cls_name not in self._banks:
-            from filo.memory.bank import load_bank
             from filo.memory.patchcore import NearestNeighbourScorer
 
-            bank, meta = load_bank(self.dir, cls_name, expect=self.usage)
-            scorer = NearestNeighbourScorer(bank, k=meta.num_nn, backend=self.cfg.nn_backend,
-                                            index=self.cfg.index)
-            self._banks[cls_name] = (scorer, meta)
+            meta = self._metas[cls_name]
+            bank, _ = self._load_bank(self.dir, cls_name,
+                                      expect={f: getattr(meta, f) for f in USAGE_FIELDS})
+            cfg = self._cfgs[cls_name]
+            self._banks[cls_name] = NearestNeighbourScorer(bank, k=meta.num_nn,
+                                                           backend=cfg.nn_backend,
+                                                           index=cfg.index)
         return self._banks[cls_name]
 
-    def transform(self):
-        """PIL image -> memory-bank input; a picklable function for data-loader workers."""
-        import functools
+    def transform(self) -> MemoryInputs:
+        """(PIL image, class name) -> memory-bank input, per class's settings."""
+        params = {}
+        for c, cfg in self._cfgs.items():
+            emb = self._embedders.get(cfg)
+            params[c] = {"resize": cfg.resize, "imagesize": cfg.imagesize, "crop": cfg.crop,
+                         "mean": list(emb.mean), "std": list(emb.std)}
+        return MemoryInputs(params)
 
-        from filo.memory.transforms import patchcore_tensor
-
-        return functools.partial(patchcore_tensor, resize=self.cfg.resize,
-                                 imagesize=self.cfg.imagesize, crop=self.cfg.crop,
-                                 mean=self.embedder.mean, std=self.embedder.std)
-
-    def score(self, images: torch.Tensor, classes: list[str], orig_sizes, size: int
+    def score(self, images, classes: list[str], orig_sizes, size: int
               ) -> tuple[np.ndarray, np.ndarray]:
         """(maps [B, size, size] over the whole image, image scores [B]) against each image's
-        class bank."""
-        rows, grid = self.embedder.embed(images)
-        patches = rows.reshape(len(classes), -1, rows.shape[-1])
+        class bank. ``images``: a [B, 3, s, s] tensor or a list of per-image tensors."""
         maps = np.zeros((len(classes), size, size), dtype=np.float32)
         scores = np.zeros(len(classes), dtype=np.float64)
         for cls_name in dict.fromkeys(classes):
             idx = [i for i, c in enumerate(classes) if c == cls_name]
-            scorer, meta = self._bank(cls_name)
-            res = score_features(patches[idx], scorer, grid, self.cfg)
-            fill = float(meta.calibration.get("pixel_mean", float(res.maps.min())))
+            cfg = self._cfgs[cls_name]
+            embedder = self._embedders.get(cfg)
+            rows, grid = embedder.embed(torch.stack([images[i] for i in idx]))
+            patches = rows.reshape(len(idx), -1, rows.shape[-1])
+            res = score_features(patches, self._scorer(cls_name), grid, cfg)
+            fill = float(self._metas[cls_name].calibration.get("pixel_mean",
+                                                               float(res.maps.min())))
             for j, i in enumerate(idx):
-                crop = (crop_box(orig_sizes[i], self.cfg.resize, self.cfg.imagesize)
-                        if self.cfg.crop else None)
+                crop = crop_box(orig_sizes[i], cfg.resize, cfg.imagesize) if cfg.crop else None
                 maps[i] = to_full_geometry(res.maps[j], size, crop, fill)
                 scores[i] = res.scores[j]
         return maps, scores
 
-    def describe(self) -> str:
-        return json.dumps({"banks": self.classes, **self.usage}, default=str)
+
+def _read_meta(directory: Path, cls_name: str):
+    """A bank's meta.json alone (one-line errors as load_bank's)."""
+    from filo.memory.bank import BankMeta
+
+    path = Path(directory) / cls_name / "meta.json"
+    try:
+        return BankMeta.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise FiloError(f"memory bank metadata {path} cannot be read ({type(err).__name__}); "
+                        f"rebuild the bank with `python -m filo.memory build`") from None
