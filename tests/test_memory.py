@@ -300,3 +300,52 @@ def test_memory_inputs_of_different_sizes_stay_a_list():
     assert isinstance(same.mem_images, torch.Tensor) and same.mem_images.shape == (2, 3, 16, 16)
     mixed = collate([item(16, "a"), item(24, "b")])
     assert isinstance(mixed.mem_images, list) and [t.shape[-1] for t in mixed.mem_images] == [16, 24]
+
+
+@pytest.fixture(scope="module")
+def wrn_weights(tmp_path_factory) -> Path:
+    """A torchvision WideResNet-50-2 file with seeded random weights (torchvision's layout)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("wrn") / "wide_resnet50_2-random.pth"
+    torch.save(torchvision.models.wide_resnet50_2(weights=None).state_dict(), path)
+    return path
+
+
+def test_wideresnet_bank_end_to_end_and_weights_identity(tmp_path, data, wrn_weights, capsys):
+    from filo.cli.memory import main
+    from filo.memory.bank import load_bank
+
+    out = tmp_path / "banks"
+    argv = ["build", "--dataset", "mvtec", "--data_path", str(data), "--out", str(out),
+            "--backbone", "wrn50", "--weights", str(wrn_weights), "--device", "cpu",
+            "--resize", "64", "--imagesize", "64", "-p", "0.5", "--classes", "tex_a"]
+    assert _cli(main, argv) == 0, capsys.readouterr().err
+    bank, meta = load_bank(out, "tex_a")
+    assert meta.backbone == "wrn50" and meta.layers == ["layer2", "layer3"]
+    assert meta.grid == [8, 8] and bank.shape == (int(meta.n_images * 64 * 0.5), 1024)
+    import hashlib
+
+    assert meta.weights_sha256 == hashlib.sha256(wrn_weights.read_bytes()).hexdigest()
+    rc = _test_py(data, tmp_path / "run", "--memory_bank", str(out), "--classes", "tex_a")
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    # other weights at the same path: the bank is refused, naming the setting
+    torch.save({k: v + 1 for k, v in torch.load(wrn_weights, weights_only=True).items()},
+               tmp_path / "other.pth")
+    moved = tmp_path / "banks_moved"
+    import shutil
+
+    shutil.copytree(out, moved)
+    meta_file = moved / "tex_a" / "meta.json"
+    m = json.loads(meta_file.read_text())
+    m["weights"] = str(tmp_path / "other.pth")
+    meta_file.write_text(json.dumps(m))
+    rc = _test_py(data, tmp_path / "run2", "--memory_bank", str(moved), "--classes", "tex_a")
+    err = _one_line(capsys)
+    assert rc == 2 and "backbone weights" in err and "rebuild" in err
+    # a missing weights file stops the build before any work, naming the file
+    rc = _cli(main, [*argv[:-1], "tex_b", "--weights", str(tmp_path / "nope.pth")])
+    err = _one_line(capsys)
+    assert rc == 2 and "nope.pth" in err and not (out / "tex_b").exists()

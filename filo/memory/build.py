@@ -64,6 +64,16 @@ def choose_images(samples: Sequence[Sample], cfg: MemoryConfig, cls_name: str
             [s for i, s in enumerate(normal) if i in held])
 
 
+def weights_checksum(path: Path | None) -> str | None:
+    """sha256 of a backbone weights file (cached by path, size and mtime: instant the second
+    time)."""
+    if path is None or not Path(path).is_file():
+        return None
+    from filo.assets import ChecksumCache
+
+    return ChecksumCache().sha256(Path(path))
+
+
 class PatchEmbedder:
     """Backbone + PatchCore aggregation: images -> patch features [B * P, D] on a grid."""
 
@@ -92,6 +102,7 @@ class PatchEmbedder:
             self.net = ClipTowerFeatures(visual, blocks)
             self.mean, self.std = self.net.mean, self.net.std
             self.weights_id = str(Path(ckpt_path).resolve())
+            self.weights_sha256 = None  # the checkpoint is identified by its path
         else:
             self.layers = cfg.layer_list()
             weights = cfg.weights_path()
@@ -99,6 +110,7 @@ class PatchEmbedder:
             self.net = WideResNetFeatures(model, self.layers)
             self.mean, self.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
             self.weights_id = str(weights) if weights is not None else None
+            self.weights_sha256 = weights_checksum(weights)
         self.net = self.net.to(self.device).eval()
 
     def preprocess(self, img) -> torch.Tensor:
@@ -245,7 +257,8 @@ def bank_meta(cfg: MemoryConfig, embedder: PatchEmbedder, bank: np.ndarray, fiel
     from filo.memory.bank import BankMeta
 
     return BankMeta(
-        backbone=cfg.backbone, weights=embedder.weights_id, weights_sha256=None,
+        backbone=cfg.backbone, weights=embedder.weights_id,
+        weights_sha256=embedder.weights_sha256,
         layers=list(embedder.layers), patchsize=cfg.patchsize, pretrain_dim=cfg.pretrain_dim,
         target_dim=cfg.target_dim, resize=cfg.resize, imagesize=cfg.imagesize, crop=cfg.crop,
         coreset_percentage=cfg.coreset_fraction(), coreset_seed=cfg.seed, num_nn=cfg.num_nn,

@@ -120,6 +120,16 @@ class MemoryScorer:
                     raise FiloError(f"the banks in {self.dir} were built with the CLIP tower of "
                                     f"{meta.weights}, not of --ckpt_path {ckpt_path}; rebuild "
                                     f"them with this checkpoint or pass that one")
+            elif meta.weights_sha256 is not None:
+                from filo.memory.build import weights_checksum
+
+                now = weights_checksum(Path(meta.weights)) if meta.weights else None
+                if now != meta.weights_sha256:
+                    raise FiloError(
+                        f"the bank of {cls_name} in {self.dir} was built with backbone weights "
+                        f"{meta.weights} of sha256 {meta.weights_sha256[:12]}..., but that file "
+                        + ("is missing" if now is None else f"now has sha256 {now[:12]}...")
+                        + "; put the original weights back or rebuild the banks")
             self._metas[cls_name] = meta
         self._cfgs = {c: _config_from_meta(m) for c, m in self._metas.items()}
         self._embedders = EmbedderCache(ckpt_path=ckpt_path, device=device, filo=filo_model)
