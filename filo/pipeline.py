@@ -280,6 +280,19 @@ class Pipeline:
                             f"rebuild it with `python -m filo.memory build ... --ckpt_path "
                             f"{self.config.ckpt_path}` or use --fusion memory")
 
+    def fused_scores(self, cls_name: str, filo_scores, memory_scores) -> np.ndarray:
+        """Image scores of the fused modes from FiLo's and the memory bank's raw scores (the
+        same formula as :meth:`_fuse_memory`; used for calibrated fused thresholds)."""
+        cal = self.memory.meta(cls_name).calibration
+        f_cal = cal["filo"]
+        zf = (np.asarray(filo_scores, dtype=np.float64) - f_cal["image_mean"]) / max(
+            f_cal["image_std"], 1e-12)
+        zm = (np.asarray(memory_scores, dtype=np.float64) - cal["image_mean"]) / max(
+            cal["image_std"], 1e-12)
+        w = self.config.fusion_weight
+        z = (1 - w) * zf + w * zm if self.config.fusion_mode == "mean" else np.maximum(zf, zm)
+        return 1.0 / (1.0 + np.exp(-z))
+
     def _fuse_memory(self, batch: ImageBatch, classes: list[str], filo_maps: np.ndarray,
                      filo_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """FiLo and memory maps / scores, each normalised by its normal-image statistics (the

@@ -349,3 +349,27 @@ def test_wideresnet_bank_end_to_end_and_weights_identity(tmp_path, data, wrn_wei
     rc = _cli(main, [*argv[:-1], "tex_b", "--weights", str(tmp_path / "nope.pth")])
     err = _one_line(capsys)
     assert rc == 2 and "nope.pth" in err and not (out / "tex_b").exists()
+
+
+def test_fused_verdicts_use_the_calibration_images_fused_scores(tmp_path, data, banks,
+                                                                tiny_filo_ckpt, synthetic_prompts,
+                                                                capsys):
+    from filo.memory.bank import load_bank
+    from filo.predict import main as predict_main
+
+    images = sorted((data / "tex_a" / "test").rglob("*.png"))
+    out = tmp_path / "pred"
+    rc = _cli(predict_main, ["--images", *map(str, images), "--class", "tex_a", "--memory_bank",
+                             str(banks), "--ckpt_path", str(tiny_filo_ckpt[0]), "--prompts",
+                             str(synthetic_prompts), "--fusion", "max", "--out", str(out),
+                             "--image_size", "32", "--num_workers", "0"])
+    assert rc == 0, capsys.readouterr().err
+    cal = load_bank(banks, "tex_a")[1].calibration
+    fc = cal["filo"]
+    zf = (np.array(fc["image_scores"]) - fc["image_mean"]) / fc["image_std"]
+    zm = (np.array(cal["image_scores"]) - cal["image_mean"]) / cal["image_std"]
+    want = np.quantile(1 / (1 + np.exp(-np.maximum(zf, zm))), cal["image_quantile"])
+    for rec in json.loads((out / "summary.json").read_text())["images"]:
+        assert rec["image_threshold"] == pytest.approx(want, rel=1e-9)
+        assert rec["verdict"] == ("anomalous" if rec["image_score"] >= want else "normal")
+        assert "mask" not in rec  # no calibrated pixel threshold for fused maps

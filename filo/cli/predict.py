@@ -82,13 +82,23 @@ def _collate_skipping(items):
 
 
 def _calibration(pipeline, cls_name: str) -> dict | None:
-    """The bank's calibrated thresholds when the scores are the memory bank's own (--fusion
-    memory); None otherwise (no calibrated threshold for FiLo or fused scores)."""
+    """Calibrated thresholds from the memory bank: its own with --fusion memory; with --fusion
+    mean|max an image threshold from the calibration images' fused scores (same quantile; no
+    pixel threshold: pass --threshold); None without a bank or calibration images."""
     memory = getattr(pipeline, "memory", None)
-    if memory is None or pipeline.config.fusion_mode != "memory":
+    if memory is None:
         return None
     cal = memory.meta(cls_name).calibration
-    return cal if "image_threshold" in cal else None
+    if "image_threshold" not in cal:
+        return None
+    if pipeline.config.fusion_mode == "memory":
+        return cal
+    f_cal = cal.get("filo") or {}
+    if len(f_cal.get("image_scores", [])) != len(cal.get("image_scores", [])) or not f_cal:
+        return None
+    fused = pipeline.fused_scores(cls_name, f_cal["image_scores"], cal["image_scores"])
+    return {"image_threshold": float(np.quantile(fused, cal["image_quantile"])),
+            "pixel_threshold": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +189,7 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None) -> dict:
                                   else "normal", image_threshold=cal["image_threshold"])
                 threshold = args.threshold
                 if threshold is None and cal is not None:
-                    threshold = cal["pixel_threshold"]
+                    threshold = cal["pixel_threshold"]  # None for fused scores
                 if threshold is not None:
                     h, w = rgb.shape[:2]
                     full = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(

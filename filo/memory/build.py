@@ -211,6 +211,7 @@ def calibration(maps: np.ndarray, scores: np.ndarray, cfg: MemoryConfig) -> dict
         "pixel_threshold": float(np.quantile(pixels, cfg.pixel_quantile)),
         "image_quantile": cfg.calib_quantile, "pixel_quantile": cfg.pixel_quantile,
         "image_mean": float(np.mean(scores)), "image_std": float(np.std(scores)),
+        "image_scores": [float(v) for v in scores],  # for fused thresholds at use time
         "pixel_mean": float(pixels.mean()), "pixel_std": float(pixels.std()),
     }
 
@@ -296,7 +297,8 @@ def filo_statistics(root: Path, samples: Sequence[Sample], filo, cls_name: str,
         return {}
     pixels = np.concatenate(maps).reshape(-1).astype(np.float64)
     img = np.concatenate(scores).astype(np.float64)
-    return {"n_images": int(len(img)), "pixel_mean": float(pixels.mean()),
+    return {"n_images": int(len(img)), "image_scores": [float(v) for v in img],
+            "pixel_mean": float(pixels.mean()),
             "pixel_std": float(pixels.std()), "image_mean": float(img.mean()),
             "image_std": float(img.std())}
 
