@@ -34,7 +34,14 @@ case "${RULES:-research}" in
     fixed) rules=() ;;
     *) echo "error: RULES must be 'research' or 'fixed', got '${RULES}'" >&2; exit 2 ;;
 esac
-exec python test.py --dataset "$test_ds" --data_path "$root" \
+# NPROC=N (and NNODES, RDZV_ENDPOINT for several machines) runs under torchrun
+launch=(python)
+if [ "${NPROC:-1}" -gt 1 ] || [ -n "${NNODES:-}" ]; then
+    launch=(python -m torch.distributed.run --nproc_per_node "${NPROC:-1}"
+            ${NNODES:+--nnodes "$NNODES"}
+            ${RDZV_ENDPOINT:+--rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"})
+fi
+exec "${launch[@]}" test.py --dataset "$test_ds" --data_path "$root" \
     --ckpt_path "$FILO_CKPT" --grounded_checkpoint "$GROUNDING_CKPT" \
     --box_threshold "${BOX_THRESHOLD:-0.25}" --text_threshold "${TEXT_THRESHOLD:-0.25}" \
     --area_threshold "${AREA_THRESHOLD:-0.7}" --batch_size "${BATCH_SIZE:-8}" \

@@ -10,6 +10,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . ./env.sh  # idempotent: activates .venv, keeps variables the user set
+# NPROC=N (and NNODES, RDZV_ENDPOINT for several machines) runs under torchrun
+launch=(python)
+if [ "${NPROC:-1}" -gt 1 ] || [ -n "${NNODES:-}" ]; then
+    launch=(python -m torch.distributed.run --nproc_per_node "${NPROC:-1}"
+            ${NNODES:+--nnodes "$NNODES"}
+            ${RDZV_ENDPOINT:+--rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"})
+fi
 FILO_CKPT="${FILO_CKPT:-$CKPT_DIR/filo_train_on_mvtec.pth}"
 GROUNDING_CKPT="${GROUNDING_CKPT:-$CKPT_DIR/grounding_train_on_mvtec.pth}"
 shots="${SHOTS:-4}"
@@ -20,11 +27,11 @@ if ! python -m filo doctor --job memory-visa --data_path "$VISA_ROOT" \
     exit 1
 fi
 bank="${BANK_DIR:-$RESULTS_DIR/banks/visa_${shots}shot_seed${SEED:-0}}"
-python -m filo.memory build --dataset visa --data_path "$VISA_ROOT" --out "$bank" \
+"${launch[@]}" -m filo.memory build --dataset visa --data_path "$VISA_ROOT" --out "$bank" \
     --backbone wrn50 --weights "${WRN_WEIGHTS:-$CKPT_DIR/wide_resnet50_2-95faca4d.pth}" \
     --shots "$shots" --seed "${SEED:-0}" --ckpt_path "$FILO_CKPT" \
     --batch_size "${BATCH_SIZE:-8}" ${DEVICE:+--device "$DEVICE"}
-exec python test.py --dataset visa --data_path "$VISA_ROOT" --ckpt_path "$FILO_CKPT" \
+exec "${launch[@]}" test.py --dataset visa --data_path "$VISA_ROOT" --ckpt_path "$FILO_CKPT" \
     --grounded_checkpoint "$GROUNDING_CKPT" --memory_bank "$bank" --fusion "${FUSION:-mean}" \
     --batch_size "${BATCH_SIZE:-8}" --num_workers "${NUM_WORKERS:-2}" ${DEVICE:+--device "$DEVICE"} \
     --save_path "$RESULTS_DIR/fewshot_visa_${shots}shot" \

@@ -20,7 +20,14 @@ if ! python -m filo doctor --job "$job" --grounded_checkpoint "$GROUNDING_CKPT" 
     exit 1
 fi
 out="$RESULTS_DIR/gdino_only_${DATASET}"
-exec python -m filo.detect --dataset "$DATASET" --data_path "$root" \
+# NPROC=N (and NNODES, RDZV_ENDPOINT for several machines) runs under torchrun
+launch=(python)
+if [ "${NPROC:-1}" -gt 1 ] || [ -n "${NNODES:-}" ]; then
+    launch=(python -m torch.distributed.run --nproc_per_node "${NPROC:-1}"
+            ${NNODES:+--nnodes "$NNODES"}
+            ${RDZV_ENDPOINT:+--rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"})
+fi
+exec "${launch[@]}" -m filo.detect --dataset "$DATASET" --data_path "$root" \
     --grounded_checkpoint "$GROUNDING_CKPT" \
     --box_threshold "${BOX_THRESHOLD:-0.25}" --text_threshold "${TEXT_THRESHOLD:-0.25}" \
     --area_threshold "${AREA_THRESHOLD:-0.7}" --batch_size "${BATCH_SIZE:-8}" \

@@ -9,6 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . ./env.sh  # idempotent: activates .venv, keeps variables the user set
+# NPROC=N (and NNODES, RDZV_ENDPOINT for several machines) runs under torchrun
+launch=(python)
+if [ "${NPROC:-1}" -gt 1 ] || [ -n "${NNODES:-}" ]; then
+    launch=(python -m torch.distributed.run --nproc_per_node "${NPROC:-1}"
+            ${NNODES:+--nnodes "$NNODES"}
+            ${RDZV_ENDPOINT:+--rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"})
+fi
 if ! python -m filo doctor --job memory-mvtec --data_path "$MVTEC_ROOT"; then
     echo "patchcore_mvtec.sh: fix the items above (python -m filo doctor explains each), then run again" >&2
     exit 1
@@ -20,11 +27,11 @@ if [ -n "${FILO_CKPT:-}" ]; then
     filo=(--ckpt_path "$FILO_CKPT")
     fusion=(--fusion mean)
 fi
-python -m filo.memory build --dataset mvtec --data_path "$MVTEC_ROOT" --out "$bank" \
+"${launch[@]}" -m filo.memory build --dataset mvtec --data_path "$MVTEC_ROOT" --out "$bank" \
     --backbone wrn50 --weights "${WRN_WEIGHTS:-$CKPT_DIR/wide_resnet50_2-95faca4d.pth}" \
     -p "${CORESET:-0.1}" --batch_size "${BATCH_SIZE:-8}" ${DEVICE:+--device "$DEVICE"} \
     ${filo[@]+"${filo[@]}"}
-exec python test.py --dataset mvtec --data_path "$MVTEC_ROOT" --memory_bank "$bank" \
+exec "${launch[@]}" test.py --dataset mvtec --data_path "$MVTEC_ROOT" --memory_bank "$bank" \
     ${filo[@]+"${filo[@]}"} "${fusion[@]}" --batch_size "${BATCH_SIZE:-8}" \
     --num_workers "${NUM_WORKERS:-2}" ${DEVICE:+--device "$DEVICE"} \
     --save_path "$RESULTS_DIR/patchcore_mvtec" --viz_dir "$VIZ_DIR/patchcore_mvtec" \

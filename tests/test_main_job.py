@@ -147,3 +147,23 @@ def test_memory_bank_scripts_run_doctor_build_then_test(tmp_path, script, env_ex
         assert "--fusion mean" in test and "--grounded_checkpoint" in test
     else:
         assert "-p 0.1" in build and "--fusion memory" in test
+
+
+def test_nproc_runs_the_scripts_under_torchrun(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.txt"
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit 0\n')
+    (bin_dir / "python").chmod(0o755)
+    data = tmp_path / "mvtec"
+    data.mkdir()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FILO_ROOT": str(ROOT), "MVTEC_ROOT": str(data),
+           "CKPT_DIR": str(tmp_path / "ckpt"), "RESULTS_DIR": str(tmp_path / "res"),
+           "VIZ_DIR": str(tmp_path / "viz"), "NPROC": "4", "NNODES": "2",
+           "RDZV_ENDPOINT": "10.0.0.1:29400"}
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "_run_test.sh"), "mvtec", "visa"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    call = log.read_text().splitlines()[1]
+    assert call.startswith("-m torch.distributed.run --nproc_per_node 4 --nnodes 2 "
+                           "--rdzv_backend c10d --rdzv_endpoint 10.0.0.1:29400 test.py "), call

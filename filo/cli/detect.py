@@ -57,9 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     run, pipeline = configs_from_args(args)
+    from dataclasses import replace
+
+    from filo import distributed
     from filo.evaluation.runner import run_evaluation
 
-    run_evaluation(run, pipeline)
+    dist = distributed.init_from_env(pipeline.device)
+    try:
+        run_evaluation(run, replace(pipeline, device=dist.device(pipeline.device)), dist=dist)
+    finally:
+        distributed.shutdown(dist)
     return 0
 
 

@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                             f" on a machine with internet) or pass --weights")
     split = load_split(run.data_path, run.dataset, "train", run.class_list(),
                        source="--data_path", allow_outside_root=run.allow_outside_root)
+    from filo import distributed
+
+    dist = distributed.init_from_env(pipe.device)
     filo = None
     if pipe.ckpt_path is not None:
         from filo.checkpoint import build_filo_from_checkpoint
@@ -73,13 +76,21 @@ def main(argv: list[str] | None = None) -> int:
         prompts = load_pipeline_prompts(pipe)
         known = [c for c in split if prompts.has_class(c)]
         if known:
-            filo = build_filo_from_checkpoint(pipe.ckpt_path, prompts=prompts, device=pipe.device)
+            filo = build_filo_from_checkpoint(pipe.ckpt_path, prompts=prompts,
+                                              device=dist.device(pipe.device))
         if len(known) < len(split):
             print(f"[filo] no prompts for {', '.join(c for c in split if c not in known)}: no "
                   f"FiLo statistics for those banks (--fusion memory only)")
-    built = build_banks(Path(run.data_path), split, cfg, out, ckpt_path=pipe.ckpt_path,
-                        device=pipe.device, batch_size=run.batch_size, filo=filo)
-    print(f"[filo] {len(split)} bank(s) in {out} ({len(built)} built now)")
+    try:
+        built = build_banks(Path(run.data_path), split, cfg, out, ckpt_path=pipe.ckpt_path,
+                            device=dist.device(pipe.device), batch_size=run.batch_size,
+                            filo=filo, dist=dist)
+        n_built = sum(dist.gather(len(built)))
+        dist.barrier()
+    finally:
+        distributed.shutdown(dist)
+    if dist.is_main:
+        print(f"[filo] {len(split)} bank(s) in {out} ({n_built} built now)")
     return 0
 
 

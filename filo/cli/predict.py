@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_predict(args: argparse.Namespace, pipeline_factory=None) -> dict:
+def run_predict(args: argparse.Namespace, pipeline_factory=None, dist=None) -> dict:
     from PIL import Image
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -138,17 +138,24 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None) -> dict:
     if args.threshold is not None and args.memory_bank is None and (
             problem := in_range(0.0, 1.0)(args.threshold)):
         raise FiloError(f"--threshold {args.threshold}: {problem}")
+    from dataclasses import replace
+
+    from filo.distributed import DistContext
     from filo.fileio import check_writable_dir, ensure_inside
 
+    dist = dist or DistContext()
     batching = from_args(RunConfig, args)
     config = from_args(PipelineConfig, args)
+    config = replace(config, device=dist.device(config.device))
     images = collect_images(list(args.images))
     out_dir = check_writable_dir(args.out, "--out")
     pipeline = (pipeline_factory or build_pipeline)(config)
     pipeline.check_classes([args.cls_name], "--class")
 
-    samples = [Sample(str(p.resolve()), "", args.cls_name, "", 0) for p in images]
-    stems = {s.img_path: output_stem(p, list(args.images)) for s, p in zip(samples, images, strict=True)}
+    all_samples = [Sample(str(p.resolve()), "", args.cls_name, "", 0) for p in images]
+    stems = {s.img_path: output_stem(p, list(args.images))
+             for s, p in zip(all_samples, images, strict=True)}
+    samples = dist.shard(all_samples)  # under torchrun: this process's share
     loader = DataLoader(_SkipUnreadable(EvalDataset(
                             samples, "/", pipeline.image_size,
                             with_detector_input=pipeline.needs_detector_input,
@@ -204,11 +211,18 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None) -> dict:
             bar.update(len(batch))
     from filo.settings import as_dict
 
+    if dist.active:  # every process's records, in image order, for rank 0's summary
+        gathered = dist.gather((summary, failed))
+        order = {s.img_path: i for i, s in enumerate(all_samples)}
+        summary = sorted((r for part, _ in gathered for r in part),
+                         key=lambda r: order[r["image"]])
+        failed = [f for _, part in gathered for f in part]
     result = {"class": args.cls_name, "ckpt_path": str(config.ckpt_path) if config.ckpt_path else None,
               "grounded_checkpoint": str(config.grounded_checkpoint) if config.grounded_checkpoint else None,
               "settings": as_dict(config), "n_images": len(summary), "images": summary,
               "failed": failed}
-    atomic_write_text(out_dir / "summary.json", json.dumps(result, indent=1) + "\n")
+    if dist.is_main:
+        atomic_write_text(out_dir / "summary.json", json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -216,7 +230,15 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    result = run_predict(args)
+    from filo import distributed
+
+    dist = distributed.init_from_env(args.device)
+    try:
+        result = run_predict(args, dist=dist)
+    finally:
+        distributed.shutdown(dist)
+    if not dist.is_main:
+        return 0
     if result["images"]:
         best = max(result["images"], key=lambda r: r["image_score"])
         print(f"[filo] {result['n_images']} image(s) -> {Path(args.out) / 'summary.json'}; "

@@ -45,9 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     if pipeline.grounded_checkpoint is None and not pipeline.no_grounding:
         print("[filo] no --grounded_checkpoint: FiLo maps alone (same as --no_grounding)")
         pipeline.no_grounding = True
+    from dataclasses import replace
+
+    from filo import distributed
     from filo.evaluation.runner import run_evaluation
 
-    run_evaluation(run, pipeline)
+    dist = distributed.init_from_env(pipeline.device)
+    try:
+        run_evaluation(run, replace(pipeline, device=dist.device(pipeline.device)), dist=dist)
+    finally:
+        distributed.shutdown(dist)
     return 0
 
 

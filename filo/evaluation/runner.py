@@ -34,6 +34,7 @@ from tqdm import tqdm
 from filo.data.dataset import EvalDataset, collate
 from filo.data.layouts import load_split
 from filo.data.records import Sample
+from filo.distributed import DistContext
 from filo.errors import FiloError
 from filo.evaluation.cache import Prediction, PredictionCache, input_identity
 from filo.evaluation.report import (
@@ -117,6 +118,10 @@ class RunConfig:
 PipelineFactory = Callable[[PipelineConfig], Pipeline]
 
 
+def _quiet(*_args) -> None:
+    """Log function of the processes other than rank 0 (which alone reports)."""
+
+
 def check_outputs_writable(run: RunConfig) -> None:
     """Every output folder of the run can be written (checked before anything is loaded)."""
     check_writable_dir(run.save_path or "outputs/results/test", "--save_path")
@@ -138,12 +143,18 @@ class _Unreadable(FiloError):
 
 def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
                    pipeline_factory: PipelineFactory | None = None,
-                   log: Callable[[str], None] = print) -> list[ClassResult]:
+                   log: Callable[[str], None] = print,
+                   dist: DistContext | None = None) -> list[ClassResult]:
     """Run a whole evaluation: predict what is not cached, then compute and write the tables.
 
     Cheap checks come first (output folders writable, dataset listing, prompt file and classes),
     so a bad input is one error line before any model is loaded or any cache folder is made.
+    Under torchrun (``dist``), each process predicts its shard of the missing images and rank 0
+    alone computes and writes the results (the other processes return an empty list).
     """
+    dist = dist or DistContext()
+    if not dist.is_main:
+        log = _quiet
     if run.data_path is None:
         raise FiloError("--data_path is required (the dataset root)")
     if not run.from_cache:
@@ -193,9 +204,17 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
 
     todo = [s for s in samples if not cache.has(s.img_path, sources[s.img_path])]
     log(f"[filo] {len(samples)} test images in {len(split)} classes; "
-        f"{len(samples) - len(todo)} cached in {cache.dir}")
-    if todo:
-        predict(todo)
+        f"{len(samples) - len(todo)} cached in {cache.dir}"
+        + (f"; {dist.world_size} processes share the rest" if dist.active else ""))
+    dist.barrier()  # every process has listed the cache before anyone writes to it
+    if todo and run.from_cache:
+        predict(todo)  # (the --from_cache error)
+    mine = dist.shard(todo)
+    if mine:
+        predict(mine)
+    dist.barrier()  # every shard is in the cache
+    if not dist.is_main:
+        return []
     pixel = pipeline.uses_filo or pipeline.uses_memory or run.pixel_metrics
     for _attempt in range(3):
         try:
@@ -227,7 +246,8 @@ def _predict_missing(run: RunConfig, todo: Sequence[Sample], cache: PredictionCa
                           memory_transform=getattr(model, "memory_transform", None))
     loader = DataLoader(dataset, batch_size=run.batch_size, shuffle=False,
                         num_workers=run.num_workers, collate_fn=collate, persistent_workers=False)
-    bar = tqdm(total=len(todo), unit="img", desc="predict", dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="img", desc="predict", dynamic_ncols=True,
+               disable=None)
     try:
         for batch in loader:
             for i, pred in enumerate(model.predict(batch)):

@@ -305,7 +305,7 @@ def filo_statistics(root: Path, samples: Sequence[Sample], filo, cls_name: str,
 
 def build_banks(root: Path, split: dict[str, list[Sample]], cfg: MemoryConfig, out: Path, *,
                 ckpt_path: Path | None = None, device: str | None = None, batch_size: int = 8,
-                filo=None, log: Callable[[str], None] = print) -> list[str]:
+                filo=None, log: Callable[[str], None] = print, dist=None) -> list[str]:
     """Build (or reuse) one bank per class under ``out``; returns the classes built now.
 
     ``filo`` (a FiLo model): also record FiLo's normal-image statistics on the calibration
@@ -324,7 +324,10 @@ def build_banks(root: Path, split: dict[str, list[Sample]], cfg: MemoryConfig, o
         choose_images(samples, configs[cls_name], cls_name)
     embedders = EmbedderCache(ckpt_path=ckpt_path, device=resolve_device(device), filo=filo)
     built = []
-    for cls_name in tqdm(list(split), desc="memory banks", unit="class"):
+    # under torchrun each process builds whole classes (features, coreset, calibration): every
+    # world_size-th class from its rank; the bank of a class never mixes processes
+    mine = dist.shard(list(split)) if dist is not None else list(split)
+    for cls_name in tqdm(mine, desc="memory banks", unit="class"):
         cfg_c = configs[cls_name]
         embedder = embedders.get(cfg_c)
         want = build_settings(cfg_c, embedder)
