@@ -118,3 +118,42 @@ def test_a_killed_job_completes_on_rerun_with_an_intact_cache(job):
         rel = str(entry.relative_to(cache_dir))[: -len(".npz")]
         assert cache.get(rel) is not None
     assert not list(cache_dir.rglob(".*.tmp"))
+
+
+def test_predict_and_memory_build_under_torchrun(tmp_path, job, tiny_filo_ckpt,
+                                                 synthetic_prompts):
+    """filo.predict: each process predicts its share, rank 0 writes the whole summary (same as
+    one process); filo.memory build: classes split over the processes, same banks."""
+    base, args, _ = job
+    data = base / "data"
+    images = sorted((data / "tex_a" / "test").rglob("*.png"))
+    common = ["--images", *map(str, images), "--class", "tex_a", "--ckpt_path",
+              str(tiny_filo_ckpt[0]), "--prompts", str(synthetic_prompts), "--image_size", "32",
+              "--device", "cpu", "--num_workers", "0", "--exact"]
+    one = subprocess.run([sys.executable, "-m", "filo.predict", *common, "--out",
+                          str(tmp_path / "one")], env=_env(), capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(_torchrun(["-m", "filo.predict", *common, "--out",
+                                    str(tmp_path / "two")]),
+                         env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "summary.json").read_text())
+    b = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert [r["image"] for r in a["images"]] == [r["image"] for r in b["images"]]
+    assert [r["image_score"] for r in a["images"]] == [r["image_score"] for r in b["images"]]
+
+    make_mvtec_like(tmp_path / "train", classes=("tex_a", "tex_b"), n_train_good=3,
+                    n_test_good=1, n_test_defect=1, size=48, seed=2)
+    build = ["-m", "filo.memory", "build", "--dataset", "mvtec", "--data_path",
+             str(tmp_path / "train"), "--backbone", "clip", "--layers", "2,3", "--ckpt_path",
+             str(tiny_filo_ckpt[0]), "--resize", "32", "--imagesize", "32", "--device", "cpu"]
+    one = subprocess.run([sys.executable, *build, "--out", str(tmp_path / "b1")], env=_env(),
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    two = subprocess.run(_torchrun([*build, "--out", str(tmp_path / "b2")]), env=_env(),
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert "(2 built now)" in two.stdout
+    for cls in ("tex_a", "tex_b"):
+        np.testing.assert_array_equal(np.load(tmp_path / "b1" / cls / "bank.npy"),
+                                      np.load(tmp_path / "b2" / cls / "bank.npy"))
