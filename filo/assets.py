@@ -88,6 +88,17 @@ class DatasetRoot:
     source_page: str
 
 
+# name -> (environment variable, default folder under data/, marker, description, source)
+EXTRA_DATASETS = {
+    "mpdd": ("MPDD_ROOT", "MPDD", "bracket_black/test", "MPDD (metal parts)",
+             "https://github.com/stepanje/MPDD"),
+    "btad": ("BTAD_ROOT", "BTAD", "01/test", "BTAD (beanTech)",
+             "https://github.com/pankajmishra000/VT-ADL"),
+    "mvtec_ad2": ("MVTEC_AD2_ROOT", "mvtec_ad_2", "can/test_public", "MVTec AD 2",
+                  "https://www.mvtec.com/company/research/datasets/mvtec-ad-2"),
+}
+
+
 @dataclass
 class AssetPaths:
     """Where assets and datasets live; built from the environment that ``env.sh`` exports."""
@@ -99,6 +110,8 @@ class AssetPaths:
     visa_root: Path
     clip_weights: Path
     overrides: dict[str, Path] = field(default_factory=dict)
+    # further datasets (mpdd, btad, mvtec_ad2) -> their roots
+    dataset_roots: dict[str, Path] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AssetPaths:
@@ -119,6 +132,8 @@ class AssetPaths:
             mvtec_root=rel(env.get("MVTEC_ROOT"), root / "data" / "mvtec_anomaly_detection"),
             visa_root=rel(env.get("VISA_ROOT"), root / "data" / "VisA_20220922"),
             clip_weights=rel(env.get("FILO_CLIP_WEIGHTS"), ckpt / "ViT-L-14-336px.pt"),
+            dataset_roots={name: rel(env.get(var), root / "data" / folder)
+                           for name, (var, folder, _, _, _) in EXTRA_DATASETS.items()},
         )
 
 
@@ -210,6 +225,10 @@ def build_datasets(paths: AssetPaths) -> dict[str, DatasetRoot]:
             marker="split_csv/1cls.csv", env_var="VISA_ROOT",
             source_page="https://github.com/amazon-science/spot-diff",
         ),
+        **{name: DatasetRoot(name=name, description=desc, path=paths.dataset_roots[name],
+                             marker=marker, env_var=var, source_page=src)
+           for name, (var, _, marker, desc, src) in EXTRA_DATASETS.items()
+           if name in paths.dataset_roots},
     }
 
 

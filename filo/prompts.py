@@ -21,7 +21,10 @@ import yaml
 from filo.errors import FiloError
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
-DATASET_FILES = {"mvtec": "filo_mvtec.yaml", "visa": "filo_visa.yaml"}
+DATASET_FILES = {"mvtec": "filo_mvtec.yaml", "visa": "filo_visa.yaml",
+                 # untuned tables for datasets the released checkpoints never saw
+                 "mpdd": "filo_mpdd.yaml", "btad": "filo_btad.yaml",
+                 "mvtec_ad2": "filo_mvtec_ad2.yaml"}
 DEFAULTS_FILE = "filo_mvtec.yaml"  # source of the template/position defaults for user files
 
 _LIST_FIELDS = (

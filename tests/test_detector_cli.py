@@ -111,7 +111,7 @@ def test_detect_cli_viz_pixel_metrics_and_coco(tmp_path, capsys, setup):
     header = next(line for line in out.splitlines() if line.startswith("| objects"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
         "objects", "auroc_px", "f1_px", "ap_px", "aupro", "auroc_sp", "f1_sp", "ap_sp",
-        "aupro_exact"]
+        "aupro_exact", "mAD"]
 
     # pixel AUROC of the box map, rebuilt from the per-image JSON with a slow loop + sklearn
     items = [json.loads(f.read_text()) for f in sorted(boxes_dir.rglob("*.json"))]

@@ -91,7 +91,8 @@ def test_run_writes_tables_and_matches_sklearn(dataset: Path, tmp_path: Path) ->
     assert math.isclose(data["classes"]["tex_a"]["auroc_px"], round(expected * 100, 4))
     table = (tmp_path / "run" / "results.md").read_text().splitlines()
     assert [c.strip() for c in table[0].strip("|").split("|")] == [
-        "objects", "auroc_px", "f1_px", "ap_px", "aupro", "auroc_sp", "f1_sp", "ap_sp", "aupro_exact"]
+        "objects", "auroc_px", "f1_px", "ap_px", "aupro", "auroc_sp", "f1_sp", "ap_sp", "aupro_exact",
+        "mAD"]
     assert "test_log.txt" in {p.name for p in (tmp_path / "run").iterdir()}
     log = (tmp_path / "run" / "test_log.txt").read_text()
     assert "box_threshold: 0.25" in log and "| mean" in log
@@ -139,11 +140,12 @@ def test_cache_entry_is_atomic_and_corruption_is_recomputed(tmp_path: Path) -> N
 
 
 def test_table_format_and_mean_row() -> None:
-    keys = ["auroc_px", "f1_px", "ap_px", "aupro", "auroc_sp", "f1_sp", "ap_sp", "aupro_exact"]
+    keys = ["auroc_px", "f1_px", "ap_px", "aupro", "auroc_sp", "f1_sp", "ap_sp", "aupro_exact",
+            "mAD"]
     a = ClassResult("metal_nut", 3, dict.fromkeys(keys, 0.5))
     b = ClassResult("bottle", 3, {**dict.fromkeys(keys, 0.25), "ap_sp": math.nan})
     lines = render_table([a, b]).splitlines()
     assert lines[2].split("|")[1].strip() == "metal nut"
-    assert [c.strip() for c in lines[2].strip("|").split("|")][1:] == ["50.0"] * 8
+    assert [c.strip() for c in lines[2].strip("|").split("|")][1:] == ["50.0"] * 9
     mean = [c.strip() for c in lines[4].strip("|").split("|")]
     assert mean[0] == "mean" and mean[1] == "37.5" and mean[7] == "50.0"  # NaN left out of ap_sp mean

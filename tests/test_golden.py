@@ -46,7 +46,15 @@ def test_golden_maps_and_scores_are_reproduced(runs, run):
 
 def test_golden_tables_are_reproduced(runs):
     got, want = runs
-    assert got["test"]["table"] == want["test"]["table"]
+    # columns added since the recording (mAD) aside, every recorded value is reproduced
+    for part in ("classes", "mean"):
+        g, w = got["test"]["table"][part], want["test"]["table"][part]
+        if part == "classes":
+            assert sorted(g) == sorted(w)
+            for cls in w:
+                assert {k: g[cls][k] for k in w[cls]} == w[cls], cls
+        else:
+            assert {k: g[k] for k in w} == w
     # detector-only runs now print test.py's table (class names with spaces, as the research
     # code prints them, plus aupro_exact): the recorded columns keep their values
     table = {name.replace("_", " "): cols for name, cols in got["detect"]["table"].items()}

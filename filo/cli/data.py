@@ -16,17 +16,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build-meta", help="scan a dataset and write the research-code meta.json")
-    b.add_argument("--dataset", required=True, choices=["mvtec", "visa", "folder"])
+    b.add_argument("--dataset", required=True,
+                   choices=["mvtec", "visa", "folder", "mpdd", "btad", "mvtec_ad2"])
     b.add_argument("--root", required=True, help="dataset root folder")
     b.add_argument("--out", default=None, help="output file (default: ROOT/meta.json)")
 
     s = sub.add_parser("summary", help="count the images of a dataset split per class")
-    s.add_argument("--dataset", default="auto", choices=["auto", "mvtec", "visa", "folder", "meta"])
+    s.add_argument("--dataset", default="auto",
+                   choices=["auto", "mvtec", "visa", "folder", "meta", "mpdd", "btad", "mvtec_ad2"])
     s.add_argument("--root", required=True)
     s.add_argument("--split", default="test", choices=["train", "test"])
 
     g = sub.add_parser("synth", help="write a synthetic dataset with planted defects")
-    g.add_argument("--layout", default="mvtec", choices=["mvtec", "visa", "folder"])
+    g.add_argument("--layout", default="mvtec",
+                   choices=["mvtec", "visa", "folder", "mpdd", "btad", "mvtec_ad2"])
     g.add_argument("--root", required=True, help="output folder")
     g.add_argument("--classes", default=None, help="comma-separated class names")
     g.add_argument("--style", default=None, choices=["texture", "object"],
@@ -61,27 +64,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{n_anom} anomalous)")
         return 0
     if args.command == "synth":
+        import functools
+
         from filo.data import synthetic
 
         maker = {"mvtec": synthetic.make_mvtec_like, "visa": synthetic.make_visa_like,
-                 "folder": synthetic.make_folder_like}[args.layout]
+                 "folder": synthetic.make_folder_like}.get(args.layout)
+        tree = maker is None  # mpdd, btad, mvtec_ad2
+        if tree:
+            maker = functools.partial(synthetic.make_tree_like, dataset=args.layout)
         style = args.style or ("texture" if args.layout == "mvtec" else "object")
         kwargs = dict(n_train_good=args.n_train_good, n_test_good=args.n_test_good,
                       n_test_defect=args.n_test_defect, size=args.size, seed=args.seed,
-                      style=style, image_mode=args.image_mode)
+                      style=style)
+        if not tree:
+            kwargs["image_mode"] = args.image_mode
         if args.classes:
             kwargs["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
-        if args.layout != "folder":
+        if args.layout in ("mvtec", "visa"):
             kwargs["with_meta"] = args.meta
         t0 = time.perf_counter()
         try:
             info = maker(args.root, **kwargs)
         except ValueError as err:
             raise FiloError(str(err)) from None
-        if args.layout == "folder" and args.meta:
+        if args.layout not in ("mvtec", "visa") and args.meta:
             from filo.data.layouts import write_meta
 
-            write_meta(args.root, "folder")
+            write_meta(args.root, args.layout)
         print(f"wrote {info.n_images} images ({info.n_anomalous} anomalous) of "
               f"{len(info.classes)} classes to {info.root} in {time.perf_counter() - t0:.1f}s")
         return 0

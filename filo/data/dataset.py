@@ -47,7 +47,7 @@ class EvalDataset(Dataset):
                  image_size: int = DEFAULT_IMAGE_SIZE, with_detector_input: bool = False,
                  detector_short_side: int = DETECTOR_SHORT_SIDE,
                  detector_max_size: int | None = DETECTOR_MAX_SIZE,
-                 memory_transform=None) -> None:
+                 memory_transform=None, allow_missing_masks: bool = False) -> None:
         self.samples = list(samples)
         self.root = Path(root)
         self.image_size = int(image_size)
@@ -55,6 +55,8 @@ class EvalDataset(Dataset):
         self.detector_short_side = int(detector_short_side)
         self.detector_max_size = detector_max_size
         self.memory_transform = memory_transform  # (PIL image, class) -> memory-bank input
+        # True: an anomalous image without a mask gets an empty mask (image-level metrics only)
+        self.allow_missing_masks = bool(allow_missing_masks)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -64,7 +66,7 @@ class EvalDataset(Dataset):
         img_file = self.root / s.img_path
         img = decode_image(img_file)
         size = self.image_size
-        if s.anomaly:
+        if s.anomaly and (s.mask_path or not self.allow_missing_masks):
             if not s.mask_path:
                 raise FiloError(f"anomalous image {img_file} has no mask_path; add its mask and "
                                 f"rebuild meta.json (`python -m filo.data build-meta`)")

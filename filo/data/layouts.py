@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from filo.data.records import Sample
@@ -33,7 +34,14 @@ VISA_CLASSES: tuple[str, ...] = (
     "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
     "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
 )
-DATASETS = ("mvtec", "visa", "folder", "meta")
+MPDD_CLASSES: tuple[str, ...] = (
+    "bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes",
+)
+BTAD_CLASSES: tuple[str, ...] = ("01", "02", "03")
+MVTEC_AD2_CLASSES: tuple[str, ...] = (
+    "can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts",
+)
+DATASETS = ("mvtec", "visa", "folder", "meta", "mpdd", "btad", "mvtec_ad2")
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VISA_CSV = Path("split_csv") / "1cls.csv"
@@ -101,10 +109,42 @@ def _rel(path: Path, root: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# MVTec and folder layouts
+# MVTec-like trees: MVTec AD, folder, MPDD, BTAD, MVTec AD 2
 # --------------------------------------------------------------------------------------------
 
-def _mask_candidates(gt_dir: Path, stem: str, strict_mvtec: bool) -> list[Path]:
+@dataclass(frozen=True)
+class TreeLayout:
+    """How a class-per-folder dataset is laid out.
+
+    ``{root}/{cls}/{split_dirs[split]}/{defect}/<images>``; folders named in ``normal`` hold
+    normal images; the mask of ``{defect}/{name}.<ext>`` is in ``gt_dir`` (a template with
+    ``{split_dir}`` and ``{defect}``, relative to the class folder) as ``{name}_mask.png``
+    (``strict_masks``) or any of ``{name}_mask.<ext>`` / ``{name}.<ext>``.
+    """
+
+    name: str
+    classes: tuple[str, ...] = ()  # known class order; other class folders follow, sorted
+    normal: tuple[str, ...] = (GOOD,)
+    split_dirs: tuple[tuple[str, str], ...] = (("train", "train"), ("test", "test"))
+    gt_dir: str = "ground_truth/{defect}"
+    strict_masks: bool = False
+
+    def split_dir(self, split: str) -> str:
+        return dict(self.split_dirs)[split]
+
+
+TREE_LAYOUTS = {
+    "mvtec": TreeLayout("MVTec", MVTEC_CLASSES, strict_masks=True),
+    "folder": TreeLayout("folder"),
+    "mpdd": TreeLayout("MPDD", MPDD_CLASSES),
+    "btad": TreeLayout("BTAD", BTAD_CLASSES, normal=("ok",)),
+    # MVTec AD 2: ground truth is public for test_public only (test_private*: scores only)
+    "mvtec_ad2": TreeLayout("MVTec AD 2", MVTEC_AD2_CLASSES,
+                            split_dirs=(("train", "train"), ("test", "test_public")),
+                            gt_dir="{split_dir}/ground_truth/{defect}", strict_masks=True),
+}
+
+def _mask_candidates(gt_dir: Path, stem: str, strict_mvtec: bool) -> list[Path]:  # noqa: D401
     if strict_mvtec:
         return [gt_dir / f"{stem}_mask.png"]
     names = [f"{stem}_mask{ext}" for ext in IMAGE_EXTENSIONS] + \
@@ -125,38 +165,50 @@ def _find_mask(gt_dir: Path, stem: str, strict_mvtec: bool) -> Path | None:
     return None
 
 
-def _scan_class_dir(root: Path, cls_dir: Path, split: str, strict_mvtec: bool) -> list[Sample]:
+def _scan_class_dir(root: Path, cls_dir: Path, split: str, layout: TreeLayout) -> list[Sample]:
+    """Samples of one class folder. An anomalous image without a mask is an error, unless the
+    class has no ground-truth folder at all (then it is evaluated at image level only)."""
     cls_name = cls_dir.name
+    split_dir = layout.split_dir(split)
     samples: list[Sample] = []
-    for specie_dir in _subdirs(cls_dir / split):
+    gt_root = cls_dir / layout.gt_dir.format(split_dir=split_dir, defect="").rstrip("/")
+    maskless = not gt_root.is_dir()
+    for specie_dir in _subdirs(cls_dir / split_dir):
         specie = specie_dir.name
+        if specie == "ground_truth":
+            continue
         images = sorted((p for p in specie_dir.iterdir() if _is_image(p)), key=lambda p: p.name)
-        abnormal = specie != GOOD
+        abnormal = specie not in layout.normal
         for img in images:
             mask_rel = ""
-            if abnormal:
-                gt_dir = cls_dir / "ground_truth" / specie
-                mask = _find_mask(gt_dir, img.stem, strict_mvtec)
+            if abnormal and not maskless:
+                gt_dir = cls_dir / layout.gt_dir.format(split_dir=split_dir, defect=specie)
+                mask = _find_mask(gt_dir, img.stem, layout.strict_masks)
                 if mask is None:
-                    expected = _mask_candidates(gt_dir, img.stem, strict_mvtec)[0]
+                    expected = _mask_candidates(gt_dir, img.stem, layout.strict_masks)[0]
                     raise FiloError(f"anomalous image {img} has no mask: expected {expected} "
-                                    f"(normal images belong in {cls_dir / split / GOOD})")
+                                    f"(normal images belong in "
+                                    f"{cls_dir / split_dir / layout.normal[0]})")
                 mask_rel = _rel(mask, root)
             samples.append(Sample(img_path=_rel(img, root), mask_path=mask_rel, cls_name=cls_name,
                                   specie_name=specie, anomaly=int(abnormal)))
+    if maskless and any(s.anomaly for s in samples):
+        logger.warning("class %s has no ground-truth folder (%s): image-level metrics only",
+                       cls_name, gt_root)
     return samples
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    """Folders of ``root`` that look like classes (they hold a ``train`` or ``test`` folder)."""
-    return [d for d in _subdirs(root) if (d / "test").is_dir() or (d / "train").is_dir()]
+def _class_dirs(root: Path, layout: TreeLayout | None = None) -> list[Path]:
+    """Folders of ``root`` that look like classes (they hold a train or test folder)."""
+    names = {"train", "test"} | ({d for _, d in layout.split_dirs} if layout else set())
+    return [d for d in _subdirs(root) if any((d / n).is_dir() for n in names)]
 
 
 def scan_mvtec(root: str | os.PathLike, split: str = "test",
                classes: str | Sequence[str] | None = None, *, source: str = "--root",
                ) -> dict[str, list[Sample]]:
     """Scan an MVTec AD tree (``{cls}/{split}/{defect}/*.png``, masks ``ground_truth/{defect}/{name}_mask.png``)."""
-    return _scan_tree(root, split, classes, source=source, mvtec=True)
+    return _scan_tree(root, split, classes, source=source, layout=TREE_LAYOUTS["mvtec"])
 
 
 def scan_folder(root: str | os.PathLike, split: str = "test",
@@ -165,36 +217,42 @@ def scan_folder(root: str | os.PathLike, split: str = "test",
     """Scan a generic folder tree: ``{cls}/train/good``, ``{cls}/test/{defect}``, masks in
     ``{cls}/ground_truth/{defect}/{name}_mask.<ext>`` (or ``{name}.<ext>``); any of
     png/jpg/jpeg/bmp/tif; classes with only normal images are allowed."""
-    return _scan_tree(root, split, classes, source=source, mvtec=False)
+    return _scan_tree(root, split, classes, source=source, layout=TREE_LAYOUTS["folder"])
+
+
+def scan_tree(root: str | os.PathLike, dataset: str, split: str = "test",
+              classes: str | Sequence[str] | None = None, *, source: str = "--root",
+              ) -> dict[str, list[Sample]]:
+    """Scan a class-per-folder tree of one of :data:`TREE_LAYOUTS` (mpdd, btad, mvtec_ad2, ...)."""
+    return _scan_tree(root, split, classes, source=source, layout=TREE_LAYOUTS[dataset])
 
 
 def _scan_tree(root: str | os.PathLike, split: str, classes: str | Sequence[str] | None,
-               *, source: str, mvtec: bool, allow_empty: bool = False) -> dict[str, list[Sample]]:
+               *, source: str, layout: TreeLayout, allow_empty: bool = False
+               ) -> dict[str, list[Sample]]:
     root_path = _check_root(root, source)
     _check_split(split)
-    layout = "MVTec" if mvtec else "folder"
-    dirs = _class_dirs(root_path)
+    split_dir = layout.split_dir(split)
+    dirs = _class_dirs(root_path, layout)
     if not dirs:
-        raise FiloError(f"no classes found under {root_path}: expected {layout} layout "
-                        f"{{class}}/test/{{defect}}/<images> (and {{class}}/train/good)")
-    if mvtec:
-        by_name = {d.name: d for d in dirs}
-        ordered = [by_name[c] for c in MVTEC_CLASSES if c in by_name]
-        ordered += [d for d in dirs if d.name not in MVTEC_CLASSES]
-    else:
-        ordered = dirs
+        raise FiloError(f"no classes found under {root_path}: expected {layout.name} layout "
+                        f"{{class}}/{split_dir}/{{defect}}/<images> (and {{class}}/train/"
+                        f"{layout.normal[0]})")
+    by_name = {d.name: d for d in dirs}
+    ordered = [by_name[c] for c in layout.classes if c in by_name]
+    ordered += [d for d in dirs if d.name not in layout.classes]
     wanted = _normalize_classes(classes)
     if wanted is not None:
         names = [d.name for d in ordered]
         unknown = [c for c in wanted if c not in names]
         if unknown:
             raise FiloError(f"unknown class {', '.join(repr(c) for c in unknown)} in {root_path} "
-                            f"({layout} layout); available: {', '.join(names)}")
+                            f"({layout.name} layout); available: {', '.join(names)}")
         ordered = [d for d in ordered if d.name in set(wanted)]
-    out = {d.name: _scan_class_dir(root_path, d, split, strict_mvtec=mvtec) for d in ordered}
+    out = {d.name: _scan_class_dir(root_path, d, split, layout) for d in ordered}
     if not any(out.values()) and not allow_empty:
-        raise FiloError(f"no {split} images found under {root_path} ({layout} layout): expected "
-                        f"{{class}}/{split}/{{defect}}/<images> with extensions "
+        raise FiloError(f"no {split} images found under {root_path} ({layout.name} layout): "
+                        f"expected {{class}}/{split_dir}/{{defect}}/<images> with extensions "
                         f"{', '.join(IMAGE_EXTENSIONS)}")
     return out
 
@@ -346,17 +404,19 @@ def build_meta(root: str | os.PathLike, dataset: str, *, source: str = "--root",
 
     Classes follow the test split's order; a class without train images gets an empty list.
     """
-    if dataset not in ("mvtec", "visa", "folder"):
-        raise FiloError(f"cannot build meta.json for dataset {dataset!r}; use mvtec, visa or folder")
+    if dataset != "visa" and dataset not in TREE_LAYOUTS:
+        raise FiloError(f"cannot build meta.json for dataset {dataset!r}; use visa or one of "
+                        f"{', '.join(TREE_LAYOUTS)}")
     root_path = _check_root(root, source)
     if dataset == "visa":
         test = scan_visa(root_path, "test", source=source)
         train = scan_visa(root_path, "train", source=source)
     else:
-        mvtec = dataset == "mvtec"
-        test = _scan_tree(root_path, "test", None, source=source, mvtec=mvtec)
+        layout = TREE_LAYOUTS[dataset]
+        test = _scan_tree(root_path, "test", None, source=source, layout=layout)
         # a test-only dataset (no train folders at all) is fine
-        train = _scan_tree(root_path, "train", None, source=source, mvtec=mvtec, allow_empty=True)
+        train = _scan_tree(root_path, "train", None, source=source, layout=layout,
+                           allow_empty=True)
     train = {c: train.get(c, []) for c in list(test) + [c for c in train if c not in test]}
     return {"train": train, "test": test}
 
@@ -424,6 +484,8 @@ def load_split(root: str | os.PathLike, dataset: str = "auto", split: str = "tes
         logger.info("dataset layout of %s: %s", root_path, dataset)
     if dataset == "mvtec":
         return scan_mvtec(root_path, split, classes, source=source)
+    if dataset in ("mpdd", "btad", "mvtec_ad2"):
+        return scan_tree(root_path, dataset, split, classes, source=source)
     if dataset == "folder":
         return scan_folder(root_path, split, classes, source=source)
     if dataset == "visa":

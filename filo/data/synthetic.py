@@ -502,3 +502,55 @@ def make_folder_like(root: str | os.PathLike, classes: Sequence[str] | None = No
         n_images += len(plan)
         n_anom += sum(p.specie != "good" for p in plan)
     return SyntheticInfo(root, "folder", names + extra, n_images, n_anom, counts)
+
+
+# folder that holds the anomalous images of a layout (None: one folder per defect type)
+_DEFECT_FOLDER = {"btad": "ko", "mvtec_ad2": "bad"}
+
+
+def make_tree_like(root: str | os.PathLike, dataset: str, classes: Sequence[str] | None = None,
+                   n_train_good: int = 3, n_test_good: int = 2, n_test_defect: int = 2,
+                   size: int | Sequence[int] = 96, seed: int = 0, style: str = "object",
+                   image_ext: str = "png", with_masks: bool = True,
+                   defect_types: Sequence[str] = DEFAULT_DEFECTS) -> SyntheticInfo:
+    """Write a small tree in the layout of ``dataset`` (``mpdd``, ``btad``, ``mvtec_ad2``, or
+    any name of :data:`filo.data.layouts.TREE_LAYOUTS`), with planted defects and exact masks:
+
+    * MPDD: as MVTec AD (``{cls}/test/{defect}``, ``ground_truth/{defect}/{name}_mask.png``);
+    * BTAD: normal images in ``ok``, anomalous ones in ``ko``, masks ``ground_truth/ko/{name}.png``;
+    * MVTec AD 2: test images in ``test_public/{good,bad}``, masks
+      ``test_public/ground_truth/bad/{name}_mask.png``.
+
+    ``with_masks=False`` leaves out every mask (a dataset without ground truth).
+    """
+    from filo.data.layouts import TREE_LAYOUTS
+
+    layout = TREE_LAYOUTS[dataset]
+    _check_args(style, "RGB", defect_types, (n_train_good, n_test_good, n_test_defect))
+    w, h = _size_wh(size)
+    root = Path(root)
+    names = _default_classes(style, classes, prefix=dataset)
+    sources = _Sources()
+    n_images = n_anom = 0
+    counts: dict[str, dict[str, int]] = {}
+    for ci, cls_name in enumerate(names):
+        plan = _plan(n_train_good, n_test_good, n_test_defect, defect_types)
+        used: dict[str, int] = {}
+        counts[cls_name] = {}
+        for p in plan:
+            rgb, mask = _render(p, style, cls_name, ci, w, h, seed, sources)
+            split_dir = layout.split_dir(p.split)
+            folder = (layout.normal[0] if p.specie == "good"
+                      else _DEFECT_FOLDER.get(dataset, p.specie))
+            key = f"{split_dir}/{folder}"
+            name = f"{used.get(key, 0):03d}"
+            used[key] = used.get(key, 0) + 1
+            _save_image(rgb, root / cls_name / split_dir / folder / f"{name}.{image_ext}", "RGB")
+            if mask is not None and with_masks:
+                gt = root / cls_name / layout.gt_dir.format(split_dir=split_dir, defect=folder)
+                mask_name = f"{name}.png" if dataset == "btad" else f"{name}_mask.png"
+                _save_mask(mask, gt / mask_name)
+            counts[cls_name][key] = counts[cls_name].get(key, 0) + 1
+        n_images += len(plan)
+        n_anom += sum(p.specie != "good" for p in plan)
+    return SyntheticInfo(root, dataset, names, n_images, n_anom, counts)

@@ -23,12 +23,15 @@ from filo import metrics
 from filo.fileio import atomic_write_text
 
 COLUMNS = ("auroc_px", "f1_px", "ap_px", "aupro", "auroc_sp", "f1_sp", "ap_sp")
-EXTRA_COLUMNS = ("aupro_exact",)
+EXTRA_COLUMNS = ("aupro_exact", "mAD")
+# mAD (Real-IAD's summary): the mean of these seven columns; null when any is not available
+MAD_COLUMNS = ("auroc_sp", "ap_sp", "f1_sp", "auroc_px", "ap_px", "f1_px", "aupro")
 IMAGE_COLUMNS = ("auroc_sp", "f1_sp", "ap_sp")  # detector-only runs without pixel metrics
 HEADERS = ("objects", *COLUMNS, *EXTRA_COLUMNS)
 COLUMN_NOTES = {
     "aupro": "legacy AUPRO: 200 thresholds, FPR < 0.3 rescaled to [0, 1] (the papers' definition)",
     "aupro_exact": "exact AUPRO: every threshold, integrated to FPR 0.3, divided by 0.3 (MVTec AD)",
+    "mAD": "mean of image AUROC, AP, F1-max, pixel AUROC, AP, F1-max and aupro (Real-IAD)",
 }
 
 
@@ -41,17 +44,22 @@ class ClassResult:
 
 def class_metrics(name: str, masks: np.ndarray, maps: np.ndarray, labels: np.ndarray,
                   scores: np.ndarray, *, pixel: bool = True) -> ClassResult:
-    """All table columns for one class. ``pixel=False`` leaves the pixel columns NaN."""
+    """All table columns for one class. ``pixel=False`` leaves the pixel columns NaN (not
+    available: no masks, or a detector-only run); a class with only normal (or only anomalous)
+    images has no image metrics either (NaN, ``null`` in results.json)."""
     values = {c: math.nan for c in (*COLUMNS, *EXTRA_COLUMNS)}
-    if pixel:
+    if pixel and np.asarray(masks).any():
         px = metrics.pixel_metrics(masks, maps, fpr_limit=0.3, legacy=True)
         values.update(auroc_px=px["auroc_px"], f1_px=px["f1_px"], ap_px=px["ap_px"],
                       aupro=px["aupro_legacy"], aupro_exact=px["aupro"])
-    values.update(
-        auroc_sp=metrics.image_auroc(labels, scores),
-        f1_sp=metrics.image_f1_max(labels, scores),
-        ap_sp=metrics.image_ap(labels, scores),
-    )
+    if len(set(np.asarray(labels).tolist())) == 2:
+        values.update(
+            auroc_sp=metrics.image_auroc(labels, scores),
+            f1_sp=metrics.image_f1_max(labels, scores),
+            ap_sp=metrics.image_ap(labels, scores),
+        )
+    mad = [values[c] for c in MAD_COLUMNS]
+    values["mAD"] = float(np.mean(mad)) if not any(math.isnan(v) for v in mad) else math.nan
     return ClassResult(name, int(len(labels)), values)
 
 

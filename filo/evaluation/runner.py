@@ -52,8 +52,9 @@ from filo.settings import as_dict, at_least, setting
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("mvtec", "visa", "folder", "meta", "auto")
-DATA_ENV = {"mvtec": "MVTEC_ROOT", "visa": "VISA_ROOT"}
+DATASETS = ("mvtec", "visa", "folder", "meta", "mpdd", "btad", "mvtec_ad2", "auto")
+DATA_ENV = {"mvtec": "MVTEC_ROOT", "visa": "VISA_ROOT", "mpdd": "MPDD_ROOT",
+            "btad": "BTAD_ROOT", "mvtec_ad2": "MVTEC_AD2_ROOT"}
 
 
 @dataclass
@@ -243,7 +244,8 @@ def _predict_missing(run: RunConfig, todo: Sequence[Sample], cache: PredictionCa
                      model: Pipeline, sources: dict[str, dict[str, Any]]) -> None:
     dataset = EvalDataset(todo, run.data_path, model.image_size,
                           with_detector_input=model.needs_detector_input,
-                          memory_transform=getattr(model, "memory_transform", None))
+                          memory_transform=getattr(model, "memory_transform", None),
+                          allow_missing_masks=True)
     loader = DataLoader(dataset, batch_size=run.batch_size, shuffle=False,
                         num_workers=run.num_workers, collate_fn=collate, persistent_workers=False)
     bar = tqdm(total=len(todo), unit="img", desc="predict", dynamic_ncols=True,
@@ -262,16 +264,30 @@ def _predict_missing(run: RunConfig, todo: Sequence[Sample], cache: PredictionCa
         bar.close()
 
 
+def has_masks(group: Sequence[Sample]) -> bool:
+    """Pixel metrics need a mask for every anomalous image of the class (and some anomaly)."""
+    anomalous = [s for s in group if s.anomaly]
+    return bool(anomalous) and all(s.mask_path for s in anomalous)
+
+
 def _evaluate_classes(split: dict[str, list[Sample]], cache: PredictionCache,
                       pixel: bool) -> list[ClassResult]:
     results = []
     for cls_name, group in tqdm(split.items(), desc="metrics", unit="class", dynamic_ncols=True):
+        labels_set = {s.anomaly for s in group}
+        if labels_set == {0}:
+            logger.warning("class %s has no anomalous test images: scores only, its metrics "
+                           "are not available", cls_name)
+        elif pixel and not has_masks(group):
+            logger.warning("class %s has anomalous images without masks: image-level metrics "
+                           "only", cls_name)
         preds = [_must_get(cache, s) for s in group]
         maps = np.stack([p.anomaly_map for p in preds])
         masks = np.stack([p.mask for p in preds])
         labels = np.array([p.label for p in preds])
         scores = np.array([p.image_score for p in preds])
-        results.append(class_metrics(cls_name, masks, maps, labels, scores, pixel=pixel))
+        results.append(class_metrics(cls_name, masks, maps, labels, scores,
+                                     pixel=pixel and has_masks(group)))
     return results
 
 
