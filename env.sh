@@ -51,6 +51,7 @@ _filo_env_main() {
     export MPDD_ROOT="${MPDD_ROOT:-$FILO_ROOT/data/MPDD}"
     export BTAD_ROOT="${BTAD_ROOT:-$FILO_ROOT/data/BTAD}"
     export MVTEC_AD2_ROOT="${MVTEC_AD2_ROOT:-$FILO_ROOT/data/mvtec_ad_2}"
+    export REALIAD_ROOT="${REALIAD_ROOT:-$FILO_ROOT/data/Real-IAD}"
     export CKPT_DIR="${CKPT_DIR:-$FILO_ROOT/ckpt}"
     export VIZ_DIR="${VIZ_DIR:-$FILO_ROOT/outputs/viz}"
     export RESULTS_DIR="${RESULTS_DIR:-$FILO_ROOT/outputs/results}"

@@ -96,6 +96,8 @@ EXTRA_DATASETS = {
              "https://github.com/pankajmishra000/VT-ADL"),
     "mvtec_ad2": ("MVTEC_AD2_ROOT", "mvtec_ad_2", "can/test_public", "MVTec AD 2",
                   "https://www.mvtec.com/company/research/datasets/mvtec-ad-2"),
+    "realiad": ("REALIAD_ROOT", "Real-IAD", "realiad_jsons", "Real-IAD (realiad_1024 + realiad_jsons)",
+                "https://realiad4ad.github.io/Real-IAD/"),
 }
 
 

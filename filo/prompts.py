@@ -24,7 +24,7 @@ PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 DATASET_FILES = {"mvtec": "filo_mvtec.yaml", "visa": "filo_visa.yaml",
                  # untuned tables for datasets the released checkpoints never saw
                  "mpdd": "filo_mpdd.yaml", "btad": "filo_btad.yaml",
-                 "mvtec_ad2": "filo_mvtec_ad2.yaml"}
+                 "mvtec_ad2": "filo_mvtec_ad2.yaml", "realiad": "filo_realiad.yaml"}
 DEFAULTS_FILE = "filo_mvtec.yaml"  # source of the template/position defaults for user files
 
 _LIST_FIELDS = (
@@ -312,7 +312,9 @@ def load_prompt_table(
                   for f in DATASET_FILES.values()]
         classes: dict[str, list[str]] = {}
         name_map: dict[str, str] = {}
-        for t in tables:
+        # a class two tables name keeps the first table's prompts (MVTec AD / VisA, the ones the
+        # released checkpoints were trained with, before the untuned tables)
+        for t in reversed(tables):
             classes.update(t.classes)
             name_map.update(t.class_name_map)
         table = replace(tables[0], source=" + ".join(t.source for t in tables),

@@ -110,3 +110,83 @@ def test_data_cli_knows_the_new_layouts(tmp_path, capsys):
     assert main(["build-meta", "--dataset", "btad", "--root", str(tmp_path / "b")]) == 0
     meta = json.loads((tmp_path / "b" / "meta.json").read_text())
     assert {s["img_path"].split("/")[2] for s in meta["test"]["btad_a"]} == {"ok", "ko"}
+
+
+# ---- Real-IAD -----------------------------------------------------------------------------
+
+def test_realiad_splits_views_and_labels(tmp_path):
+    from filo.data.layouts import realiad_sample_key, realiad_view
+    from filo.data.synthetic import make_realiad_like
+
+    make_realiad_like(tmp_path, classes=("riad_a",), n_train_samples=2, n_test_good_samples=2,
+                      n_test_ng_samples=2, size=48)
+    test = load_split(tmp_path, "realiad", "test")["riad_a"]
+    train = load_split(tmp_path, "realiad", "train")["riad_a"]
+    assert len(train) == 10 and not any(s.anomaly for s in train)
+    assert len(test) == 20
+    samples = {}
+    for s in test:
+        samples.setdefault(realiad_sample_key(s), []).append(s)
+        assert s.img_path.startswith("realiad_1024/riad_a/")
+        assert (tmp_path / s.img_path).is_file()
+        if s.anomaly:
+            assert s.mask_path.endswith(".png") and (tmp_path / s.mask_path).is_file()
+    assert len(samples) == 4
+    assert all(sorted(realiad_view(s) for s in g) == ["C1", "C2", "C3", "C4", "C5"]
+               for g in samples.values())
+    # NG samples: 2 of 5 views show the defect, the other views are labelled OK
+    ng = [g for g in samples.values() if any(s.anomaly for s in g)]
+    assert len(ng) == 2 and all(sum(s.anomaly for s in g) == 2 for g in ng)
+
+
+def test_realiad_bad_input_is_one_line(tmp_path):
+    from filo.data.synthetic import make_realiad_like
+    from filo.errors import FiloError
+
+    make_realiad_like(tmp_path, classes=("riad_a",), size=48)
+    split_file = tmp_path / "realiad_jsons" / "realiad_jsons" / "riad_a.json"
+    data = json.loads(split_file.read_text())
+    dropped = data["test"].pop(3)  # one view of a sample
+    split_file.write_text(json.dumps(data))
+    with pytest.raises(FiloError, match=r"riad_a\.json: sample .*S\d+ lacks view\(s\) C4"):
+        load_split(tmp_path, "realiad", "test")
+    data["test"].insert(3, dropped)
+    split_file.write_text(json.dumps(data))
+    gone = tmp_path / "realiad_1024" / data["test"][0]["image_path"]
+    gone.unlink()  # the split names a file that is not there
+    with pytest.raises(FiloError, match=f"missing.*{gone.name}"):
+        load_split(tmp_path, "realiad", "test")
+
+
+def test_sample_level_metrics_take_the_max_over_views():
+    from filo.evaluation.report import sample_metrics
+
+    keys = ["s1"] * 3 + ["s2"] * 3 + ["s3"] * 3
+    labels = np.array([0, 0, 0, 0, 1, 0, 0, 0, 0])
+    scores = np.array([0.1, 0.9, 0.2, 0.3, 0.5, 0.1, 0.2, 0.3, 0.4])
+    # samples: s1 (normal, max 0.9), s2 (anomalous, max 0.5), s3 (normal, max 0.4)
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    got = sample_metrics(keys, labels, scores)
+    assert got["auroc_sp_sample"] == pytest.approx(roc_auc_score([0, 1, 0], [0.9, 0.5, 0.4]))
+    assert got["ap_sp_sample"] == pytest.approx(average_precision_score([0, 1, 0],
+                                                                         [0.9, 0.5, 0.4]))
+
+
+def test_realiad_run_reports_sample_level_columns(tmp_path, tiny_filo_ckpt, capsys):
+    from filo.cli.test import main
+    from filo.data.synthetic import make_realiad_like
+
+    make_realiad_like(tmp_path / "data", classes=("toothbrush",), n_train_samples=0,
+                      n_test_good_samples=2, n_test_ng_samples=2, size=48)
+    try:
+        rc = main(["--dataset", "realiad", "--data_path", str(tmp_path / "data"), "--ckpt_path",
+                   str(tiny_filo_ckpt[0]), "--image_size", "32", "--device", "cpu",
+                   "--num_workers", "0", "--save_path", str(tmp_path / "run")])
+    except SystemExit as exc:
+        rc = exc.code
+    assert rc in (0, None), capsys.readouterr().err
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["columns"][-3:] == ["auroc_sp_sample", "f1_sp_sample", "ap_sp_sample"]
+    row = res["classes"]["toothbrush"]
+    assert row["auroc_sp_sample"] is not None and row["mAD"] is not None

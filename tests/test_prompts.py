@@ -124,7 +124,7 @@ def test_malformed_files(tmp_path, body, pattern):
 def test_missing_file_and_dataset(tmp_path):
     with pytest.raises(FiloError, match="nope.yaml does not exist"):
         load_prompt_table(tmp_path / "nope.yaml")
-    with pytest.raises(FiloError, match="no bundled prompt table for dataset 'realiad'"):
-        load_prompt_table(dataset="realiad")
+    with pytest.raises(FiloError, match="no bundled prompt table for dataset 'kolektor'"):
+        load_prompt_table(dataset="kolektor")
     assert load_prompt_table(dataset="btad").has_class("02")  # untuned tables ship too
     assert (PROMPTS_DIR / "filo_visa.yaml").is_file()

@@ -17,19 +17,19 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build-meta", help="scan a dataset and write the research-code meta.json")
     b.add_argument("--dataset", required=True,
-                   choices=["mvtec", "visa", "folder", "mpdd", "btad", "mvtec_ad2"])
+                   choices=["mvtec", "visa", "folder", "mpdd", "btad", "mvtec_ad2", "realiad"])
     b.add_argument("--root", required=True, help="dataset root folder")
     b.add_argument("--out", default=None, help="output file (default: ROOT/meta.json)")
 
     s = sub.add_parser("summary", help="count the images of a dataset split per class")
     s.add_argument("--dataset", default="auto",
-                   choices=["auto", "mvtec", "visa", "folder", "meta", "mpdd", "btad", "mvtec_ad2"])
+                   choices=["auto", "mvtec", "visa", "folder", "meta", "mpdd", "btad", "mvtec_ad2", "realiad"])
     s.add_argument("--root", required=True)
     s.add_argument("--split", default="test", choices=["train", "test"])
 
     g = sub.add_parser("synth", help="write a synthetic dataset with planted defects")
     g.add_argument("--layout", default="mvtec",
-                   choices=["mvtec", "visa", "folder", "mpdd", "btad", "mvtec_ad2"])
+                   choices=["mvtec", "visa", "folder", "mpdd", "btad", "mvtec_ad2", "realiad"])
     g.add_argument("--root", required=True, help="output folder")
     g.add_argument("--classes", default=None, help="comma-separated class names")
     g.add_argument("--style", default=None, choices=["texture", "object"],
@@ -70,8 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         maker = {"mvtec": synthetic.make_mvtec_like, "visa": synthetic.make_visa_like,
                  "folder": synthetic.make_folder_like}.get(args.layout)
-        tree = maker is None  # mpdd, btad, mvtec_ad2
-        if tree:
+        tree = maker is None  # mpdd, btad, mvtec_ad2, realiad
+        if args.layout == "realiad":
+            def maker(root, n_train_good, n_test_good, n_test_defect, **kw):
+                return synthetic.make_realiad_like(root, n_train_samples=n_train_good,
+                                                   n_test_good_samples=n_test_good,
+                                                   n_test_ng_samples=n_test_defect, **kw)
+        elif tree:
             maker = functools.partial(synthetic.make_tree_like, dataset=args.layout)
         style = args.style or ("texture" if args.layout == "mvtec" else "object")
         kwargs = dict(n_train_good=args.n_train_good, n_test_good=args.n_test_good,
@@ -88,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             info = maker(args.root, **kwargs)
         except ValueError as err:
             raise FiloError(str(err)) from None
-        if args.layout not in ("mvtec", "visa") and args.meta:
+        if args.layout not in ("mvtec", "visa", "realiad") and args.meta:
             from filo.data.layouts import write_meta
 
             write_meta(args.root, args.layout)

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py", description="Train FiLo (heads + prompt learners, then the adapter).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", default="mvtec", choices=["mvtec", "visa", "folder", "meta", "mpdd", "btad", "mvtec_ad2"],
+    d.add_argument("--dataset", default="mvtec", choices=["mvtec", "visa", "folder", "meta", "mpdd", "btad", "mvtec_ad2", "realiad"],
                    help="layout of --data_path (its full test split is the training data); also "
                         "names the checkpoint filo_train_on_<dataset>.pth")
     d.add_argument("--data_path", type=Path, default=None,

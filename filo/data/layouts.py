@@ -41,7 +41,8 @@ BTAD_CLASSES: tuple[str, ...] = ("01", "02", "03")
 MVTEC_AD2_CLASSES: tuple[str, ...] = (
     "can", "fabric", "fruit_jelly", "rice", "sheet_metal", "vial", "wallplugs", "walnuts",
 )
-DATASETS = ("mvtec", "visa", "folder", "meta", "mpdd", "btad", "mvtec_ad2")
+DATASETS = ("mvtec", "visa", "folder", "meta", "mpdd", "btad", "mvtec_ad2", "realiad")
+REALIAD_VIEWS = 5
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VISA_CSV = Path("split_csv") / "1cls.csv"
@@ -362,6 +363,90 @@ def scan_visa(root: str | os.PathLike, split: str = "test",
 # meta.json
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# Real-IAD
+# --------------------------------------------------------------------------------------------
+
+def realiad_dirs(root: Path) -> tuple[Path, Path]:
+    """(folder of the per-class JSON splits, folder the JSON image paths are relative to)."""
+    json_dir = next((d for d in (root / "realiad_jsons" / "realiad_jsons", root / "realiad_jsons")
+                     if d.is_dir()), None)
+    if json_dir is None:
+        raise FiloError(f"Real-IAD split files not found under {root}: expected "
+                        f"{root / 'realiad_jsons'}/<class>.json (the official realiad_jsons "
+                        f"archive) beside realiad_1024/")
+    image_root = root / "realiad_1024" if (root / "realiad_1024").is_dir() else root
+    return json_dir, image_root
+
+
+def realiad_sample_key(sample: Sample) -> str:
+    """The physical sample an image shows (its folder): Real-IAD has 5 views per sample."""
+    return str(Path(sample.img_path).parent)
+
+
+def realiad_view(sample: Sample) -> str:
+    """Camera view of an image, ``C1`` .. ``C5`` (from ``..._C<n>_...`` in its name)."""
+    for part in Path(sample.img_path).stem.split("_"):
+        if len(part) == 2 and part[0] == "C" and part[1].isdigit():
+            return part
+    return ""
+
+
+def scan_realiad(root: str | os.PathLike, split: str = "test",
+                 classes: str | Sequence[str] | None = None, *, source: str = "--root",
+                 check_files: bool = True) -> dict[str, list[Sample]]:
+    """Real-IAD: ``realiad_jsons/<class>.json`` (single-class splits: ``train`` / ``test`` lists
+    of ``{category, anomaly_class, image_path, mask_path}``, paths relative to ``realiad_1024/``).
+    Every test sample must have all its views (one error line names a sample that lacks one)."""
+    root_path = _check_root(root, source)
+    _check_split(split)
+    json_dir, image_root = realiad_dirs(root_path)
+    files = sorted(json_dir.glob("*.json"))
+    if not files:
+        raise FiloError(f"no <class>.json split files in {json_dir}")
+    prefix = image_root.relative_to(root_path).as_posix() if image_root != root_path else ""
+    out: dict[str, list[Sample]] = {}
+    for path in files:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+            raise FiloError(f"{path} is not a valid Real-IAD split file ({type(err).__name__})"
+                            ) from None
+        if not isinstance(data, dict) or split not in data:
+            raise FiloError(f"{path}: no {split!r} list; expected the official Real-IAD JSON")
+        normal = str((data.get("meta") or {}).get("normal_class", "OK"))
+        cls_name = path.stem
+        samples = []
+        for i, item in enumerate(data[split]):
+            try:
+                img, anomaly_class = str(item["image_path"]), str(item["anomaly_class"])
+            except (KeyError, TypeError):
+                raise FiloError(f"{path} {split}[{i}]: needs image_path and anomaly_class"
+                                ) from None
+            mask = item.get("mask_path") or ""
+            rel = lambda p: f"{prefix}/{p}" if prefix else p  # noqa: E731
+            samples.append(Sample(img_path=rel(img), mask_path=rel(mask) if mask else "",
+                                  cls_name=str(item.get("category") or cls_name),
+                                  specie_name=anomaly_class,
+                                  anomaly=int(anomaly_class != normal)))
+        if split == "test":
+            views: dict[str, set[str]] = {}
+            for smp in samples:
+                views.setdefault(realiad_sample_key(smp), set()).add(realiad_view(smp))
+            expected = {f"C{v}" for v in range(1, REALIAD_VIEWS + 1)}
+            for key, have in views.items():
+                if have != expected:
+                    raise FiloError(f"{path}: sample {key} lacks view(s) "
+                                    f"{', '.join(sorted(expected - have))} (Real-IAD has "
+                                    f"{REALIAD_VIEWS} views per sample); restore the images or "
+                                    f"their entries")
+        out[cls_name] = samples
+    out = _select(out, classes, str(json_dir))
+    if check_files:
+        check_files_exist(root_path, out)
+    return out
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, dict[str, list[Sample]]]:
     """Read a research-style ``meta.json``: ``{split: {cls: [Sample, ...]}}`` in file order."""
     path = Path(path)
@@ -404,13 +489,16 @@ def build_meta(root: str | os.PathLike, dataset: str, *, source: str = "--root",
 
     Classes follow the test split's order; a class without train images gets an empty list.
     """
-    if dataset != "visa" and dataset not in TREE_LAYOUTS:
+    if dataset != "visa" and dataset != "realiad" and dataset not in TREE_LAYOUTS:
         raise FiloError(f"cannot build meta.json for dataset {dataset!r}; use visa or one of "
                         f"{', '.join(TREE_LAYOUTS)}")
     root_path = _check_root(root, source)
     if dataset == "visa":
         test = scan_visa(root_path, "test", source=source)
         train = scan_visa(root_path, "train", source=source)
+    elif dataset == "realiad":
+        test = scan_realiad(root_path, "test", source=source)
+        train = scan_realiad(root_path, "train", source=source)
     else:
         layout = TREE_LAYOUTS[dataset]
         test = _scan_tree(root_path, "test", None, source=source, layout=layout)
@@ -486,6 +574,8 @@ def load_split(root: str | os.PathLike, dataset: str = "auto", split: str = "tes
         return scan_mvtec(root_path, split, classes, source=source)
     if dataset in ("mpdd", "btad", "mvtec_ad2"):
         return scan_tree(root_path, dataset, split, classes, source=source)
+    if dataset == "realiad":
+        return scan_realiad(root_path, split, classes, source=source, check_files=check_files)
     if dataset == "folder":
         return scan_folder(root_path, split, classes, source=source)
     if dataset == "visa":

@@ -554,3 +554,60 @@ def make_tree_like(root: str | os.PathLike, dataset: str, classes: Sequence[str]
         n_images += len(plan)
         n_anom += sum(p.specie != "good" for p in plan)
     return SyntheticInfo(root, dataset, names, n_images, n_anom, counts)
+
+
+def make_realiad_like(root: str | os.PathLike, classes: Sequence[str] | None = None,
+                      n_train_samples: int = 2, n_test_good_samples: int = 2,
+                      n_test_ng_samples: int = 2, size: int | Sequence[int] = 64, seed: int = 0,
+                      style: str = "object", defect_views: int = 2,
+                      defect_types: Sequence[str] = ("scratch", "blob")) -> SyntheticInfo:
+    """Write a small Real-IAD tree: ``realiad_1024/<cls>/OK/S<nnnn>/<cls>_<nnnn>_OK_C<v>_0.jpg``
+    and ``realiad_1024/<cls>/NG/<defect>/S<nnnn>/<cls>_<nnnn>_NG_<defect>_C<v>_0.jpg`` (5 views
+    per sample; in an NG sample the first ``defect_views`` views show the defect, with a
+    ``.png`` mask beside the image, the others are labelled OK), and the single-class split files
+    ``realiad_jsons/realiad_jsons/<cls>.json``."""
+    import json
+
+    from filo.data.layouts import REALIAD_VIEWS
+
+    _check_args(style, "RGB", defect_types, (n_train_samples, n_test_good_samples,
+                                             n_test_ng_samples))
+    w, h = _size_wh(size)
+    root = Path(root)
+    names = _default_classes(style, classes, prefix="riad")
+    sources = _Sources()
+    n_images = n_anom = 0
+    counts: dict[str, dict[str, int]] = {}
+    json_dir = root / "realiad_jsons" / "realiad_jsons"
+    for ci, cls_name in enumerate(names):
+        entries: dict[str, list[dict]] = {"train": [], "test": []}
+        sample_no = 0
+        plan = ([("train", None)] * n_train_samples + [("test", None)] * n_test_good_samples
+                + [("test", defect_types[j % len(defect_types)])
+                   for j in range(n_test_ng_samples)])
+        for split, defect in plan:
+            sample_no += 1
+            sid = f"{sample_no:04d}"
+            folder = (Path(cls_name) / "OK" / f"S{sid}" if defect is None
+                      else Path(cls_name) / "NG" / defect / f"S{sid}")
+            for v in range(1, REALIAD_VIEWS + 1):
+                has_defect = defect is not None and v <= defect_views
+                p = _Planned(split, defect if has_defect else "good", sample_no * 10 + v)
+                rgb, mask = _render(p, style, cls_name, ci, w, h, seed, sources)
+                tag = "OK" if defect is None else f"NG_{defect}"
+                stem = f"{cls_name}_{sid}_{tag}_C{v}_0"
+                _save_image(rgb, root / "realiad_1024" / folder / f"{stem}.jpg", "RGB")
+                entry = {"category": cls_name, "anomaly_class": defect if has_defect else "OK",
+                         "image_path": (folder / f"{stem}.jpg").as_posix(), "mask_path": None}
+                if has_defect and mask is not None:
+                    _save_mask(mask, root / "realiad_1024" / folder / f"{stem}.png")
+                    entry["mask_path"] = (folder / f"{stem}.png").as_posix()
+                    n_anom += 1
+                entries[split].append(entry)
+                n_images += 1
+        json_dir.mkdir(parents=True, exist_ok=True)
+        (json_dir / f"{cls_name}.json").write_text(json.dumps(
+            {"meta": {"prefix": "", "normal_class": "OK", "pixel_level": True}, **entries},
+            indent=1))
+        counts[cls_name] = {k: len(v) for k, v in entries.items()}
+    return SyntheticInfo(root, "realiad", names, n_images, n_anom, counts)

@@ -27,11 +27,15 @@ EXTRA_COLUMNS = ("aupro_exact", "mAD")
 # mAD (Real-IAD's summary): the mean of these seven columns; null when any is not available
 MAD_COLUMNS = ("auroc_sp", "ap_sp", "f1_sp", "auroc_px", "ap_px", "f1_px", "aupro")
 IMAGE_COLUMNS = ("auroc_sp", "f1_sp", "ap_sp")  # detector-only runs without pixel metrics
+# Real-IAD: image metrics per physical sample (max over its views; anomalous if any view is)
+SAMPLE_COLUMNS = ("auroc_sp_sample", "f1_sp_sample", "ap_sp_sample")
 HEADERS = ("objects", *COLUMNS, *EXTRA_COLUMNS)
 COLUMN_NOTES = {
     "aupro": "legacy AUPRO: 200 thresholds, FPR < 0.3 rescaled to [0, 1] (the papers' definition)",
     "aupro_exact": "exact AUPRO: every threshold, integrated to FPR 0.3, divided by 0.3 (MVTec AD)",
     "mAD": "mean of image AUROC, AP, F1-max, pixel AUROC, AP, F1-max and aupro (Real-IAD)",
+    "auroc_sp_sample": "sample-level image metrics (Real-IAD): a sample's score is the max over "
+                       "its views, it is anomalous if any view is",
 }
 
 
@@ -63,10 +67,27 @@ def class_metrics(name: str, masks: np.ndarray, maps: np.ndarray, labels: np.nda
     return ClassResult(name, int(len(labels)), values)
 
 
+def sample_metrics(keys: Sequence[str], labels: np.ndarray, scores: np.ndarray
+                   ) -> dict[str, float]:
+    """Image metrics per sample: images grouped by ``keys``; a sample's score is the max of its
+    images', its label the max of theirs (anomalous if any view is)."""
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    lab = np.array([max(int(labels[i]) for i in g) for g in groups.values()])
+    sco = np.array([max(float(scores[i]) for i in g) for g in groups.values()])
+    if len(set(lab.tolist())) < 2:
+        return dict.fromkeys(SAMPLE_COLUMNS, math.nan)
+    return {"auroc_sp_sample": metrics.image_auroc(lab, sco),
+            "f1_sp_sample": metrics.image_f1_max(lab, sco),
+            "ap_sp_sample": metrics.image_ap(lab, sco)}
+
+
 def mean_row(results: Sequence[ClassResult]) -> dict[str, float]:
     out = {}
-    for col in (*COLUMNS, *EXTRA_COLUMNS):
-        vals = [r.values[col] for r in results if not math.isnan(r.values[col])]
+    for col in dict.fromkeys(c for r in results for c in r.values):
+        vals = [r.values.get(col, math.nan) for r in results]
+        vals = [v for v in vals if not math.isnan(v)]
         out[col] = float(np.mean(vals)) if vals else math.nan
     return out
 

@@ -41,9 +41,11 @@ from filo.evaluation.report import (
     COLUMNS,
     EXTRA_COLUMNS,
     IMAGE_COLUMNS,
+    SAMPLE_COLUMNS,
     ClassResult,
     class_metrics,
     render_table,
+    sample_metrics,
     write_results,
 )
 from filo.fileio import atomic_save_npy, atomic_write_text, check_writable_dir, output_file
@@ -52,9 +54,9 @@ from filo.settings import as_dict, at_least, setting
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("mvtec", "visa", "folder", "meta", "mpdd", "btad", "mvtec_ad2", "auto")
+DATASETS = ("mvtec", "visa", "folder", "meta", "mpdd", "btad", "mvtec_ad2", "realiad", "auto")
 DATA_ENV = {"mvtec": "MVTEC_ROOT", "visa": "VISA_ROOT", "mpdd": "MPDD_ROOT",
-            "btad": "BTAD_ROOT", "mvtec_ad2": "MVTEC_AD2_ROOT"}
+            "btad": "BTAD_ROOT", "mvtec_ad2": "MVTEC_AD2_ROOT", "realiad": "REALIAD_ROOT"}
 
 
 @dataclass
@@ -219,7 +221,8 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
     pixel = pipeline.uses_filo or pipeline.uses_memory or run.pixel_metrics
     for _attempt in range(3):
         try:
-            results = _evaluate_classes(split, cache, pixel)
+            results = _evaluate_classes(split, cache, pixel,
+                                        per_sample=run.dataset == "realiad")
             break
         except _Unreadable as err:  # get() removed the torn entry: recompute it now
             broken = [s for s in samples if not cache.has(s.img_path)]
@@ -231,6 +234,8 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
         raise FiloError(f"cache entries in {cache.dir} keep coming back unreadable; check the "
                         f"disk, or delete the folder and run again")
     columns = (*COLUMNS, *EXTRA_COLUMNS) if pixel else IMAGE_COLUMNS
+    if run.dataset == "realiad":
+        columns = (*columns, *SAMPLE_COLUMNS)
     _write_outputs(run, pipeline, split, cache, results, out_dir, columns, log)
     return results
 
@@ -271,7 +276,7 @@ def has_masks(group: Sequence[Sample]) -> bool:
 
 
 def _evaluate_classes(split: dict[str, list[Sample]], cache: PredictionCache,
-                      pixel: bool) -> list[ClassResult]:
+                      pixel: bool, per_sample: bool = False) -> list[ClassResult]:
     results = []
     for cls_name, group in tqdm(split.items(), desc="metrics", unit="class", dynamic_ncols=True):
         labels_set = {s.anomaly for s in group}
@@ -286,8 +291,14 @@ def _evaluate_classes(split: dict[str, list[Sample]], cache: PredictionCache,
         masks = np.stack([p.mask for p in preds])
         labels = np.array([p.label for p in preds])
         scores = np.array([p.image_score for p in preds])
-        results.append(class_metrics(cls_name, masks, maps, labels, scores,
-                                     pixel=pixel and has_masks(group)))
+        result = class_metrics(cls_name, masks, maps, labels, scores,
+                               pixel=pixel and has_masks(group))
+        if per_sample:  # Real-IAD: also per physical sample (max over its views)
+            from filo.data.layouts import realiad_sample_key
+
+            result.values.update(sample_metrics([realiad_sample_key(s) for s in group],
+                                                labels, scores))
+        results.append(result)
     return results
 
 
