@@ -73,7 +73,7 @@ class DistContext:
         """The device this process should use: ``cuda`` / auto becomes ``cuda:<local rank>``."""
         if not self.active or not torch.cuda.is_available():
             return requested
-        if requested in (None, "auto", "cuda"):
+        if requested is None or requested == "auto" or requested == "cuda":
             return f"cuda:{self.local_rank}"
         return requested
 

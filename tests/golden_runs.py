@@ -189,20 +189,23 @@ def run_golden(workdir: Path) -> dict:
 
 
 def save_golden(result: dict, folder: Path = GOLDEN) -> None:
+    """``golden.json`` (boxes, scores, tables) and ``maps.json`` (float32 values written exactly
+    as decimal floats, so no binary array file is tracked)."""
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {f"{run}/{name}": arr for run in result for name, arr in
-              result[run].get("maps", {}).items()}
-    np.savez_compressed(folder / "maps.npz", **arrays)
+    maps = {f"{run}/{name}": {"shape": list(arr.shape),
+                              "values": [float(v) for v in np.asarray(arr, np.float32).ravel()]}
+            for run in result for name, arr in result[run].get("maps", {}).items()}
+    (folder / "maps.json").write_text(json.dumps(maps, sort_keys=True) + "\n")
     rest = {run: {k: v for k, v in parts.items() if k != "maps"} for run, parts in result.items()}
     (folder / "golden.json").write_text(json.dumps(rest, indent=1, sort_keys=True) + "\n")
 
 
 def load_golden(folder: Path = GOLDEN) -> dict:
     rest = json.loads((folder / "golden.json").read_text())
-    with np.load(folder / "maps.npz") as z:
-        for key in z.files:
-            run, name = key.split("/", 1)
-            rest[run].setdefault("maps", {})[name] = z[key]
+    for key, entry in json.loads((folder / "maps.json").read_text()).items():
+        run, name = key.split("/", 1)
+        arr = np.asarray(entry["values"], dtype=np.float32).reshape(entry["shape"])
+        rest[run].setdefault("maps", {})[name] = arr
     return rest
 
 

@@ -46,3 +46,17 @@ def add_verbose(parser: argparse.ArgumentParser) -> None:
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+
+
+def run_evaluation_cli(run, pipeline) -> None:
+    """Run an evaluation under torchrun when launched by it (one process otherwise)."""
+    from dataclasses import replace
+
+    from filo import distributed
+    from filo.evaluation.runner import run_evaluation
+
+    dist = distributed.init_from_env(pipeline.device)
+    try:
+        run_evaluation(run, replace(pipeline, device=dist.device(pipeline.device)), dist=dist)
+    finally:
+        distributed.shutdown(dist)

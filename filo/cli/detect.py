@@ -18,7 +18,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from filo.cli.common import add_pipeline_args, add_run_args, add_verbose, setup_logging
+from filo.cli.common import (
+    add_pipeline_args,
+    add_run_args,
+    add_verbose,
+    run_evaluation_cli,
+    setup_logging,
+)
 from filo.errors import FiloError, cli_entry
 
 DETECT_PIPELINE_FLAGS = ("grounded_checkpoint", "box_threshold", "text_threshold",
@@ -57,16 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     run, pipeline = configs_from_args(args)
-    from dataclasses import replace
-
-    from filo import distributed
-    from filo.evaluation.runner import run_evaluation
-
-    dist = distributed.init_from_env(pipeline.device)
-    try:
-        run_evaluation(run, replace(pipeline, device=dist.device(pipeline.device)), dist=dist)
-    finally:
-        distributed.shutdown(dist)
+    run_evaluation_cli(run, pipeline)
     return 0
 
 

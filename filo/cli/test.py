@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import argparse
 
-from filo.cli.common import add_pipeline_args, add_run_args, add_verbose, setup_logging
+from filo.cli.common import (
+    add_pipeline_args,
+    add_run_args,
+    add_verbose,
+    run_evaluation_cli,
+    setup_logging,
+)
 from filo.errors import FiloError, cli_entry
 
 
@@ -45,16 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if pipeline.grounded_checkpoint is None and not pipeline.no_grounding:
         print("[filo] no --grounded_checkpoint: FiLo maps alone (same as --no_grounding)")
         pipeline.no_grounding = True
-    from dataclasses import replace
-
-    from filo import distributed
-    from filo.evaluation.runner import run_evaluation
-
-    dist = distributed.init_from_env(pipeline.device)
-    try:
-        run_evaluation(run, replace(pipeline, device=dist.device(pipeline.device)), dist=dist)
-    finally:
-        distributed.shutdown(dist)
+    run_evaluation_cli(run, pipeline)
     return 0
 
 

@@ -28,7 +28,7 @@ import torch
 from filo.errors import FiloError
 from filo.fileio import atomic_torch_save
 
-DEMO_PROMPTS = Path(__file__).resolve().parent.parent / "prompts" / "demo_synthetic.yaml"
+DEMO_PROMPTS = Path(__file__).resolve().parents[2] / "prompts" / "demo_synthetic.yaml"
 # source: three textures and three objects; target: two objects that look like none of them
 SOURCE_TEXTURES = ("tex_a", "tex_b", "tex_c")
 SOURCE_OBJECTS = ("obj_a", "obj_b", "obj_c")
@@ -206,9 +206,3 @@ def summary_table(rows) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{mean[c] * 100:.1f}" for c in
                                                   ("auroc_px", "auroc_sp", "ap_sp")) + " |")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m filo.demo (the CLI lives in filo.cli.demo)
-    from filo.cli.demo import main
-
-    raise SystemExit(main())
