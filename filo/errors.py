@@ -22,6 +22,20 @@ class FiloError(Exception):
     """An error the user can fix; ``str(err)`` is one line naming the file and the fix."""
 
 
+_PREFIX = "filo.errors.FiloError: "
+
+
+def one_line(err: FiloError) -> str:
+    """The user's line of ``err``. A FiloError raised in a DataLoader worker process comes back
+    wrapped ("Caught FiloError in DataLoader worker process 0." + the worker's traceback); its
+    own message is the traceback's last line."""
+    text = str(err).strip()
+    if "\n" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    return last[len(_PREFIX):] if last.startswith(_PREFIX) else last
+
+
 def cli_entry(func: F) -> F:
     """Decorate a CLI ``main`` so a :class:`FiloError` becomes one stderr line and exit code 2."""
 
@@ -30,7 +44,7 @@ def cli_entry(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except FiloError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             print("interrupted: finished work is kept; run the same command again to resume",

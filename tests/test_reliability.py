@@ -398,3 +398,17 @@ def test_a_malformed_prompt_file_stops_before_the_cache_folder_is_made(tmp_path,
                      str(tmp_path / "run"), *argv])
     assert rc == 2 and "prompts.yaml" in _one_line(capsys)
     assert not (tmp_path / "run" / "cache").exists()
+
+
+def test_a_corrupt_image_is_one_line_also_from_data_loader_workers(tmp_path, capsys, common):
+    root = tmp_path / "data"
+    make_mvtec_like(root, classes=("tex_a",), n_train_good=0, n_test_good=2, n_test_defect=2,
+                    size=48)
+    bad = sorted((root / "tex_a" / "test" / "good").glob("*.png"))[0]
+    bad.write_bytes(b"\x89PNG broken")
+    argv = [a for a in common]
+    argv[argv.index("--num_workers") + 1] = "2"  # the default: errors come from worker processes
+    rc = _test_main(["--dataset", "mvtec", "--data_path", str(root), "--save_path",
+                     str(tmp_path / "run"), *argv])
+    err = _one_line(capsys)
+    assert rc == 2 and err.startswith(f"error: cannot read image {bad}")
