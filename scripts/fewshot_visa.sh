@@ -11,12 +11,8 @@ cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 . ./env.sh  # idempotent: activates .venv, keeps variables the user set
 # NPROC=N (and NNODES, RDZV_ENDPOINT for several machines) runs under torchrun
-launch=(python)
-if [ "${NPROC:-1}" -gt 1 ] || [ -n "${NNODES:-}" ]; then
-    launch=(python -m torch.distributed.run --nproc_per_node "${NPROC:-1}"
-            ${NNODES:+--nnodes "$NNODES"}
-            ${RDZV_ENDPOINT:+--rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"})
-fi
+# shellcheck disable=SC1091
+. "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
 FILO_CKPT="${FILO_CKPT:-$CKPT_DIR/filo_train_on_mvtec.pth}"
 GROUNDING_CKPT="${GROUNDING_CKPT:-$CKPT_DIR/grounding_train_on_mvtec.pth}"
 shots="${SHOTS:-4}"

@@ -21,12 +21,8 @@ if ! python -m filo doctor --job "$job" --grounded_checkpoint "$GROUNDING_CKPT" 
 fi
 out="$RESULTS_DIR/gdino_only_${DATASET}"
 # NPROC=N (and NNODES, RDZV_ENDPOINT for several machines) runs under torchrun
-launch=(python)
-if [ "${NPROC:-1}" -gt 1 ] || [ -n "${NNODES:-}" ]; then
-    launch=(python -m torch.distributed.run --nproc_per_node "${NPROC:-1}"
-            ${NNODES:+--nnodes "$NNODES"}
-            ${RDZV_ENDPOINT:+--rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"})
-fi
+# shellcheck disable=SC1091
+. "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
 exec "${launch[@]}" -m filo.detect --dataset "$DATASET" --data_path "$root" \
     --grounded_checkpoint "$GROUNDING_CKPT" \
     --box_threshold "${BOX_THRESHOLD:-0.25}" --text_threshold "${TEXT_THRESHOLD:-0.25}" \
