@@ -190,3 +190,234 @@ def test_realiad_run_reports_sample_level_columns(tmp_path, tiny_filo_ckpt, caps
     assert res["columns"][-3:] == ["auroc_sp_sample", "f1_sp_sample", "ap_sp_sample"]
     row = res["classes"]["toothbrush"]
     assert row["auroc_sp_sample"] is not None and row["mAD"] is not None
+
+
+# ---- Real-IAD split variants: multi-class, single-view, FUIAD ---------------------------------
+
+RIAD_CLASSES = ("riad_a", "riad_b", "riad_c")
+RIAD_PARAMS = dict(n_train_samples=2, n_test_good_samples=1, n_test_ng_samples=2, size=32,
+                   defect_views=2)
+
+
+def _riad_tree(root, **kw):
+    from filo.data.synthetic import make_realiad_like
+
+    return make_realiad_like(root, classes=RIAD_CLASSES, **RIAD_PARAMS, **kw)
+
+
+def _as_tuples(split):
+    return {c: [(s.img_path, s.mask_path, s.cls_name, s.anomaly) for s in g]
+            for c, g in split.items()}
+
+
+def _one_line(excinfo):
+    assert "\n" not in str(excinfo.value)
+    return str(excinfo.value)
+
+
+@pytest.mark.parametrize("class_relative", [False, True])
+def test_realiad_multi_class_json_lists_the_same_samples_as_the_per_class_files(
+        tmp_path, class_relative):
+    from filo.data.layouts import realiad_sample_key, scan_realiad
+    from filo.data.synthetic import REALIAD_MULTICLASS_FILE
+
+    _riad_tree(tmp_path, class_relative_paths=class_relative, multi_class_json=True)
+    views, n_views = 5, RIAD_PARAMS["defect_views"]
+    n_train = RIAD_PARAMS["n_train_samples"] * views
+    n_good, n_ng = RIAD_PARAMS["n_test_good_samples"], RIAD_PARAMS["n_test_ng_samples"]
+    for split in ("train", "test"):
+        per_class = load_split(tmp_path, "realiad", split)
+        by_folder = scan_realiad(tmp_path, split, split_path="realiad_jsons_multiclass")
+        by_file = scan_realiad(tmp_path, split, split_path=tmp_path / REALIAD_MULTICLASS_FILE)
+        assert list(per_class) == list(by_folder) == list(by_file) == list(RIAD_CLASSES)
+        assert _as_tuples(by_folder) == _as_tuples(per_class) == _as_tuples(by_file)
+        for cls, samples in by_folder.items():
+            # expectations from the generator's parameters, not from another reader
+            if split == "train":
+                assert len(samples) == n_train and not any(s.anomaly or s.mask_path
+                                                           for s in samples)
+                continue
+            assert len(samples) == (n_good + n_ng) * views
+            assert sum(s.anomaly for s in samples) == n_ng * n_views
+            assert len({realiad_sample_key(s) for s in samples}) == n_good + n_ng
+            for s in samples:
+                assert s.cls_name == cls and s.img_path.startswith(f"realiad_1024/{cls}/")
+                assert (tmp_path / s.img_path).is_file()
+                assert bool(s.mask_path) == bool(s.anomaly)
+                if s.anomaly:
+                    assert s.mask_path == s.img_path[:-4] + ".png"
+                    assert np.asarray(Image.open(tmp_path / s.mask_path)).any()
+
+
+def test_realiad_multi_class_json_groups_by_category_in_first_seen_order(tmp_path):
+    from filo.data.layouts import realiad_sample_key, scan_realiad
+    from filo.data.synthetic import REALIAD_MULTICLASS_FILE
+
+    _riad_tree(tmp_path, multi_class_json=True)
+    reference = _as_tuples(load_split(tmp_path, "realiad", "test"))
+    path = tmp_path / REALIAD_MULTICLASS_FILE
+    data = json.loads(path.read_text())
+    by_cls = {c: [it for it in data["test"] if it["category"] == c] for c in RIAD_CLASSES}
+    # interleave the classes, riad_c first, then riad_a, then riad_b; a misleading meta prefix
+    # (one class folder) must not apply to the other classes' items
+    order = ("riad_c", "riad_a", "riad_b")
+    data["test"] = [by_cls[c][i] for i in range(len(by_cls["riad_a"])) for c in order]
+    data["meta"]["prefix"] = "riad_c/"
+    path.write_text(json.dumps(data))
+    split = scan_realiad(tmp_path, "test", split_path=path)
+    assert list(split) == list(order)
+    assert _as_tuples(split) == {c: reference[c] for c in order}
+    # sample-level grouping: the 5 views of a sample share a key, samples of classes do not mix
+    keys = {c: {realiad_sample_key(s) for s in g} for c, g in split.items()}
+    assert all(len(k) == 3 for k in keys.values())
+    assert not keys["riad_a"] & keys["riad_b"]
+    # the same file as {split: {class: [items]}}
+    data["test"] = {c: by_cls[c] for c in order}
+    path.write_text(json.dumps(data))
+    assert _as_tuples(scan_realiad(tmp_path, "test", split_path=path)) == \
+        {c: reference[c] for c in order}
+    # classes= keeps the dataset order
+    assert list(scan_realiad(tmp_path, "test", "riad_b,riad_c", split_path=path)) == \
+        ["riad_c", "riad_b"]
+
+
+def test_realiad_variant_root_and_flat_archive_are_found_without_arguments(tmp_path, capsys):
+    from filo.cli.data import main
+    from filo.data.synthetic import REALIAD_MULTICLASS_FILE
+
+    data = tmp_path / "Real-IAD"
+    _riad_tree(data, multi_class_json=True)
+    reference = _as_tuples(load_split(data, "realiad", "test"))
+    # a root whose realiad_jsons/ is the multi-class variant (links to the real folders)
+    variant = tmp_path / "Real-IAD-multiclass"
+    variant.mkdir()
+    (variant / "realiad_1024").symlink_to(data / "realiad_1024", target_is_directory=True)
+    (variant / "realiad_jsons").symlink_to((data / REALIAD_MULTICLASS_FILE).parent,
+                                           target_is_directory=True)
+    got = _as_tuples(load_split(variant, "realiad", "test"))
+    assert got == reference
+    assert main(["summary", "--dataset", "realiad", "--root", str(variant)]) == 0
+    assert "riad_b: 15 images (11 normal, 4 anomalous)" in capsys.readouterr().out
+    # the archive unpacked flat: ROOT/realiad_jsons/<class>.json
+    nested = data / "realiad_jsons" / "realiad_jsons"
+    for f in nested.glob("*.json"):
+        f.rename(data / "realiad_jsons" / f.name)
+    nested.rmdir()
+    assert _as_tuples(load_split(data, "realiad", "test")) == reference
+
+
+def test_realiad_single_view_variant_skips_the_five_view_check(tmp_path):
+    from filo.data.layouts import realiad_sample_key, realiad_view, scan_realiad
+    from filo.data.synthetic import REALIAD_SINGLE_VIEW_DIR
+    from filo.errors import FiloError
+
+    _riad_tree(tmp_path, single_view_json=True)
+    n_good, n_ng = RIAD_PARAMS["n_test_good_samples"], RIAD_PARAMS["n_test_ng_samples"]
+    test = scan_realiad(tmp_path, "test", split_path="realiad_jsons_sv")
+    train = scan_realiad(tmp_path, "train", split_path=REALIAD_SINGLE_VIEW_DIR)
+    assert list(test) == list(RIAD_CLASSES)
+    for cls in RIAD_CLASSES:
+        assert len(train[cls]) == RIAD_PARAMS["n_train_samples"]
+        assert len(test[cls]) == n_good + n_ng  # one image per sample
+        assert {realiad_view(s) for s in test[cls]} == {"C1"}
+        assert len({realiad_sample_key(s) for s in test[cls]}) == n_good + n_ng
+        assert sum(s.anomaly for s in test[cls]) == n_ng  # C1 shows the defect
+        assert all((tmp_path / s.img_path).is_file() for s in test[cls])
+    # the rule also holds when the folder is not named *_sv (one image per sample) ...
+    other = tmp_path / "realiad_jsons" / "top_view_only"
+    (tmp_path / REALIAD_SINGLE_VIEW_DIR).rename(other)
+    assert _as_tuples(scan_realiad(tmp_path, "test", split_path=other)) == _as_tuples(test)
+    # ... and the check can still be forced
+    with pytest.raises(FiloError, match=r"riad_a\.json: sample .* lacks view\(s\) C2, C3"):
+        scan_realiad(tmp_path, "test", split_path=other, check_views=True)
+
+
+def test_realiad_fuiad_variant_keeps_noisy_train_images_unlabelled(tmp_path):
+    from filo.data.layouts import scan_realiad
+    from filo.errors import FiloError
+
+    _riad_tree(tmp_path, class_relative_paths=True)
+    fuiad = tmp_path / "realiad_jsons" / "realiad_jsons_fuiad_0.2"
+    fuiad.mkdir()
+    for cls in RIAD_CLASSES:
+        data = json.loads((tmp_path / "realiad_jsons" / "realiad_jsons" / f"{cls}.json")
+                          .read_text())
+        moved = [it for it in data["test"] if "/S0005/" in it["image_path"]]  # one NG sample
+        data["test"] = [it for it in data["test"] if it not in moved]
+        data["train"] += moved
+        (fuiad / f"{cls}.json").write_text(json.dumps(data))
+    train = scan_realiad(tmp_path, "train", split_path="realiad_jsons_fuiad_0.2")
+    test = scan_realiad(tmp_path, "test", split_path="realiad_jsons_fuiad_0.2")
+    for cls in RIAD_CLASSES:
+        assert len(train[cls]) == 15 and len(test[cls]) == 10
+        assert not any(s.anomaly or s.mask_path for s in train[cls])  # training is unlabelled
+        assert sorted(s.specie_name for s in train[cls] if s.specie_name != "OK") == \
+            ["blob", "blob"]
+        assert sum(s.anomaly for s in test[cls]) == 2
+    # one view of a test sample moved alone: that variant has 5 views, the check fires
+    data = json.loads((fuiad / "riad_b.json").read_text())
+    data["train"].append(data["test"].pop(2))
+    (fuiad / "riad_b.json").write_text(json.dumps(data))
+    with pytest.raises(FiloError, match=r"fuiad_0\.2/riad_b\.json: sample .*S0003 lacks view"):
+        scan_realiad(tmp_path, "test", split_path=fuiad)
+
+
+def test_realiad_variant_bad_input_is_one_line_naming_the_file(tmp_path):
+    from filo.data.layouts import scan_realiad
+    from filo.data.synthetic import REALIAD_MULTICLASS_FILE
+    from filo.errors import FiloError
+
+    _riad_tree(tmp_path, multi_class_json=True)
+    path = tmp_path / REALIAD_MULTICLASS_FILE
+    good = path.read_text()
+    data = json.loads(good)
+
+    def broken(change, pattern, split="test", **kw):
+        d = json.loads(good)
+        change(d)
+        path.write_text(json.dumps(d))
+        with pytest.raises(FiloError, match=pattern) as exc:
+            scan_realiad(tmp_path, split, split_path=path, **kw)
+        return _one_line(exc)
+
+    # an item without category in a file of several classes
+    broken(lambda d: d["test"][7].pop("category"),
+           r"realiad_multiclass\.json test\[7\]: item has no category.*riad_a, riad_b, riad_c")
+    # an item naming a file that is not there
+    name = "riad_b/" + data["test"][16]["image_path"]  # relative to its class folder
+    (tmp_path / "realiad_1024" / name).unlink()
+    broken(lambda d: None,
+           rf"realiad_multiclass\.json test\[16\] names a missing file .*{Path(name).name}")
+    (tmp_path / "realiad_1024").joinpath(name).write_bytes(b"")  # back (content unused)
+    # a view missing from a sample of the 5-view variant
+    broken(lambda d: d["test"].pop(17),
+           r"realiad_multiclass\.json: sample realiad_1024/riad_b/OK/S0003 lacks view\(s\) C3")
+    # malformed JSON, a wrong type, an item without image_path
+    path.write_text(good[:-20])
+    with pytest.raises(FiloError, match=r"realiad_multiclass\.json is not a valid Real-IAD "
+                                        r"split file \(JSONDecodeError") as exc:
+        scan_realiad(tmp_path, "test", split_path=path)
+    _one_line(exc)
+    broken(lambda d: d.update(test="x"), r"realiad_multiclass\.json: 'test' must be a list")
+    broken(lambda d: d["train"][0].pop("image_path"),
+           r"realiad_multiclass\.json train\[0\]: needs image_path and anomaly_class", "train")
+    broken(lambda d: d["test"][0].update(image_path="../../../etc/x.jpg"),
+           r"realiad_multiclass\.json test\[0\]: .*outside the dataset root")
+    broken(lambda d: d.update(test={"riad_a": [dict(d["test"][20], category="riad_z")]}),
+           r"realiad_multiclass\.json test/riad_a\[0\]: category 'riad_z' differs")
+    # the same class in two files of one folder
+    path.write_text(good)
+    (path.parent / "riad_a.json").write_text(
+        (tmp_path / "realiad_jsons" / "realiad_jsons" / "riad_a.json").read_text())
+    with pytest.raises(FiloError, match=r"class riad_a is listed by both .*realiad_multiclass"
+                                        r"\.json and .*riad_a\.json") as exc:
+        scan_realiad(tmp_path, "test", split_path=path.parent)
+    _one_line(exc)
+    # a split that is not there, and a realiad_jsons/ that only holds variant folders
+    with pytest.raises(FiloError, match=r"Real-IAD split 'realiad_jsons_sv' not found"):
+        scan_realiad(tmp_path, "test", split_path="realiad_jsons_sv")
+    (tmp_path / "realiad_jsons" / "realiad_jsons").rename(tmp_path / "elsewhere")
+    with pytest.raises(FiloError, match=r"only holds the variant folder\(s\) "
+                                        r"realiad_jsons_multiclass") as exc:
+        load_split(tmp_path, "realiad", "test")
+    _one_line(exc)

@@ -1,4 +1,5 @@
-"""Dataset layouts: MVTec AD, VisA (``split_csv/1cls.csv``), a generic folder layout, ``meta.json``.
+"""Dataset layouts: MVTec AD, VisA (``split_csv/1cls.csv``), a generic folder layout, ``meta.json``,
+MPDD, BTAD, MVTec AD 2 and Real-IAD (JSON split files).
 
 Every scanner returns ``{cls_name: [Sample, ...]}`` in dataset order:
 
@@ -8,6 +9,23 @@ Every scanner returns ``{cls_name: [Sample, ...]}`` in dataset order:
   class in order of first appearance in the csv; within a class, csv row order.
 - folder: classes sorted by name; otherwise as MVTec.
 - meta: the key order of ``meta.json`` (what the research code iterates).
+- Real-IAD: classes in order of first appearance in the JSON split files read in name order
+  (one file per class, or one multi-class file); within a class, the file's item order.
+
+Real-IAD split files (see :func:`scan_realiad`)::
+
+    ROOT/
+      realiad_1024/<class>/OK/S0001/<class>_0001_OK_C1_<time>.jpg        images, 5 views C1..C5
+      realiad_1024/<class>/NG/<defect>/S0002/..._C1_<time>.jpg / .png  anomalous image + mask
+      realiad_jsons/realiad_jsons/<class>.json       multi-view splits (read by default)
+      realiad_jsons/realiad_jsons_sv/<class>.json    single-view splits (one view per sample)
+      realiad_jsons/realiad_jsons_fuiad_0.0 .. _0.4/ fully-unsupervised splits (noisy train)
+      realiad_jsons/<any folder>/<name>.json         a multi-class file: items of many classes
+
+The archive may also be unpacked flat (``ROOT/realiad_jsons/<class>.json`` beside
+``ROOT/realiad_jsons_sv/`` ...). Without an explicit ``split_path`` the default multi-view
+folder is read; to run a variant from the command line, point the dataset root at a folder
+holding ``realiad_1024`` and a ``realiad_jsons`` that is (or links to) the variant.
 """
 
 from __future__ import annotations
@@ -16,6 +34,7 @@ import csv
 import json
 import logging
 import os
+import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,23 +379,43 @@ def scan_visa(root: str | os.PathLike, split: str = "test",
 
 
 # --------------------------------------------------------------------------------------------
-# meta.json
-# --------------------------------------------------------------------------------------------
-
-# --------------------------------------------------------------------------------------------
 # Real-IAD
 # --------------------------------------------------------------------------------------------
 
-def realiad_dirs(root: Path) -> tuple[Path, Path]:
-    """(folder of the per-class JSON splits, folder the JSON image paths are relative to)."""
-    json_dir = next((d for d in (root / "realiad_jsons" / "realiad_jsons", root / "realiad_jsons")
-                     if d.is_dir()), None)
-    if json_dir is None:
-        raise FiloError(f"Real-IAD split files not found under {root}: expected "
-                        f"{root / 'realiad_jsons'}/<class>.json (the official realiad_jsons "
-                        f"archive) beside realiad_1024/")
-    image_root = root / "realiad_1024" if (root / "realiad_1024").is_dir() else root
-    return json_dir, image_root
+REALIAD_IMAGES = "realiad_1024"
+REALIAD_JSONS = "realiad_jsons"
+REALIAD_NORMAL = "OK"
+REALIAD_SINGLE_VIEW_SUFFIX = "_sv"
+
+
+def realiad_dirs(root: Path, split_path: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """(the split folder or file to read, the folder the JSON image paths start from).
+
+    Without ``split_path``: ``{root}/realiad_jsons/realiad_jsons/`` (the archive unpacked inside
+    ``realiad_jsons/``), else ``{root}/realiad_jsons/`` when it holds ``*.json`` files. A
+    relative ``split_path`` (a folder of split files or one ``.json`` file) is looked up under
+    ``{root}``, then under ``{root}/realiad_jsons/``. Images live in ``{root}/realiad_1024/``
+    (or directly in ``{root}`` when there is no such folder)."""
+    image_root = root / REALIAD_IMAGES if (root / REALIAD_IMAGES).is_dir() else root
+    base = root / REALIAD_JSONS
+    if split_path is not None:
+        given = Path(split_path)
+        tries = [given] if given.is_absolute() else [root / given, base / given]
+        found = next((p for p in tries if p.is_dir() or p.is_file()), None)
+        if found is None:
+            raise FiloError(f"Real-IAD split {str(split_path)!r} not found: looked for "
+                            f"{' and '.join(str(p) for p in tries)}")
+        return found, image_root
+    for candidate in (base / REALIAD_JSONS, base):
+        if candidate.is_dir() and any(candidate.glob("*.json")):
+            return candidate, image_root
+    variants = (sorted(p.name for p in base.iterdir() if p.is_dir() and any(p.glob("*.json")))
+                if base.is_dir() else [])
+    hint = (f"; {base} only holds the variant folder(s) {', '.join(variants)}: point the dataset "
+            f"root at a folder whose realiad_jsons/ is the variant you want" if variants else "")
+    raise FiloError(f"Real-IAD split files not found under {root}: expected "
+                    f"{base}/<class>.json or {base / REALIAD_JSONS}/<class>.json (the official "
+                    f"realiad_jsons archive) beside {REALIAD_IMAGES}/{hint}")
 
 
 def realiad_sample_key(sample: Sample) -> str:
@@ -392,60 +431,191 @@ def realiad_view(sample: Sample) -> str:
     return ""
 
 
+def _realiad_read(path: Path, split: str) -> tuple[dict, list | dict]:
+    """(meta, entries of ``split``) of one split file; one FiloError line when it is malformed."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise FiloError(f"{path} is not a valid Real-IAD split file (JSONDecodeError: {err})"
+                        ) from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise FiloError(f"{path} is not a valid Real-IAD split file ({type(err).__name__})"
+                        ) from None
+    if not isinstance(data, dict) or split not in data:
+        raise FiloError(f"{path}: no {split!r} list; expected the official Real-IAD JSON "
+                        f"{{\"meta\": {{...}}, \"train\": [...], \"test\": [...]}}")
+    meta = data.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise FiloError(f"{path}: 'meta' must be an object, got {type(meta).__name__}")
+    entries = data[split]
+    if not isinstance(entries, (list, dict)):
+        raise FiloError(f"{path}: {split!r} must be a list of items (or an object mapping "
+                        f"class names to lists), got {type(entries).__name__}")
+    return meta, entries
+
+
+def _realiad_groups(path: Path, split: str, entries: list | dict
+                    ) -> tuple[dict[str, list[tuple[str, dict]]], bool]:
+    """Items of one split file grouped by class, in first-seen order: ``{cls: [(where, item)]}``
+    and whether the file lists several classes (a multi-class file)."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+
+    def checked(item: object, where: str) -> dict:
+        if not isinstance(item, dict):
+            raise FiloError(f"{where}: expected an object with category, anomaly_class, "
+                            f"image_path, mask_path; got {type(item).__name__}")
+        if not isinstance(item.get("image_path"), str) or not item["image_path"] \
+                or not isinstance(item.get("anomaly_class"), str):
+            raise FiloError(f"{where}: needs image_path and anomaly_class")
+        if item.get("mask_path") not in (None, "") and not isinstance(item["mask_path"], str):
+            raise FiloError(f"{where}: mask_path must be a string or null")
+        return item
+
+    if isinstance(entries, dict):  # {cls: [items]}
+        for cls_name, items in entries.items():
+            if not isinstance(items, list):
+                raise FiloError(f"{path}: {split}/{cls_name} must be a list of items")
+            for i, item in enumerate(items):
+                where = f"{path} {split}/{cls_name}[{i}]"
+                category = checked(item, where).get("category")
+                if category not in (None, "") and str(category) != cls_name:
+                    raise FiloError(f"{where}: category {category!r} differs from its class "
+                                    f"key {cls_name!r}")
+                groups.setdefault(str(cls_name), []).append((where, item))
+        return groups, len(groups) > 1
+    items = [checked(item, f"{path} {split}[{i}]") for i, item in enumerate(entries)]
+    named = [str(it["category"]) for it in items if it.get("category") not in (None, "")]
+    if set(named) - {path.stem}:
+        # the file names classes of its own: every item must say which one it belongs to
+        for i, item in enumerate(items):
+            if item.get("category") in (None, ""):
+                raise FiloError(f"{path} {split}[{i}]: item has no category, but this file "
+                                f"lists class(es) {', '.join(dict.fromkeys(named))}; give "
+                                f"every item its category")
+    for i, item in enumerate(items):
+        cls_name = str(item.get("category") or path.stem)
+        groups.setdefault(cls_name, []).append((f"{path} {split}[{i}]", item))
+    return groups, len(groups) > 1
+
+
 def scan_realiad(root: str | os.PathLike, split: str = "test",
                  classes: str | Sequence[str] | None = None, *, source: str = "--root",
-                 check_files: bool = True) -> dict[str, list[Sample]]:
-    """Real-IAD: ``realiad_jsons/<class>.json`` (single-class splits: ``train`` / ``test`` lists
-    of ``{category, anomaly_class, image_path, mask_path}``, paths relative to ``realiad_1024/``).
-    Every test sample must have all its views (one error line names a sample that lacks one)."""
+                 check_files: bool = True, split_path: str | os.PathLike | None = None,
+                 check_views: bool | None = None, allow_outside_root: bool = False
+                 ) -> dict[str, list[Sample]]:
+    """Real-IAD through its JSON split files.
+
+    Every split file is an object ``{"meta": {"prefix": ..., "normal_class": "OK", ...},
+    "train": [items], "test": [items]}``; an item is ``{category, anomaly_class, image_path,
+    mask_path}``. The accepted variants:
+
+    - **per-class files** (``realiad_jsons/<class>.json``, and the same shape in the single-view
+      ``realiad_jsons_sv/`` and the noisy-training ``realiad_jsons_fuiad_<ratio>/`` folders):
+      the class is the items' ``category`` (the file name when they have none);
+    - **multi-class files**: one file whose lists hold items of several categories (or whose
+      ``train`` / ``test`` are objects ``{class: [items]}``); items are grouped by
+      ``category`` into classes in order of first appearance, and each must name its category.
+
+    Which files: ``split_path`` (a folder, read in full, or one ``.json`` file; relative to
+    ``root``, then to ``root/realiad_jsons``); without it ``realiad_jsons/realiad_jsons/`` if
+    present, else ``realiad_jsons/``. Files are read in name order; a class listed by two files
+    is an error. To use a variant from the command line, point the dataset root at a folder
+    whose ``realiad_jsons/`` is that variant (a symbolic link is enough) beside ``realiad_1024/``.
+
+    Image and mask paths are relative to ``realiad_1024/<prefix>`` where ``prefix`` is the
+    file's ``meta.prefix`` (the class folder, ``<class>/``, in the official files) or, when the
+    meta has none and always in a multi-class file, the item's class folder ``<category>/``.
+
+    Labels follow the official protocol: in ``test`` an image is anomalous when its
+    ``anomaly_class`` is not ``meta.normal_class`` (default ``OK``) and it has a mask; every
+    ``train`` image counts as normal (the FUIAD variants hide defective images there on purpose;
+    their defect name stays in ``specie_name``).
+
+    Views: in a multi-view variant every test sample (an image folder) must have all 5 views
+    ``C1`` .. ``C5`` (one error line names a sample that lacks one). The check is skipped for a
+    single-view variant: the split folder (or the file, or the folder holding the file) is named
+    ``*_sv``, or every test sample of the class lists exactly one image. ``check_views`` forces
+    the check on (True) or off (False)."""
     root_path = _check_root(root, source)
     _check_split(split)
-    json_dir, image_root = realiad_dirs(root_path)
-    files = sorted(json_dir.glob("*.json"))
+    split_src, image_root = realiad_dirs(root_path, split_path)
+    files = sorted(split_src.glob("*.json")) if split_src.is_dir() else [split_src]
     if not files:
-        raise FiloError(f"no <class>.json split files in {json_dir}")
+        raise FiloError(f"no Real-IAD split files (*.json) in {split_src}")
+    resolved = split_src.resolve()
+    named = [resolved.name] if resolved.is_dir() else [resolved.stem, resolved.parent.name]
+    single_view_name = any(n.endswith(REALIAD_SINGLE_VIEW_SUFFIX) for n in named)
     prefix = image_root.relative_to(root_path).as_posix() if image_root != root_path else ""
     out: dict[str, list[Sample]] = {}
+    origin: dict[str, list[str]] = {}  # cls -> where each sample is listed
+    source_file: dict[str, Path] = {}
     for path in files:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-            raise FiloError(f"{path} is not a valid Real-IAD split file ({type(err).__name__})"
-                            ) from None
-        if not isinstance(data, dict) or split not in data:
-            raise FiloError(f"{path}: no {split!r} list; expected the official Real-IAD JSON")
-        normal = str((data.get("meta") or {}).get("normal_class", "OK"))
-        cls_name = path.stem
-        samples = []
-        for i, item in enumerate(data[split]):
-            try:
-                img, anomaly_class = str(item["image_path"]), str(item["anomaly_class"])
-            except (KeyError, TypeError):
-                raise FiloError(f"{path} {split}[{i}]: needs image_path and anomaly_class"
-                                ) from None
-            mask = item.get("mask_path") or ""
-            rel = lambda p: f"{prefix}/{p}" if prefix else p  # noqa: E731
-            samples.append(Sample(img_path=rel(img), mask_path=rel(mask) if mask else "",
-                                  cls_name=str(item.get("category") or cls_name),
-                                  specie_name=anomaly_class,
-                                  anomaly=int(anomaly_class != normal)))
-        if split == "test":
-            views: dict[str, set[str]] = {}
-            for smp in samples:
-                views.setdefault(realiad_sample_key(smp), set()).add(realiad_view(smp))
-            expected = {f"C{v}" for v in range(1, REALIAD_VIEWS + 1)}
-            for key, have in views.items():
-                if have != expected:
-                    raise FiloError(f"{path}: sample {key} lacks view(s) "
-                                    f"{', '.join(sorted(expected - have))} (Real-IAD has "
-                                    f"{REALIAD_VIEWS} views per sample); restore the images or "
-                                    f"their entries")
-        out[cls_name] = samples
-    out = _select(out, classes, str(json_dir))
+        meta, entries = _realiad_read(path, split)
+        normal = str(meta.get("normal_class", REALIAD_NORMAL))
+        groups, several = _realiad_groups(path, split, entries)
+        meta_prefix = meta.get("prefix")
+        for cls_name, listed in groups.items():
+            if cls_name in source_file:
+                raise FiloError(f"class {cls_name} is listed by both {source_file[cls_name]} and "
+                                f"{path}; keep one split file per class (or pass one file)")
+            source_file[cls_name] = path
+            base = meta_prefix if isinstance(meta_prefix, str) and not several else f"{cls_name}/"
+            samples, wheres = [], []
+            for where, item in listed:
+                img = posixpath.join(prefix, base, item["image_path"])
+                mask_rel = item.get("mask_path") or ""
+                mask = posixpath.join(prefix, base, mask_rel) if mask_rel else ""
+                anomalous = split == "test" and item["anomaly_class"] != normal and bool(mask)
+                sample = Sample(img_path=img, mask_path=mask if anomalous else "",
+                                cls_name=cls_name, specie_name=item["anomaly_class"],
+                                anomaly=int(anomalous))
+                _check_listed(root_path, sample, where, allow_outside_root)
+                samples.append(sample)
+                wheres.append(where)
+            out[cls_name], origin[cls_name] = samples, wheres
+    out = _select(out, classes, str(split_src))
+    if split == "test":
+        for cls_name, samples in out.items():
+            _check_realiad_views(source_file[cls_name], samples,
+                                 check_views if check_views is not None
+                                 else (False if single_view_name else None))
     if check_files:
-        check_files_exist(root_path, out)
+        missing = [(where, rel) for cls_name, samples in out.items()
+                   for sample, where in zip(samples, origin[cls_name], strict=True)
+                   for rel in (sample.img_path, sample.mask_path)
+                   if rel and not (root_path / rel).is_file()]
+        if missing:
+            where, rel = missing[0]
+            more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+            raise FiloError(f"{where} names a missing file {root_path / rel}{more}; check the "
+                            f"dataset root ({source}) and that {REALIAD_IMAGES}/ holds the images")
     return out
 
+
+def _check_realiad_views(path: Path, samples: Sequence[Sample], check: bool | None) -> None:
+    """One error line for a test sample without all its views (``check`` None: automatic)."""
+    if check is False:
+        return
+    views: dict[str, set[str]] = {}
+    counts: dict[str, int] = {}
+    for smp in samples:
+        key = realiad_sample_key(smp)
+        views.setdefault(key, set()).add(realiad_view(smp))
+        counts[key] = counts.get(key, 0) + 1
+    if check is None and all(n == 1 for n in counts.values()):
+        return  # single-view: one image per sample
+    expected = {f"C{v}" for v in range(1, REALIAD_VIEWS + 1)}
+    for key, have in views.items():
+        if have != expected:
+            raise FiloError(f"{path}: sample {key} lacks view(s) "
+                            f"{', '.join(sorted(expected - have))} (Real-IAD has "
+                            f"{REALIAD_VIEWS} views per sample); restore the images or "
+                            f"their entries")
+
+
+# --------------------------------------------------------------------------------------------
+# meta.json
+# --------------------------------------------------------------------------------------------
 
 def read_meta(path: str | os.PathLike) -> dict[str, dict[str, list[Sample]]]:
     """Read a research-style ``meta.json``: ``{split: {cls: [Sample, ...]}}`` in file order."""
@@ -575,7 +745,8 @@ def load_split(root: str | os.PathLike, dataset: str = "auto", split: str = "tes
     if dataset in ("mpdd", "btad", "mvtec_ad2"):
         return scan_tree(root_path, dataset, split, classes, source=source)
     if dataset == "realiad":
-        return scan_realiad(root_path, split, classes, source=source, check_files=check_files)
+        return scan_realiad(root_path, split, classes, source=source, check_files=check_files,
+                            allow_outside_root=allow_outside_root)
     if dataset == "folder":
         return scan_folder(root_path, split, classes, source=source)
     if dataset == "visa":

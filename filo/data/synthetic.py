@@ -556,16 +556,30 @@ def make_tree_like(root: str | os.PathLike, dataset: str, classes: Sequence[str]
     return SyntheticInfo(root, dataset, names, n_images, n_anom, counts)
 
 
+REALIAD_MULTICLASS_FILE = "realiad_jsons/realiad_jsons_multiclass/realiad_multiclass.json"
+REALIAD_SINGLE_VIEW_DIR = "realiad_jsons/realiad_jsons_sv"
+
+
 def make_realiad_like(root: str | os.PathLike, classes: Sequence[str] | None = None,
                       n_train_samples: int = 2, n_test_good_samples: int = 2,
                       n_test_ng_samples: int = 2, size: int | Sequence[int] = 64, seed: int = 0,
                       style: str = "object", defect_views: int = 2,
-                      defect_types: Sequence[str] = ("scratch", "blob")) -> SyntheticInfo:
+                      defect_types: Sequence[str] = ("scratch", "blob"), *,
+                      class_relative_paths: bool = False, multi_class_json: bool = False,
+                      single_view_json: bool = False) -> SyntheticInfo:
     """Write a small Real-IAD tree: ``realiad_1024/<cls>/OK/S<nnnn>/<cls>_<nnnn>_OK_C<v>_0.jpg``
     and ``realiad_1024/<cls>/NG/<defect>/S<nnnn>/<cls>_<nnnn>_NG_<defect>_C<v>_0.jpg`` (5 views
     per sample; in an NG sample the first ``defect_views`` views show the defect, with a
     ``.png`` mask beside the image, the others are labelled OK), and the single-class split files
-    ``realiad_jsons/realiad_jsons/<cls>.json``."""
+    ``realiad_jsons/realiad_jsons/<cls>.json``.
+
+    Their image paths include the class folder (``meta.prefix`` is ``""``); with
+    ``class_relative_paths`` they are relative to the class folder and ``meta.prefix`` is
+    ``"<cls>/"``, as in the official files. ``multi_class_json`` also writes every class into one
+    file, ``REALIAD_MULTICLASS_FILE`` (items relative to their class folder, meta without a
+    prefix), class after class; ``single_view_json`` also writes ``REALIAD_SINGLE_VIEW_DIR/
+    <cls>.json`` listing only view ``C1`` of every sample. ``counts`` are those of the
+    per-class files (train/test images per class)."""
     import json
 
     from filo.data.layouts import REALIAD_VIEWS
@@ -578,9 +592,15 @@ def make_realiad_like(root: str | os.PathLike, classes: Sequence[str] | None = N
     sources = _Sources()
     n_images = n_anom = 0
     counts: dict[str, dict[str, int]] = {}
-    json_dir = root / "realiad_jsons" / "realiad_jsons"
+    json_root = root / "realiad_jsons"
+    multi: dict[str, list[dict]] = {"train": [], "test": []}
+
+    def dump(path: Path, meta: dict, entries: dict[str, list[dict]]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"meta": meta, **entries}, indent=1))
+
     for ci, cls_name in enumerate(names):
-        entries: dict[str, list[dict]] = {"train": [], "test": []}
+        entries: dict[str, list[dict]] = {"train": [], "test": []}  # paths relative to class
         sample_no = 0
         plan = ([("train", None)] * n_train_samples + [("test", None)] * n_test_good_samples
                 + [("test", defect_types[j % len(defect_types)])
@@ -588,26 +608,43 @@ def make_realiad_like(root: str | os.PathLike, classes: Sequence[str] | None = N
         for split, defect in plan:
             sample_no += 1
             sid = f"{sample_no:04d}"
-            folder = (Path(cls_name) / "OK" / f"S{sid}" if defect is None
-                      else Path(cls_name) / "NG" / defect / f"S{sid}")
+            folder = (Path("OK") / f"S{sid}" if defect is None
+                      else Path("NG") / defect / f"S{sid}")
             for v in range(1, REALIAD_VIEWS + 1):
                 has_defect = defect is not None and v <= defect_views
                 p = _Planned(split, defect if has_defect else "good", sample_no * 10 + v)
                 rgb, mask = _render(p, style, cls_name, ci, w, h, seed, sources)
                 tag = "OK" if defect is None else f"NG_{defect}"
                 stem = f"{cls_name}_{sid}_{tag}_C{v}_0"
-                _save_image(rgb, root / "realiad_1024" / folder / f"{stem}.jpg", "RGB")
+                class_dir = root / "realiad_1024" / cls_name
+                _save_image(rgb, class_dir / folder / f"{stem}.jpg", "RGB")
                 entry = {"category": cls_name, "anomaly_class": defect if has_defect else "OK",
                          "image_path": (folder / f"{stem}.jpg").as_posix(), "mask_path": None}
                 if has_defect and mask is not None:
-                    _save_mask(mask, root / "realiad_1024" / folder / f"{stem}.png")
+                    _save_mask(mask, class_dir / folder / f"{stem}.png")
                     entry["mask_path"] = (folder / f"{stem}.png").as_posix()
                     n_anom += 1
                 entries[split].append(entry)
                 n_images += 1
-        json_dir.mkdir(parents=True, exist_ok=True)
-        (json_dir / f"{cls_name}.json").write_text(json.dumps(
-            {"meta": {"prefix": "", "normal_class": "OK", "pixel_level": True}, **entries},
-            indent=1))
+
+        def with_class(item: dict, cls: str = cls_name) -> dict:
+            return {**item, "image_path": f"{cls}/{item['image_path']}",
+                    "mask_path": f"{cls}/{item['mask_path']}" if item["mask_path"] else None}
+
+        if class_relative_paths:
+            dump(json_root / "realiad_jsons" / f"{cls_name}.json",
+                 {"prefix": f"{cls_name}/", "normal_class": "OK", "pixel_level": True}, entries)
+        else:
+            dump(json_root / "realiad_jsons" / f"{cls_name}.json",
+                 {"prefix": "", "normal_class": "OK", "pixel_level": True},
+                 {k: [with_class(e) for e in v] for k, v in entries.items()})
+        if single_view_json:
+            dump(root / REALIAD_SINGLE_VIEW_DIR / f"{cls_name}.json",
+                 {"prefix": f"{cls_name}/", "normal_class": "OK", "pixel_level": True},
+                 {k: [e for e in v if "_C1_" in e["image_path"]] for k, v in entries.items()})
+        for k, v in entries.items():
+            multi[k].extend(v)
         counts[cls_name] = {k: len(v) for k, v in entries.items()}
+    if multi_class_json:
+        dump(root / REALIAD_MULTICLASS_FILE, {"normal_class": "OK", "pixel_level": True}, multi)
     return SyntheticInfo(root, "realiad", names, n_images, n_anom, counts)
