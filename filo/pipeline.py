@@ -293,6 +293,28 @@ class Pipeline:
         z = (1 - w) * zf + w * zm if self.config.fusion_mode == "mean" else np.maximum(zf, zm)
         return 1.0 / (1.0 + np.exp(-z))
 
+    def calibration(self, cls_name: str) -> dict | None:
+        """Calibrated thresholds of ``cls_name`` from its memory bank: ``image_threshold`` and
+        ``pixel_threshold`` (None for the fused modes: no pixel threshold is calibrated).
+
+        With ``--fusion memory`` the bank's own; with ``mean`` / ``max`` the image threshold is
+        the same quantile of the calibration images' fused scores. None without a bank, without
+        calibration images, or with ``--fusion filo``."""
+        if self.memory is None or self.config.fusion_mode == "filo":
+            return None
+        cal = self.memory.meta(cls_name).calibration
+        if "image_threshold" not in cal:
+            return None
+        if self.config.fusion_mode == "memory":
+            return {"image_threshold": float(cal["image_threshold"]),
+                    "pixel_threshold": cal.get("pixel_threshold")}
+        f_cal = cal.get("filo") or {}
+        if not f_cal or len(f_cal.get("image_scores", [])) != len(cal.get("image_scores", [])):
+            return None
+        fused = self.fused_scores(cls_name, f_cal["image_scores"], cal["image_scores"])
+        return {"image_threshold": float(np.quantile(fused, cal["image_quantile"])),
+                "pixel_threshold": None}
+
     def _fuse_memory(self, batch: ImageBatch, classes: list[str], filo_maps: np.ndarray,
                      filo_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """FiLo and memory maps / scores, each normalised by its normal-image statistics (the

@@ -81,26 +81,6 @@ def _collate_skipping(items):
     return (collate(good) if good else None), bad
 
 
-def _calibration(pipeline, cls_name: str) -> dict | None:
-    """Calibrated thresholds from the memory bank: its own with --fusion memory; with --fusion
-    mean|max an image threshold from the calibration images' fused scores (same quantile; no
-    pixel threshold: pass --threshold); None without a bank or calibration images."""
-    memory = getattr(pipeline, "memory", None)
-    if memory is None:
-        return None
-    cal = memory.meta(cls_name).calibration
-    if "image_threshold" not in cal:
-        return None
-    if pipeline.config.fusion_mode == "memory":
-        return cal
-    f_cal = cal.get("filo") or {}
-    if len(f_cal.get("image_scores", [])) != len(cal.get("image_scores", [])) or not f_cal:
-        return None
-    fused = pipeline.fused_scores(cls_name, f_cal["image_scores"], cal["image_scores"])
-    return {"image_threshold": float(np.quantile(fused, cal["image_quantile"])),
-            "pixel_threshold": None}
-
-
 def build_parser() -> argparse.ArgumentParser:
     from filo.evaluation.runner import RunConfig
 
@@ -190,7 +170,7 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None, dist=None) -> d
                           "map": str(stem.with_suffix(".npy")),
                           "overlay": str(stem.with_suffix(".png")),
                           "detections": det or None}
-                cal = _calibration(pipeline, args.cls_name)
+                cal = pipeline.calibration(args.cls_name)
                 if cal is not None:
                     record.update(verdict="anomalous" if pred.image_score >= cal["image_threshold"]
                                   else "normal", image_threshold=cal["image_threshold"])

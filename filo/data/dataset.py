@@ -73,21 +73,30 @@ class EvalDataset(Dataset):
             mask = mask_tensor(load_mask(self.root / s.mask_path, img.size, img_file), size)
         else:
             mask = torch.zeros((size, size), dtype=torch.bool)
-        item: dict[str, Any] = {
-            "image": clip_tensor(img, size),
-            "mask": mask,
-            "label": int(s.anomaly),
-            "cls_name": s.cls_name,
-            "specie_name": s.specie_name,
-            "img_path": s.img_path,
-            "orig_size": (img.size[0], img.size[1]),
-        }
-        if self.with_detector_input:
-            item["det_image"], _ = detector_tensor(img, self.detector_short_side,
-                                                   self.detector_max_size)
-        if self.memory_transform is not None:
-            item["mem_image"] = self.memory_transform(img, s.cls_name)
+        item = image_inputs(img, s.cls_name, size, with_detector_input=self.with_detector_input,
+                            detector_short_side=self.detector_short_side,
+                            detector_max_size=self.detector_max_size,
+                            memory_transform=self.memory_transform)
+        item.update(mask=mask, label=int(s.anomaly), specie_name=s.specie_name,
+                    img_path=s.img_path)
         return item
+
+
+def image_inputs(img, cls_name: str, image_size: int = DEFAULT_IMAGE_SIZE, *,
+                 with_detector_input: bool = False,
+                 detector_short_side: int = DETECTOR_SHORT_SIDE,
+                 detector_max_size: int | None = DETECTOR_MAX_SIZE,
+                 memory_transform=None) -> dict[str, Any]:
+    """The model inputs of one decoded image (what :class:`EvalDataset` and the service feed the
+    pipeline): ``image``, ``cls_name``, ``orig_size`` and, as asked, ``det_image`` /
+    ``mem_image``."""
+    item: dict[str, Any] = {"image": clip_tensor(img, image_size), "cls_name": cls_name,
+                            "orig_size": (img.size[0], img.size[1])}
+    if with_detector_input:
+        item["det_image"], _ = detector_tensor(img, detector_short_side, detector_max_size)
+    if memory_transform is not None:
+        item["mem_image"] = memory_transform(img, cls_name)
+    return item
 
 
 @dataclass
@@ -114,16 +123,19 @@ def _stack_if_same(tensors: list[torch.Tensor]) -> torch.Tensor | list[torch.Ten
 
 
 def collate(items: Sequence[dict[str, Any]]) -> ImageBatch:
-    """Batch EvalDataset items into an :class:`ImageBatch`."""
+    """Batch EvalDataset items (or :func:`image_inputs` items: no mask, normal label) into an
+    :class:`ImageBatch`."""
     if not items:
         raise ValueError("collate needs at least one item")
+    size = items[0]["image"].shape[-2:]
     return ImageBatch(
         images=torch.stack([it["image"] for it in items]),
-        masks=torch.stack([it["mask"] for it in items]),
-        labels=torch.tensor([int(it["label"]) for it in items], dtype=torch.long),
+        masks=torch.stack([it["mask"] if "mask" in it else torch.zeros(size, dtype=torch.bool)
+                           for it in items]),
+        labels=torch.tensor([int(it.get("label", 0)) for it in items], dtype=torch.long),
         cls_names=[it["cls_name"] for it in items],
         specie_names=[it.get("specie_name", "") for it in items],
-        img_paths=[it["img_path"] for it in items],
+        img_paths=[it.get("img_path", "") for it in items],
         orig_sizes=[tuple(it["orig_size"]) for it in items],
         det_images=[it["det_image"] for it in items] if "det_image" in items[0] else None,
         mem_images=_stack_if_same([it["mem_image"] for it in items]) if "mem_image" in items[0]

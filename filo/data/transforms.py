@@ -103,6 +103,37 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
                         f"image, replace or remove it") from None
 
 
+def decode_image_bytes(data: bytes, name: str, *, allowed_formats: frozenset[str] | None = None,
+                       max_pixels: int | None = None) -> Image.Image:
+    """Decode an image held in memory (an upload) like :func:`decode_image`.
+
+    ``allowed_formats``: PIL format names accepted (e.g. ``{"PNG", "JPEG"}``); ``max_pixels``:
+    largest width x height, checked from the header before any pixel is decoded. Errors are one
+    :class:`FiloError` line naming ``name``.
+    """
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if allowed_formats is not None and img.format not in allowed_formats:
+                raise FiloError(f"{name}: format {img.format or 'unknown'} is not accepted; send "
+                                f"one of {', '.join(sorted(allowed_formats))}")
+            w, h = img.size
+            if w < 1 or h < 1 or (max_pixels is not None and w * h > max_pixels):
+                raise FiloError(f"{name}: {w}x{h} pixels is outside the accepted size (at most "
+                                f"{max_pixels} pixels); send a smaller image")
+            img.load()
+            return _to_base_mode(img, name)
+    except FiloError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+            Image.DecompressionBombError) as err:
+        reason = ("not a readable image" if isinstance(err, UnidentifiedImageError)
+                  else str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise FiloError(f"cannot read image {name}: {reason}; the file is corrupt or not an "
+                        f"image") from None
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode ``path`` as an 8-bit RGB PIL image (any input mode; see :func:`decode_image`)."""
     return to_rgb(decode_image(path))
