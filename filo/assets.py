@@ -3,7 +3,9 @@
 filo never downloads anything at run time. Each model file is an :class:`Asset` with a default
 location under the project (overridable through environment variables set by ``env.sh``), its
 public source, and its size / sha256 where they are known. ``python -m filo doctor`` checks them
-(:mod:`filo.doctor`); ``python -m filo download`` fetches them on a machine with internet.
+(:mod:`filo.doctor`); ``python -m filo download`` (:mod:`filo.download`) fetches them on a machine
+with internet: files hosted on the Hugging Face Hub through ``huggingface_hub`` at a pinned
+revision (:mod:`filo.hub`), the others over plain HTTPS.
 
 Checksums of multi-GB files are cached by (path, size, mtime) in a small JSON file so that a
 second check is instant.
@@ -14,19 +16,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filo.errors import FiloError
 from filo.fileio import atomic_write_text
 
-HF_FILO = "https://huggingface.co/FantasticGNU/FiLo/resolve/main"
-HF_BERT = "https://huggingface.co/google-bert/bert-base-uncased/resolve/main"
+HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class HubRepo:
+    """A Hugging Face Hub model repository, the revision filo downloads from it and the
+    environment variable that replaces that revision."""
+
+    repo_id: str
+    revision: str  # a commit hash (pinned) or, where none is known, a branch
+    revision_var: str
+
+
+# The released FiLo and fine-tuned GroundingDINO checkpoints. No commit of this repository is
+# known here, so it follows the `main` branch; pin one with FILO_HF_REVISION_FILO=<commit hash>.
+FILO_REPO = HubRepo("FantasticGNU/FiLo", "main", "FILO_HF_REVISION_FILO")
+# bert-base-uncased at the commit whose vocab.txt hashes to BERT_VOCAB_SHA256
+BERT_REPO = HubRepo("google-bert/bert-base-uncased", "86b5e0934494bd15c9632b12f734a8a67f723594",
+                    "FILO_HF_REVISION_BERT")
+HUB_REPOS = (FILO_REPO, BERT_REPO)
+
 OPENAI_CLIP_L14_336 = (
     "https://openaipublic.azureedge.net/clip/models/"
     "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt"
@@ -55,6 +71,29 @@ class AssetFile:
     sha256: str | None = None
     required: bool = True  # a directory asset may hold optional files (config.json)
     sha256_prefix: str | None = None  # torchvision model files name the first hex digits
+    # files hosted on the Hugging Face Hub: repository, file name in it, pinned revision and the
+    # environment variable that overrides the revision (``url`` is then the public address)
+    hf_repo: str | None = None
+    hf_filename: str | None = None
+    hf_revision: str | None = None
+    hf_revision_var: str | None = None
+
+    @property
+    def on_hub(self) -> bool:
+        return self.hf_repo is not None
+
+    def hub_revision(self, env: Mapping[str, str] | None = None) -> str:
+        """The revision to download: the override variable when set, else the pinned one."""
+        env = os.environ if env is None else env
+        override = env.get(self.hf_revision_var, "").strip() if self.hf_revision_var else ""
+        return override or self.hf_revision or "main"
+
+
+def hub_file(repo: HubRepo, filename: str, **kwargs) -> AssetFile:
+    """An :class:`AssetFile` downloaded from ``repo`` on the Hub (``relpath`` = ``filename``)."""
+    url = f"{HF_DEFAULT_ENDPOINT}/{repo.repo_id}/resolve/{repo.revision}/{filename}"
+    return AssetFile(filename, url, hf_repo=repo.repo_id, hf_filename=filename,
+                     hf_revision=repo.revision, hf_revision_var=repo.revision_var, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -160,9 +199,8 @@ def build_registry(paths: AssetPaths) -> dict[str, Asset]:
             path=paths.bert_dir,
             kind="dir",
             files=(
-                AssetFile("vocab.txt", f"{HF_BERT}/vocab.txt", size=231508,
-                          sha256=BERT_VOCAB_SHA256),
-                AssetFile("config.json", f"{HF_BERT}/config.json", required=False),
+                hub_file(BERT_REPO, "vocab.txt", size=231508, sha256=BERT_VOCAB_SHA256),
+                hub_file(BERT_REPO, "config.json", required=False),
             ),
             env_var="FILO_BERT_LOCAL",
             source_page="https://huggingface.co/google-bert/bert-base-uncased",
@@ -199,7 +237,7 @@ def build_registry(paths: AssetPaths) -> dict[str, Asset]:
             description=f"released FiLo checkpoint trained on {'MVTec AD' if ds == 'mvtec' else 'VisA'}",
             path=ck / f"filo_train_on_{ds}.pth",
             kind="file",
-            files=(AssetFile(f"filo_train_on_{ds}.pth", f"{HF_FILO}/filo_train_on_{ds}.pth"),),
+            files=(hub_file(FILO_REPO, f"filo_train_on_{ds}.pth"),),
             env_var="CKPT_DIR",
             source_page="https://huggingface.co/FantasticGNU/FiLo",
         ))
@@ -208,7 +246,7 @@ def build_registry(paths: AssetPaths) -> dict[str, Asset]:
             description=f"released GroundingDINO fine-tuned on {'MVTec AD' if ds == 'mvtec' else 'VisA'}",
             path=ck / f"grounding_train_on_{ds}.pth",
             kind="file",
-            files=(AssetFile(f"grounding_train_on_{ds}.pth", f"{HF_FILO}/grounding_train_on_{ds}.pth"),),
+            files=(hub_file(FILO_REPO, f"grounding_train_on_{ds}.pth"),),
             env_var="CKPT_DIR",
             source_page="https://huggingface.co/FantasticGNU/FiLo",
         ))
@@ -275,6 +313,13 @@ class ChecksumCache:
         self._save()
         return digest
 
+    def remember(self, file: Path, digest: str) -> None:
+        """Record ``digest`` for ``file`` as it is now (a download just verified it)."""
+        st = file.stat()
+        self._load()[str(file.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                             "sha256": digest}
+        self._save()
+
     def _save(self) -> None:
         try:
             atomic_write_text(self.path, json.dumps(self._entries, indent=1, sort_keys=True))
@@ -298,72 +343,3 @@ def looks_like_torch_file(file: Path) -> bool:
     except OSError:
         return False
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
-
-
-# --------------------------------------------------------------------------- download
-
-def download_asset(asset: Asset, *, timeout: float = 10.0, cache: ChecksumCache | None = None,
-                   log=print) -> None:
-    """Fetch every missing file of ``asset`` over plain HTTPS and verify it.
-
-    ``FILO_ASSET_MIRROR=https://host/path`` fetches ``{mirror}/{asset name}/{file name}`` instead
-    of the public source (for sites with an internal mirror).
-    """
-    mirror = os.environ.get("FILO_ASSET_MIRROR", "").rstrip("/")
-    for spec, target in asset.file_paths():
-        url = f"{mirror}/{asset.name}/{spec.relpath}" if mirror else spec.url
-        if target.exists():
-            log(f"[filo] {target} exists; skipped")
-            continue
-        made_dir = not target.parent.exists()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        log(f"[filo] downloading {url} -> {target}")
-        part = target.with_name(target.name + ".part")
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as out:
-                total = int(resp.headers.get("Content-Length") or 0)
-                _copy_with_progress(resp, out, total, target.name)
-        except (urllib.error.URLError, OSError, TimeoutError) as err:
-            part.unlink(missing_ok=True)
-            if made_dir and not any(target.parent.iterdir()):
-                target.parent.rmdir()
-            if not spec.required:
-                log(f"[filo] optional {spec.relpath} not fetched ({_reason(err)}); continuing")
-                continue
-            raise FiloError(
-                f"cannot download {url} ({_reason(err)}): on a machine with internet fetch it "
-                f"and place it at {target}"
-            ) from None
-        if spec.sha256:
-            got = sha256_file(part)
-            if got != spec.sha256:
-                part.unlink(missing_ok=True)
-                raise FiloError(f"download of {url} has sha256 {got}, expected {spec.sha256}; "
-                                "try again")
-        if spec.sha256_prefix:
-            got = sha256_file(part)
-            if not got.startswith(spec.sha256_prefix):
-                part.unlink(missing_ok=True)
-                raise FiloError(f"download of {url} has sha256 {got}, expected "
-                                f"{spec.sha256_prefix}...; try again")
-        os.replace(part, target)
-        if cache is not None and spec.sha256:
-            cache.sha256(target)
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, urllib.error.URLError) and err.reason is not None:
-        return str(err.reason)
-    return str(err) or type(err).__name__
-
-
-def _copy_with_progress(src, dst, total: int, label: str) -> None:
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        shutil.copyfileobj(src, dst)
-        return
-    with tqdm(total=total or None, unit="B", unit_scale=True, desc=label, file=sys.stderr) as bar:
-        while block := src.read(1 << 20):
-            dst.write(block)
-            bar.update(len(block))

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from filo.assets import Asset, AssetFile, AssetPaths, ChecksumCache, build_registry, download_asset
+from filo.assets import Asset, AssetFile, AssetPaths, ChecksumCache, build_registry
 from filo.doctor import MISSING, NOT_TORCH, OK, WRONG_SHA, WRONG_SIZE, check_asset, run_doctor
+from filo.download import download_asset
 from filo.errors import FiloError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +163,8 @@ def test_download_fails_fast_offline(tmp_path: Path) -> None:
 
 def test_download_script_one_clear_line(tmp_path: Path) -> None:
     env = {**os.environ, "FILO_BERT_LOCAL": str(tmp_path / "bert"),
-           "FILO_ASSET_MIRROR": "https://mirror.invalid/filo", "PYTHON": sys.executable}
+           "FILO_ASSET_MIRROR": "https://mirror.invalid/filo", "PYTHON": sys.executable,
+           "HF_ENDPOINT": "https://hub-mirror.invalid"}  # bert-base-uncased comes from the Hub
     res = subprocess.run(["bash", str(ROOT / "scripts" / "download_assets.sh"), "bert-base-uncased"],
                          env=env, text=True, capture_output=True, timeout=60)
     assert res.returncode == 2

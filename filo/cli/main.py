@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from filo import __version__
 from filo.errors import FiloError, cli_entry
+
+DOWNLOAD_EPILOG = """\
+Hugging Face Hub assets (filo-train-on-*, grounding-train-on-*: FantasticGNU/FiLo;
+bert-base-uncased: google-bert/bert-base-uncased) are fetched with huggingface_hub:
+  HF_ENDPOINT            a Hub mirror (default https://huggingface.co)
+  HF_HUB_CACHE, HF_HOME  where the Hub cache lives; the file is hard-linked (or copied) from
+                         there to the path the doctor checks
+  HF_TOKEN               token for private or gated repositories
+  FILO_HF_REVISION_FILO  revision of FantasticGNU/FiLo (default: main; pin a commit hash)
+  FILO_HF_REVISION_BERT  revision of google-bert/bert-base-uncased (default: a pinned commit)
+  An interrupted Hub download is retried and resumed by huggingface_hub.
+Other assets (clip-vit-l-14-336, groundingdino-swint-ogc, wide-resnet*) come over plain HTTPS:
+  FILO_ASSET_MIRROR      fetch {mirror}/{asset name}/{file name} instead of the public source;
+                         it does NOT apply to Hub assets (use HF_ENDPOINT for those)
+  A cut connection keeps <file>.part; running the same command again resumes it.
+Every file is checked (sha256 where known) before it is moved into place."""
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -20,23 +37,33 @@ def _build_parser() -> argparse.ArgumentParser:
     add_arguments(doctor)
 
     download = sub.add_parser(
-        "download", help="fetch assets over HTTPS (needs internet) and verify their checksums")
+        "download", help="fetch model files (needs internet) and verify their checksums",
+        description="Fetch the missing files of the named assets (default: all), verify them and\n"
+                    "put them where `python -m filo doctor` looks. The only filo command that uses\n"
+                    "the network: it lifts HF_HUB_OFFLINE (set by env.sh) for itself.",
+        epilog=DOWNLOAD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     download.add_argument("names", nargs="*",
                           help="asset names (default: every asset); see `python -m filo doctor`")
     download.add_argument("--timeout", type=float, default=10.0,
-                          help="seconds to wait for a connection (default 10)")
+                          help="seconds to wait for a connection or for data (default 10); also "
+                               "the Hub's metadata and read timeouts unless HF_HUB_ETAG_TIMEOUT / "
+                               "HF_HUB_DOWNLOAD_TIMEOUT are set")
     return parser
 
 
 def _download(names: list[str], timeout: float) -> int:
-    from filo.assets import AssetPaths, ChecksumCache, build_registry, download_asset
+    # the only command allowed to fetch: lift env.sh's HF_HUB_OFFLINE=1 for this process before
+    # anything imports huggingface_hub (it reads the variable at import time)
+    os.environ["HF_HUB_OFFLINE"] = "0"
+    from filo.assets import AssetPaths, ChecksumCache, build_registry
+    from filo.download import download_asset
 
     registry = build_registry(AssetPaths.from_env())
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise FiloError(f"unknown asset {unknown[0]!r}; known: {', '.join(registry)}")
     cache = ChecksumCache()
-    for name in names or list(registry):
+    for name in dict.fromkeys(names or list(registry)):
         download_asset(registry[name], timeout=timeout, cache=cache)
     return 0
 
