@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# GroundingDINO alone (no FiLo maps): image-level metrics from the best box score, boxes as JSON.
+# GroundingDINO alone (no FiLo maps): image-level metrics from the best box score, boxes as JSON,
+# and (MVTec and VisA have masks) COCO box AP of the kept boxes against one box per connected
+# mask region (--coco_eval: coco_eval.csv, the "coco" key of results.json and coco_gt.json in
+# the results folder, $RESULTS_DIR/detect_$DATASET).
 #   source env.sh && bash scripts/gdino_only.sh [extra python -m filo.detect flags]
 # Variables: DATASET (mvtec | visa, default mvtec), GROUNDING_CKPT (default: the detector
 # fine-tuned on the other dataset; the public $CKPT_DIR/groundingdino_swint_ogc.pth works too),
@@ -28,4 +31,4 @@ exec "${launch[@]}" -m filo.detect --dataset "$DATASET" --data_path "$root" \
     --box_threshold "${BOX_THRESHOLD:-0.25}" --text_threshold "${TEXT_THRESHOLD:-0.25}" \
     --area_threshold "${AREA_THRESHOLD:-0.7}" --batch_size "${BATCH_SIZE:-8}" \
     ${DEVICE:+--device "$DEVICE"} --save_boxes "$out/boxes" --save_coco "$out/detections_coco.json" \
-    --pixel_metrics --viz_dir "$VIZ_DIR/gdino_only_${DATASET}" --viz_limit "${VIZ_LIMIT:-20}" "$@"
+    --pixel_metrics --coco_eval --viz_dir "$VIZ_DIR/gdino_only_${DATASET}" --viz_limit "${VIZ_LIMIT:-20}" "$@"

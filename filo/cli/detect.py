@@ -6,6 +6,12 @@ tables to ``--save_path`` (results.json/.csv/.md, log, resumable prediction cach
 ``--save_boxes DIR`` writes one JSON per image (boxes in original pixels, scores, phrases,
 matched, position), ``--save_coco FILE`` all kept boxes as COCO detections.
 
+``--coco_eval``: COCO box AP of the kept boxes (pycocotools: AP at IoU 0.5:0.95, AP50, AP75,
+AR@100, per class and over all images) against ground-truth boxes built from the masks, one per
+8-connected defect region (:mod:`filo.evaluation.coco_eval`); a second table after the main one,
+the ``coco`` key of results.json, ``coco_eval.csv``, and ``coco_gt.json`` /
+``coco_detections.json`` beside them to re-run any COCO tool. Works with ``--from_cache``.
+
 Box map: the detector-only stand-in for an anomaly map, ``--image_size`` square like FiLo's map
 (a non-aspect-preserving resize of the image): each pixel holds the highest score of the COUNTED
 boxes covering it, 0 elsewhere (:func:`filo.fusion.box_score_map`). ``--pixel_metrics`` scores it
@@ -31,8 +37,8 @@ DETECT_PIPELINE_FLAGS = ("grounded_checkpoint", "box_threshold", "text_threshold
                          "area_threshold", "legacy_text_threshold", "legacy_phrase_case",
                          "legacy_grid", "legacy_box_slices", "bert_dir")
 DETECT_MODEL_FLAGS = ("prompts", "image_size", "device", "kernels", "exact")
-DETECT_OUTPUT_FLAGS = ("save_path", "save_boxes", "save_coco", "pixel_metrics", "viz_dir",
-                       "viz_limit", "viz_only_errors", "from_cache")
+DETECT_OUTPUT_FLAGS = ("save_path", "save_boxes", "save_coco", "coco_eval", "pixel_metrics",
+                       "viz_dir", "viz_limit", "viz_only_errors", "from_cache")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,10 +1,15 @@
-"""Detector boxes as a COCO detection file (``--save_coco``), built from cached predictions."""
+"""Detector boxes as a COCO detection file (``--save_coco``), built from cached predictions.
+
+Image ids are the images' 1-based positions in the split (:func:`filo.evaluation.coco_eval.
+image_ids`), the ids of ``--coco_eval``'s ``coco_gt.json`` too.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from filo.detector.caption import matched_word
+from filo.evaluation.coco_eval import image_ids
 from filo.prompts import PromptTable
 
 
@@ -17,10 +22,11 @@ class CocoWriter:
         self.categories: dict[str, int] = {"anomaly": 1}
 
     def add(self, img_path: str, cls_name: str, det: dict[str, Any], words: list[str],
-            case_sensitive: bool) -> None:
+            case_sensitive: bool, image_id: int | None = None) -> None:
         """``det``: a detection record (boxes x1, y1, x2, y2 in original pixels, scores,
-        phrases, matched, image_size (w, h))."""
-        image_id = len(self.images) + 1
+        phrases, matched, image_size (w, h)); ``image_id``: default the next number."""
+        if image_id is None:
+            image_id = len(self.images) + 1
         w, h = det["image_size"]
         self.images.append({"id": image_id, "file_name": img_path, "width": int(w),
                             "height": int(h), "class": cls_name})
@@ -44,13 +50,14 @@ class CocoWriter:
 
 
 def coco_from_cache(split, cache, prompts: PromptTable, *, case_sensitive: bool) -> dict:
-    """COCO detections of every listed image with cached boxes."""
+    """COCO detections of every listed image with cached boxes (ids: positions in ``split``)."""
     writer = CocoWriter()
+    ids = image_ids(split)
     for cls_name, group in split.items():
         words = [*prompts.detail_phrases(cls_name), *prompts.grounding_words]
         for s in group:
             pred = cache.get(s.img_path)
             det = pred.extras.get("detections") if pred is not None else None
             if det is not None:
-                writer.add(s.img_path, cls_name, det, words, case_sensitive)
+                writer.add(s.img_path, cls_name, det, words, case_sensitive, ids[s.img_path])
     return writer.to_json()

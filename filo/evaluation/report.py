@@ -3,6 +3,10 @@
 The table keeps the research code's columns and order, x100 with one decimal, classes in
 dataset order and a ``mean`` row. Its ``aupro`` column is the legacy 200-threshold definition the
 published numbers use; ``aupro_exact`` beside it is the exact MVTec AD definition.
+
+``--coco_eval`` adds a second table (COCO box AP per class and over all images,
+:mod:`filo.evaluation.coco_eval`): the ``coco`` key of ``results.json``, ``coco_eval.csv`` and a
+second table in ``results.md``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 from tabulate import tabulate
 
 from filo import metrics
+from filo.evaluation.coco_eval import METRICS as COCO_METRICS
 from filo.fileio import atomic_write_text
 
 COLUMNS = ("auroc_px", "f1_px", "ap_px", "aupro", "auroc_sp", "f1_sp", "ap_sp")
@@ -37,6 +42,14 @@ COLUMN_NOTES = {
     "auroc_sp_sample": "sample-level image metrics (Real-IAD): a sample's score is the max over "
                        "its views, it is anomalous if any view is",
 }
+
+
+# --coco_eval: the COCO bbox metrics and the counts beside them
+COCO_COUNTS = ("n_images", "n_gt", "n_detections")
+COCO_NOTE = ("COCO bbox evaluation (pycocotools): every kept box as category 'defect' against "
+             "one ground-truth box per 8-connected mask region; AP = IoU 0.5:0.95, AR100 = "
+             "recall with at most 100 boxes per image; x100; null = no ground-truth box to score "
+             "against; 'overall' pools all evaluated images")
 
 
 @dataclass
@@ -108,9 +121,48 @@ def render_table(results: Sequence[ClassResult], columns: Sequence[str] = (*COLU
     return tabulate(rows, headers=["objects", *columns], tablefmt="pipe", disable_numparse=True)
 
 
+def _coco_fmt(v: float | None) -> str:
+    return "nan" if v is None else f"{v:.1f}"
+
+
+def _coco_rows(coco: dict[str, Any]) -> list[list[str]]:
+    """Rows of the COCO table / CSV: the classes, then ``overall``; metrics already x100."""
+    named = [*((display_name(n), m) for n, m in coco["classes"].items()),
+             ("overall", coco["overall"])]
+    return [[name, *(str(m[c]) for c in COCO_COUNTS), *(_coco_fmt(m[c]) for c in COCO_METRICS)]
+            for name, m in named]
+
+
+def render_coco_table(coco: dict[str, Any]) -> str:
+    """The ``--coco_eval`` table of a :func:`coco_payload`: one row per class and ``overall``
+    (all images pooled), counts then AP, AP50, AP75, AR100 x100 with one decimal (``nan``: no
+    ground-truth box to score against)."""
+    return tabulate(_coco_rows(coco), headers=["objects", "images", "gt_boxes", "detections",
+                                               *COCO_METRICS],
+                    tablefmt="pipe", disable_numparse=True)
+
+
+def coco_payload(coco: dict[str, Any], *, skipped: Sequence[str] = (),
+                 files: dict[str, str] | None = None) -> dict[str, Any]:
+    """The ``coco`` key of ``results.json``: metrics x100 (4 decimals, ``null`` where not
+    available), counts, the classes left out (no masks) and the written files."""
+
+    def entry(m: dict[str, Any]) -> dict[str, Any]:
+        return {**{c: int(m[c]) for c in COCO_COUNTS},
+                **{c: None if m[c] is None else round(m[c] * 100, 4) for c in COCO_METRICS}}
+
+    return {"note": COCO_NOTE, "metrics": list(COCO_METRICS),
+            "classes": {n: entry(m) for n, m in coco["classes"].items()},
+            "overall": entry(coco["overall"]), "skipped_classes": list(skipped),
+            "files": dict(files or {})}
+
+
 def write_results(out_dir: str | Path, results: Sequence[ClassResult], settings: dict[str, Any],
-                  columns: Sequence[str] = (*COLUMNS, *EXTRA_COLUMNS)) -> dict[str, Path]:
-    """``results.json``, ``results.csv`` and ``results.md`` (the table) in ``out_dir``."""
+                  columns: Sequence[str] = (*COLUMNS, *EXTRA_COLUMNS),
+                  coco: dict[str, Any] | None = None) -> dict[str, Path]:
+    """``results.json``, ``results.csv`` and ``results.md`` (the table) in ``out_dir``; with
+    ``coco`` (a :func:`coco_payload`), its ``coco`` key in ``results.json``, ``coco_eval.csv``
+    and the COCO table in ``results.md`` too."""
     out = Path(out_dir)
     mean = mean_row(results)
 
@@ -125,6 +177,8 @@ def write_results(out_dir: str | Path, results: Sequence[ClassResult], settings:
         "mean": {c: num(mean[c]) for c in columns},
         "settings": settings,
     }
+    if coco is not None:
+        payload["coco"] = coco
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["objects", "n_images", *columns])
@@ -135,5 +189,15 @@ def write_results(out_dir: str | Path, results: Sequence[ClassResult], settings:
     atomic_write_text(paths["json"], json.dumps(payload, indent=1, default=str) + "\n")
     atomic_write_text(paths["csv"], buf.getvalue())
     notes = "\n".join(f"- `{k}`: {v}" for k, v in COLUMN_NOTES.items() if k in columns)
-    atomic_write_text(paths["md"], render_table(results, columns) + "\n\n" + notes + "\n")
+    md = render_table(results, columns) + "\n\n" + notes + "\n"
+    if coco is not None:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["objects", *COCO_COUNTS, *COCO_METRICS])
+        writer.writerows(_coco_rows(coco))
+        paths["coco_csv"] = out / "coco_eval.csv"
+        atomic_write_text(paths["coco_csv"], buf.getvalue())
+        md += "\n" + render_coco_table(coco) + "\n\n- " + COCO_NOTE + "\n"
+    atomic_write_text(paths["md"], md)
     return paths
+

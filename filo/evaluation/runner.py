@@ -8,8 +8,8 @@ Used by test.py (FiLo, with or without the box step) and by detector-only runs
 2. build the pipeline and predict the images that have no cache entry yet, in batches, writing
    each entry atomically as soon as it is made;
 3. read the cache class by class and compute the metrics; write the table, ``results.json``,
-   ``results.csv``, the log, and optionally per-image maps, box JSON files, COCO detections and
-   visualisations.
+   ``results.csv``, the log, and optionally per-image maps, box JSON files, COCO detections,
+   the COCO box evaluation against the masks (``--coco_eval``) and visualisations.
 
 ``--from_cache`` skips step 2 (no model is loaded) and fails if an entry is missing.
 """
@@ -44,6 +44,8 @@ from filo.evaluation.report import (
     SAMPLE_COLUMNS,
     ClassResult,
     class_metrics,
+    coco_payload,
+    render_coco_table,
     render_table,
     sample_metrics,
     write_results,
@@ -79,6 +81,11 @@ class RunConfig:
     save_coco: Path | None = setting(
         None, "write all kept boxes as COCO detections to this file (bbox x,y,w,h in original "
         "pixels, score, category = the matched prompt word or 'anomaly')", metavar="FILE")
+    coco_eval: bool = setting(
+        False, "score the kept boxes with COCO box AP (pycocotools; AP, AP50, AP75, AR@100 per "
+        "class and overall) against ground-truth boxes built from the masks, one per connected "
+        "defect region; needs masks and the box step; writes coco_gt.json, "
+        "coco_detections.json and coco_eval.csv to --save_path")
     pixel_metrics: bool = setting(
         False, "detector-only runs: also score the box maps against the masks (FiLo runs always "
         "do)")
@@ -165,6 +172,7 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
     check_outputs_writable(run)
     split = load_split(run.data_path, run.dataset, "test", run.class_list(),
                        source="--data_path", allow_outside_root=run.allow_outside_root)
+    coco_classes = coco_eval_classes(run, pipeline, split, log) if run.coco_eval else []
     empty = [c for c, group in split.items() if not group]
     for cls_name in empty:
         logger.warning("class %s has no test images; it is left out of the table and the means",
@@ -236,8 +244,38 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
     columns = (*COLUMNS, *EXTRA_COLUMNS) if pixel else IMAGE_COLUMNS
     if run.dataset == "realiad":
         columns = (*columns, *SAMPLE_COLUMNS)
-    _write_outputs(run, pipeline, split, cache, results, out_dir, columns, log)
+    _write_outputs(run, pipeline, split, cache, results, out_dir, columns, log,
+                   coco_classes=coco_classes)
     return results
+
+
+def coco_eval_classes(run: RunConfig, pipeline: PipelineConfig,
+                      split: dict[str, list[Sample]], log: Callable[[str], None]) -> list[str]:
+    """The classes ``--coco_eval`` scores: those whose every anomalous image has a mask (a class
+    of normal images only counts too: no boxes is its exact ground truth). Classes with
+    anomalous images without masks are left out with a warning; a run without the box step,
+    without pycocotools or without any mask is one :class:`FiloError` line (before any model
+    loads)."""
+    import importlib.util
+
+    if not pipeline.grounding:
+        raise FiloError("--coco_eval scores the detector's boxes: it needs --grounded_checkpoint "
+                        "(and no --no_grounding)")
+    if importlib.util.find_spec("pycocotools") is None:
+        raise FiloError("--coco_eval needs pycocotools: pip install pycocotools")
+    groups = {c: g for c, g in split.items() if g}
+    usable = [c for c, g in groups.items() if all(s.mask_path for s in g if s.anomaly)]
+    if not any(s.mask_path for c in usable for s in groups[c]):
+        raise FiloError(f"--coco_eval needs masks: no anomalous test image under "
+                        f"{run.data_path} has a ground-truth mask ({run.dataset} layout); drop "
+                        f"--coco_eval or add the masks")
+    for cls_name in groups:
+        if cls_name not in usable:
+            logger.warning("class %s has anomalous images without masks: left out of "
+                           "--coco_eval", cls_name)
+            log(f"[filo] warning: class {cls_name} has anomalous images without masks; it is "
+                f"left out of the --coco_eval table")
+    return usable
 
 
 def cache_key(run: RunConfig, pipeline: PipelineConfig) -> dict[str, Any]:
@@ -316,13 +354,20 @@ def run_log_settings(run: RunConfig, pipeline: PipelineConfig) -> dict[str, Any]
 
 def _write_outputs(run: RunConfig, pipeline: PipelineConfig, split: dict[str, list[Sample]],
                    cache: PredictionCache, results: list[ClassResult], out_dir: Path,
-                   columns: Sequence[str], log: Callable[[str], None]) -> None:
+                   columns: Sequence[str], log: Callable[[str], None], *,
+                   coco_classes: Sequence[str] = ()) -> None:
     table = render_table(results, columns)
     settings = run_log_settings(run, pipeline)
-    paths = write_results(out_dir, results, settings, columns)
+    coco = coco_table = None
+    if run.coco_eval:
+        coco = coco_evaluation(run, split, cache, out_dir, coco_classes)
+        coco_table = render_coco_table(coco)
+    paths = write_results(out_dir, results, settings, columns, coco=coco)
     lines = [f"filo test run {time.strftime('%Y-%m-%d %H:%M:%S')}"]
     lines += [f"{k}: {v}" for k, v in settings.items()]
     lines += [f"cache: {cache.dir}", "", table, ""]
+    if coco_table is not None:
+        lines += ["COCO box evaluation (--coco_eval, x100):", "", coco_table, ""]
     atomic_write_text(out_dir / "test_log.txt", "\n".join(lines))
     if run.save_maps is not None:
         save_maps(run.save_maps, split, cache)
@@ -343,10 +388,46 @@ def _write_outputs(run: RunConfig, pipeline: PipelineConfig, split: dict[str, li
     log("")
     log(table)
     log("")
+    if coco_table is not None:
+        log("[filo] COCO box evaluation (--coco_eval; AP = IoU 0.5:0.95, x100; nan = no "
+            "ground-truth box):")
+        log("")
+        log(coco_table)
+        log("")
+        log(f"[filo] COCO: {paths['coco_csv']}, ground truth {out_dir / COCO_GT_FILE}, "
+            f"detections {out_dir / COCO_DT_FILE}")
     note = ("[filo] aupro = legacy 200-threshold definition (as published); aupro_exact = MVTec "
             "AD definition. " if "aupro" in columns else "[filo] ")
     log(f"{note}Results: {paths['md']}, {paths['json']}, {paths['csv']}; log: "
         f"{out_dir / 'test_log.txt'}")
+
+
+COCO_GT_FILE = "coco_gt.json"
+COCO_DT_FILE = "coco_detections.json"
+
+
+def coco_evaluation(run: RunConfig, split: dict[str, list[Sample]], cache: PredictionCache,
+                    out_dir: Path, classes: Sequence[str]) -> dict[str, Any]:
+    """``--coco_eval``: the ground truth of ``classes`` from the masks, every cached kept box of
+    their images as a COCO result, both written to ``out_dir`` (``coco_gt.json``,
+    ``coco_detections.json``: ``COCOeval(COCO(gt), COCO(gt).loadRes(dt), "bbox")`` gives the
+    same numbers), and the metrics per class and overall (the ``coco`` key of
+    ``results.json``)."""
+    from filo.evaluation import coco_eval
+
+    gt = coco_eval.build_ground_truth(split, run.data_path, classes)
+    ids = coco_eval.image_ids(split)
+    detections = []
+    for cls_name in classes:
+        for s in split[cls_name]:
+            det = _must_get(cache, s).extras.get("detections")
+            detections += coco_eval.detections_of(ids[s.img_path], det)
+    atomic_write_text(out_dir / COCO_GT_FILE, json.dumps(gt) + "\n")
+    atomic_write_text(out_dir / COCO_DT_FILE, json.dumps(detections) + "\n")
+    metrics = coco_eval.evaluate_by_class(gt, detections)
+    skipped = [c for c in split if c not in set(classes)]
+    return coco_payload(metrics, skipped=skipped,
+                        files={"ground_truth": COCO_GT_FILE, "detections": COCO_DT_FILE})
 
 
 def write_visualisations(run: RunConfig, split: dict[str, list[Sample]], cache: PredictionCache,
