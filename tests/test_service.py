@@ -419,7 +419,7 @@ def test_cli_serves_over_a_real_socket(tmp_path, pipeline_config):
     token = tmp_path / "token"
     token.write_text("a-token-with-enough-characters\n")
     c = pipeline_config
-    cmd = [sys.executable, "-m", "filo.service", "--ckpt_path", str(c.ckpt_path),
+    cmd = [sys.executable, "-m", "filo", "serve", "--ckpt_path", str(c.ckpt_path),
            "--grounded_checkpoint", str(c.grounded_checkpoint), "--bert_dir", str(c.bert_dir),
            "--prompts", str(c.prompts), "--image_size", "32", "--device", "cpu",
            "--box_threshold", "0", "--text_threshold", "0", "--port", str(port),

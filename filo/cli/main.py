@@ -1,4 +1,4 @@
-"""``python -m filo`` — project-level commands: ``doctor`` and ``download``."""
+"""``python -m filo`` — project-level commands: ``doctor``, ``download`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="seconds to wait for a connection or for data (default 10); also "
                                "the Hub's metadata and read timeouts unless HF_HUB_ETAG_TIMEOUT / "
                                "HF_HUB_DOWNLOAD_TIMEOUT are set")
+    sub.add_parser("serve", add_help=False,
+                   help="run the inspection service (REST API and a page); `python -m filo serve "
+                        "--help` lists its flags")
     return parser
 
 
@@ -70,6 +73,11 @@ def _download(names: list[str], timeout: float) -> int:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # its flags are the service's and the pipeline's (filo.cli.serve)
+        from filo.cli.serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = _build_parser().parse_args(argv)
     if args.command == "doctor":
         from filo.doctor import main_doctor
