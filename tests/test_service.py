@@ -82,6 +82,8 @@ def test_health_classes_and_openapi(pipeline, tmp_path):
         names = [c["name"] for c in info["classes"]]
         assert names == ["tex_a", "tex_b", "obj_a", "obj_b"]  # the prompt file's order
         assert info["classes"][2]["phrases"] == ["scratch", "blob", "colour spot", "missing part"]
+        assert info["classes"][2]["table_key"] == "obj a"  # the prompt file's spelling
+        assert info["classes"][2]["object_word"] == "obj a"  # the word inside the sentences
         assert info["defaults"]["box_threshold"] == 0.0 and info["defaults"]["area_threshold"] == 0.7
         assert info["models"] == {"filo": True, "grounding": True, "memory_bank": False,
                                   "fusion": None}

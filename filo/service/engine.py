@@ -151,7 +151,10 @@ class Engine:
             cal = p.calibration(name) if p.memory is not None else None
             entry: dict[str, Any] = {"name": name, "calibrated": cal is not None}
             if p.model is not None or p.detector is not None:
-                entry["phrases"] = self._base_prompts.detail_phrases(name)
+                prompts = self._base_prompts
+                entry.update(phrases=prompts.detail_phrases(name),
+                             table_key=prompts.table_key(name),
+                             object_word=prompts.prompt_name(name))
             if cal is not None:
                 entry["image_threshold"] = cal["image_threshold"]
                 entry["pixel_threshold"] = cal["pixel_threshold"]
