@@ -421,3 +421,38 @@ def test_realiad_variant_bad_input_is_one_line_naming_the_file(tmp_path):
                                         r"realiad_jsons_multiclass") as exc:
         load_split(tmp_path, "realiad", "test")
     _one_line(exc)
+
+
+def test_realiad_split_flag_runs_a_variant_and_is_refused_elsewhere(tmp_path, tiny_filo_ckpt,
+                                                                      capsys):
+    from filo.cli.test import main
+    from filo.data.synthetic import make_mvtec_like, make_realiad_like
+
+    make_realiad_like(tmp_path / "data", classes=("toothbrush",), n_train_samples=0,
+                      n_test_good_samples=2, n_test_ng_samples=2, size=48, single_view_json=True)
+
+    def run(*extra, data=tmp_path / "data", save="run"):
+        try:
+            return main(["--data_path", str(data), "--ckpt_path", str(tiny_filo_ckpt[0]),
+                         "--image_size", "32", "--device", "cpu", "--num_workers", "0",
+                         "--save_path", str(tmp_path / save), *extra])
+        except SystemExit as exc:
+            return exc.code
+
+    assert run("--dataset", "realiad", save="all") in (0, None), capsys.readouterr().err
+    assert run("--dataset", "realiad", "--realiad_split", "realiad_jsons_sv",
+               save="sv") in (0, None), capsys.readouterr().err
+    every = json.loads((tmp_path / "all" / "results.json").read_text())["classes"]["toothbrush"]
+    single = json.loads((tmp_path / "sv" / "results.json").read_text())["classes"]["toothbrush"]
+    assert every["n_images"] == 4 * 5 and single["n_images"] == 4  # 4 samples, C1 only
+    for col in ("auroc_sp", "f1_sp", "ap_sp"):  # one view per sample: sample = image metrics
+        assert single[f"{col}_sample"] == pytest.approx(single[col])
+
+    make_mvtec_like(tmp_path / "mv", classes=("bottle",), n_train_good=1, n_test_good=1,
+                    n_test_defect=1, size=32)
+    capsys.readouterr()
+    assert run("--dataset", "mvtec", "--realiad_split", "realiad_jsons_sv",
+               data=tmp_path / "mv", save="mv") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: --realiad_split applies to --dataset realiad only (this run "
+                       "reads mvtec); drop it")

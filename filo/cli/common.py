@@ -17,7 +17,7 @@ DETECTOR_FLAGS = ("grounded_checkpoint", "no_grounding", "box_threshold", "text_
                   "area_threshold", "outside_box_factor", "bert_dir", "legacy_phrase_case",
                   "legacy_text_threshold", "legacy_grid", "legacy_box_slices")
 DATA_FLAGS = ("dataset", "data_path", "classes", "batch_size", "num_workers",
-              "allow_outside_root")
+              "allow_outside_root", "realiad_split")
 OUTPUT_FLAGS = ("save_path", "save_maps", "save_boxes", "coco_eval", "viz_dir", "viz_limit",
                 "viz_only_errors", "viz_lift_boxes", "from_cache")
 

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build memory banks from normal train images")
     data = b.add_argument_group("data")
-    add_args(data, RunConfig, ("dataset", "data_path", "classes", "batch_size"))
+    add_args(data, RunConfig, ("dataset", "data_path", "classes", "batch_size",
+                               "realiad_split"))
     data.add_argument("--out", type=Path, required=True, help="bank folder (one subfolder per class)")
     add_args(b.add_argument_group("memory bank"), MemoryConfig)
     add_args(b.add_argument_group("FiLo (clip backbone source; normal statistics for fusion)"),
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{'wide-resnet50-2' if cfg.backbone == 'wrn50' else 'wide-resnet101-2'}`"
                             f" on a machine with internet) or pass --weights")
     split = load_split(run.data_path, run.dataset, "train", run.class_list(),
-                       source="--data_path", allow_outside_root=run.allow_outside_root)
+                       source="--data_path", allow_outside_root=run.allow_outside_root,
+                       realiad_split=run.realiad_split)
     from filo import distributed
 
     dist = distributed.init_from_env(pipe.device)

@@ -725,28 +725,32 @@ def check_files_exist(root: Path, split: dict[str, list[Sample]], limit: int = 3
 
 def load_split(root: str | os.PathLike, dataset: str = "auto", split: str = "test",
                classes: str | Sequence[str] | None = None, *, source: str = "--root",
-               check_files: bool = True, allow_outside_root: bool = False
-               ) -> dict[str, list[Sample]]:
+               check_files: bool = True, allow_outside_root: bool = False,
+               realiad_split: str | os.PathLike | None = None) -> dict[str, list[Sample]]:
     """The samples of one split, ``{cls_name: [Sample, ...]}`` in dataset order.
 
     ``dataset`` is ``mvtec``, ``visa``, ``folder``, ``meta`` (read ``{root}/meta.json``) or
     ``auto`` (meta.json if present, else split_csv/1cls.csv -> visa, else a folder named like an
     MVTec class -> mvtec, else folder). ``classes`` (list or comma-separated string) keeps those
     classes, in dataset order. ``source`` names the flag or variable that set ``root``, for error
-    messages.
+    messages. ``realiad_split``: Real-IAD's split variant (:func:`scan_realiad`'s
+    ``split_path``); an error with any other layout.
     """
     root_path = _check_root(root, source)
     _check_split(split)
     if dataset == "auto":
         dataset = detect_dataset(root_path)
         logger.info("dataset layout of %s: %s", root_path, dataset)
+    if realiad_split is not None and dataset != "realiad":
+        raise FiloError(f"--realiad_split applies to --dataset realiad only (this run reads "
+                        f"{dataset}); drop it")
     if dataset == "mvtec":
         return scan_mvtec(root_path, split, classes, source=source)
     if dataset in ("mpdd", "btad", "mvtec_ad2"):
         return scan_tree(root_path, dataset, split, classes, source=source)
     if dataset == "realiad":
         return scan_realiad(root_path, split, classes, source=source, check_files=check_files,
-                            allow_outside_root=allow_outside_root)
+                            allow_outside_root=allow_outside_root, split_path=realiad_split)
     if dataset == "folder":
         return scan_folder(root_path, split, classes, source=source)
     if dataset == "visa":

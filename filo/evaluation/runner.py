@@ -101,6 +101,11 @@ class RunConfig:
     allow_outside_root: bool = setting(
         False, "accept images listed outside the dataset root (absolute paths or '..' in "
         "meta.json / split_csv); their outputs go to _outside/ in the output folders")
+    realiad_split: Path | None = setting(
+        None, "--dataset realiad: the split variant to read, a folder of <class>.json files "
+        "(realiad_jsons_sv, realiad_jsons_fuiad_0.2, ...) or one multi-class JSON file; "
+        "relative to --data_path or its realiad_jsons/, or absolute",
+        default_help="the multi-view realiad_jsons")
 
     def class_list(self) -> list[str] | None:
         if not self.classes:
@@ -171,7 +176,8 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
         pipeline.check_usable()
     check_outputs_writable(run)
     split = load_split(run.data_path, run.dataset, "test", run.class_list(),
-                       source="--data_path", allow_outside_root=run.allow_outside_root)
+                       source="--data_path", allow_outside_root=run.allow_outside_root,
+                       realiad_split=run.realiad_split)
     coco_classes = coco_eval_classes(run, pipeline, split, log) if run.coco_eval else []
     empty = [c for c, group in split.items() if not group]
     for cls_name in empty:
@@ -280,7 +286,10 @@ def coco_eval_classes(run: RunConfig, pipeline: PipelineConfig,
 
 def cache_key(run: RunConfig, pipeline: PipelineConfig) -> dict[str, Any]:
     """The prediction cache's settings key: the pipeline's plus the dataset root."""
-    return {**pipeline.cache_key(), "data_root": str(Path(run.data_path).resolve())}
+    key = {**pipeline.cache_key(), "data_root": str(Path(run.data_path).resolve())}
+    if run.realiad_split is not None:  # a variant may label an image differently
+        key["realiad_split"] = str(run.realiad_split)
+    return key
 
 
 def _predict_missing(run: RunConfig, todo: Sequence[Sample], cache: PredictionCache,
