@@ -82,6 +82,28 @@ def _to_base_mode(img: Image.Image, path: str | os.PathLike) -> Image.Image:
                             f"save it as an 8-bit RGB or grayscale PNG") from None
 
 
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+                  Image.DecompressionBombError)
+
+
+def _open_decoded(source, name: str, fix: str, check=None) -> Image.Image:
+    """Open ``source`` (a path or a file object), run ``check(img)`` on the header, decode.
+
+    Any decoding failure is one :class:`FiloError` line naming ``name`` and ending with ``fix``."""
+    try:
+        with Image.open(source) as img:
+            if check is not None:
+                check(img)
+            img.load()
+            return _to_base_mode(img, name)
+    except FiloError:
+        raise
+    except _DECODE_ERRORS as err:
+        reason = ("not a readable image" if isinstance(err, UnidentifiedImageError)
+                  else str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise FiloError(f"cannot read image {name}: {reason}; {fix}") from None
+
+
 def decode_image(path: str | os.PathLike) -> Image.Image:
     """Decode ``path`` fully into memory; ``L`` for single-channel images, ``RGB`` otherwise.
 
@@ -90,17 +112,8 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise FiloError(f"image {path} not found; check the dataset root and the image list")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return _to_base_mode(img, path)
-    except FiloError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise FiloError(f"cannot read image {path}: {reason}; the file is corrupt or not an "
-                        f"image, replace or remove it") from None
+    return _open_decoded(path, str(path), "the file is corrupt or not an image, replace or "
+                         "remove it")
 
 
 def decode_image_bytes(data: bytes, name: str, *, allowed_formats: frozenset[str] | None = None,
@@ -113,25 +126,16 @@ def decode_image_bytes(data: bytes, name: str, *, allowed_formats: frozenset[str
     """
     import io
 
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if allowed_formats is not None and img.format not in allowed_formats:
-                raise FiloError(f"{name}: format {img.format or 'unknown'} is not accepted; send "
-                                f"one of {', '.join(sorted(allowed_formats))}")
-            w, h = img.size
-            if w < 1 or h < 1 or (max_pixels is not None and w * h > max_pixels):
-                raise FiloError(f"{name}: {w}x{h} pixels is outside the accepted size (at most "
-                                f"{max_pixels} pixels); send a smaller image")
-            img.load()
-            return _to_base_mode(img, name)
-    except FiloError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
-            Image.DecompressionBombError) as err:
-        reason = ("not a readable image" if isinstance(err, UnidentifiedImageError)
-                  else str(err).splitlines()[0] if str(err) else type(err).__name__)
-        raise FiloError(f"cannot read image {name}: {reason}; the file is corrupt or not an "
-                        f"image") from None
+    def check(img: Image.Image) -> None:
+        if allowed_formats is not None and img.format not in allowed_formats:
+            raise FiloError(f"{name}: format {img.format or 'unknown'} is not accepted; send "
+                            f"one of {', '.join(sorted(allowed_formats))}")
+        w, h = img.size
+        if w < 1 or h < 1 or (max_pixels is not None and w * h > max_pixels):
+            raise FiloError(f"{name}: {w}x{h} pixels is outside the accepted size (at most "
+                            f"{max_pixels} pixels); send a smaller image")
+
+    return _open_decoded(io.BytesIO(data), name, "the file is corrupt or not an image", check)
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
