@@ -185,3 +185,39 @@ def test_renamed_flag_keeps_its_old_name():
 
     ns = build_parser().parse_args(["--images", "x.png", "--class", "c", "--lift_boxes"])
     assert ns.viz_lift_boxes is True
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports (anywhere in the file)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("library, allowed", [
+    ("huggingface_hub", {"filo/hub.py"}),  # downloads only: run time stays offline
+    ("fastapi", {"filo/service/app.py"}),  # the batch CLIs never need the service's libraries
+    ("uvicorn", {"filo/cli/serve.py"}),
+    ("pycocotools", {"filo/evaluation/coco_eval.py"}),
+])
+def test_optional_libraries_are_imported_in_one_place(library, allowed):
+    users = {str(p.relative_to(PKG.parent)) for p in PKG.rglob("*.py")
+             if "__pycache__" not in p.parts and library in _third_party_imports(p)}
+    assert users == allowed
+
+
+def test_the_test_cli_does_not_load_the_service_or_the_hub():
+    import subprocess
+    import sys
+
+    code = ("import sys, filo.cli.test, filo.cli.detect, filo.cli.predict; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'huggingface_hub', 'filo.hub') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=PKG.parent, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
