@@ -454,3 +454,28 @@ def test_cli_serves_over_a_real_socket(tmp_path, pipeline_config):
     assert proc.returncode in (0, -15), err.decode()[-2000:]
     assert f"serving on http://127.0.0.1:{port}/" in out.decode()
     json.dumps(r.json())  # the response is plain JSON
+
+
+def test_body_limit_stops_a_streamed_body_without_content_length():
+    from fastapi import FastAPI, Request
+
+    from filo.service.app import BodyLimit
+
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(request: Request):
+        return {"n": len(await request.body())}
+
+    app.add_middleware(BodyLimit, limit=1000)
+    client = TestClient(app)
+
+    def chunks():
+        for _ in range(10):
+            yield b"x" * 300
+
+    r = client.post("/echo", content=chunks())
+    assert r.request.headers.get("transfer-encoding") == "chunked"
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+    assert client.post("/echo", content=b"x" * 1000).json() == {"n": 1000}
+    assert client.post("/echo", content=b"x" * 1001).status_code == 413
