@@ -19,6 +19,7 @@ from PIL import Image
 from service_helpers import png_bytes, tiny_pipeline_config
 
 fastapi = pytest.importorskip("fastapi")
+from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from filo.service.batcher import MicroBatcher, QueueFull  # noqa: E402
@@ -457,8 +458,6 @@ def test_cli_serves_over_a_real_socket(tmp_path, pipeline_config):
 
 
 def test_body_limit_stops_a_streamed_body_without_content_length():
-    from fastapi import FastAPI, Request
-
     from filo.service.app import BodyLimit
 
     app = FastAPI()
