@@ -309,7 +309,8 @@ class Pipeline:
             return {"image_threshold": float(cal["image_threshold"]),
                     "pixel_threshold": cal.get("pixel_threshold")}
         f_cal = cal.get("filo") or {}
-        if not f_cal or len(f_cal.get("image_scores", [])) != len(cal.get("image_scores", [])):
+        f_scores, m_scores = f_cal.get("image_scores") or [], cal.get("image_scores") or []
+        if not f_scores or len(f_scores) != len(m_scores):  # e.g. a bank of an older filo
             return None
         fused = self.fused_scores(cls_name, f_cal["image_scores"], cal["image_scores"])
         return {"image_threshold": float(np.quantile(fused, cal["image_quantile"])),

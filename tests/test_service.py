@@ -478,3 +478,40 @@ def test_body_limit_stops_a_streamed_body_without_content_length():
     assert r.status_code == 413 and "larger than" in r.json()["detail"]
     assert client.post("/echo", content=b"x" * 1000).json() == {"n": 1000}
     assert client.post("/echo", content=b"x" * 1001).status_code == 413
+
+
+def test_a_bank_without_calibration_scores_serves_without_verdicts(pipeline_config, banks,
+                                                                   tmp_path):
+    """Banks written before calibration scores were recorded: no fused threshold, no crash."""
+    import shutil
+    from dataclasses import replace
+
+    from filo.pipeline import build_pipeline
+
+    old = tmp_path / "old_banks"
+    shutil.copytree(banks, old)
+    meta_path = old / CLASS / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["calibration"].pop("image_scores")
+    meta["calibration"]["filo"].pop("image_scores")
+    meta_path.write_text(json.dumps(meta))
+    fused = build_pipeline(replace(pipeline_config, memory_bank=old, fusion="mean"))
+    assert fused.calibration(CLASS) is None
+    client, _ = make_client(fused, tmp_path)
+    with client:
+        assert client.get("/v1/classes").json()["classes"][0]["calibrated"] is False
+        res = post(client, png_bytes(size=(64, 64))).json()
+        assert res["verdict"] is None and "no calibrated memory bank" in res["verdict_note"]
+
+
+def test_an_unexpected_failure_is_a_json_500(pipeline, tmp_path):
+    client, engine = make_client(pipeline, tmp_path)
+
+    def broken():
+        raise KeyError("image_scores")
+
+    engine.classes_info = broken
+    with TestClient(client.app, raise_server_exceptions=False) as c:
+        r = c.get("/v1/classes")
+    assert r.status_code == 500
+    assert r.json() == {"detail": "internal error: KeyError: 'image_scores'"}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,6 +35,7 @@ from filo.service.batcher import MicroBatcher, QueueFull
 from filo.service.config import ServiceConfig
 from filo.service.engine import Engine, RequestError
 
+logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
                 ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml"}
@@ -142,6 +144,14 @@ def create_app(engine: Engine, config: ServiceConfig, token: str | None = None) 
     async def _request_error(request: Request, err: RequestError):
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
         return JSONResponse({"detail": str(err)}, status_code=err.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, err: Exception):
+        from filo.errors import one_line
+
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(err).__name__}: "
+                                       f"{one_line(err)[:300]}"}, status_code=500)
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
