@@ -316,6 +316,23 @@ class Pipeline:
         return {"image_threshold": float(np.quantile(fused, cal["image_quantile"])),
                 "pixel_threshold": None}
 
+    @property
+    def raw_memory_maps(self) -> bool:
+        """Maps are PatchCore's raw distances (a memory bank alone), not values in [0, 1]."""
+        return self.memory is not None and self.model is None
+
+    def map_range(self, cls_name: str) -> tuple[float, float]:
+        """The colour scale of ``cls_name``'s maps: (0, 1) for FiLo, fused and box maps (they
+        are in [0, 1]); for raw memory-bank distances (0, 2 x the calibrated pixel threshold),
+        so the threshold sits in the middle of the bar (mean + 6 std without a threshold)."""
+        if not self.raw_memory_maps:
+            return 0.0, 1.0
+        cal = self.memory.meta(cls_name).calibration
+        thr = cal.get("pixel_threshold")
+        hi = 2.0 * float(thr) if thr else float(cal.get("pixel_mean", 0.0)) + 6.0 * float(
+            cal.get("pixel_std", 1.0))
+        return 0.0, hi if hi > 0 else 1.0
+
     def _fuse_memory(self, batch: ImageBatch, classes: list[str], filo_maps: np.ndarray,
                      filo_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """FiLo and memory maps / scores, each normalised by its normal-image statistics (the

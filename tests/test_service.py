@@ -370,10 +370,18 @@ def test_calibrated_verdicts_and_masks_from_the_memory_bank(pipeline_config, ban
             verdicts.add(res["verdict"])
         r = post(client, phrases="hole")
         assert r.status_code == 422 and "memory bank alone" in r.json()["detail"]
+        # raw PatchCore distances: the colour scale and mask thresholds follow the calibration
+        assert info["classes"][0]["map_range"] == pytest.approx([0.0, 2 * cal["pixel_threshold"]])
+        high = 1.5 * cal["pixel_threshold"]
+        r = post(client, png_bytes(size=(64, 64)), mask_threshold=high)
+        assert r.status_code == 200 and r.json()["mask_threshold"] == pytest.approx(high)
+        assert post(client, mask_threshold=-1).status_code == 422
 
     fused = build_pipeline(replace(pipeline_config, memory_bank=banks, fusion="mean"))
     client, _ = make_client(fused, tmp_path / "fused")
     with client:
+        assert client.get("/v1/classes").json()["classes"][0]["map_range"] == [0.0, 1.0]
+        assert post(client, mask_threshold=1.5).status_code == 422  # fused maps are in [0, 1]
         plain = post(client, png_bytes(size=(64, 64))).json()
         assert plain["verdict"] in ("normal", "anomalous")
         assert plain["mask_threshold_source"] == "service default"  # no fused pixel threshold

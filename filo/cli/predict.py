@@ -159,8 +159,9 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None, dist=None) -> d
                 atomic_save_npy(stem.with_suffix(".npy"), amap.astype(np.float32))
                 det = pred.detection or {}
                 rgb = np.asarray(load_rgb(img_path))
+                vmin, vmax = pipeline.map_range(args.cls_name)
                 panel = render_panel(
-                    rgb, amap, vmin=0.0, vmax=1.0, boxes=det.get("boxes"),
+                    rgb, amap, vmin=vmin, vmax=vmax, boxes=det.get("boxes"),
                     box_labels=det.get("phrases"), box_scores=det.get("scores"),
                     box_matched=det.get("matched"), lift_boxes=batching.viz_lift_boxes,
                     title=f"{Path(img_path).name}  score {pred.image_score:.3f}")

@@ -149,7 +149,8 @@ class Engine:
         out = []
         for name in self.class_names():
             cal = p.calibration(name) if p.memory is not None else None
-            entry: dict[str, Any] = {"name": name, "calibrated": cal is not None}
+            entry: dict[str, Any] = {"name": name, "calibrated": cal is not None,
+                                     "map_range": list(p.map_range(name))}
             if p.model is not None or p.detector is not None:
                 prompts = self._base_prompts
                 entry.update(phrases=prompts.detail_phrases(name),
@@ -180,8 +181,11 @@ class Engine:
     # ---- 1. request thread: check and decode ---------------------------------------------------
     def settings(self, class_name: str, phrases: str | None = None, **values: float | None
                  ) -> RequestSettings:
+        ranges = dict(_RANGES)
+        if self.pipeline.raw_memory_maps:  # raw PatchCore distances: any value >= 0
+            ranges["mask_threshold"] = in_range(0.0, float("inf"))
         for name, value in values.items():
-            if value is not None and (problem := _RANGES[name](value)):
+            if value is not None and (problem := ranges[name](value)):
                 raise RequestError(f"{name} {value}: {problem}", status=422)
         parsed = parse_phrases(phrases)
         if parsed is not None and self.pipeline.model is None and self.pipeline.detector is None:
@@ -272,7 +276,8 @@ class Engine:
         folder.mkdir()
         det = pred.detection or {}
         amap = pred.anomaly_map.astype(np.float32)
-        panel = render_panel(req.rgb, amap, vmin=0.0, vmax=1.0, boxes=det.get("boxes"),
+        vmin, vmax = self.pipeline.map_range(s.class_name)
+        panel = render_panel(req.rgb, amap, vmin=vmin, vmax=vmax, boxes=det.get("boxes"),
                              box_labels=det.get("phrases"), box_scores=det.get("scores"),
                              box_matched=det.get("matched"),
                              title=f"{req.filename}  score {pred.image_score:.3f}")

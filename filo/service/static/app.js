@@ -191,8 +191,21 @@
     if (state.file) run();
   }
 
+  /** The mask threshold's slider spans the class's map range ([0, 1] but for raw
+   *  memory-bank distances). */
+  function setMaskRange(c) {
+    const [lo, hi] = (c && c.map_range) || [0, 1];
+    const step = String((hi - lo) / 100);
+    for (const id of ["mask_threshold", "mask_threshold_range"]) {
+      $(id).min = String(lo);
+      $(id).max = String(hi);
+      $(id).step = step;
+    }
+  }
+
   function classChanged(rerun) {
     const c = currentClass();
+    setMaskRange(c);
     $("phrases").value = c && c.phrases ? c.phrases.join("\n") : "";
     if (state.info) setThreshold("mask_threshold", serviceMaskDefault(false));
     phrasesChanged(false);
