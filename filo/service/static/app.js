@@ -180,6 +180,7 @@
       `${info.limits.max_upload_mb} MiB (${info.limits.formats.join(", ")}).`;
 
     $("phrases").disabled = !hasPrompts();
+    $("yaml_section").hidden = !hasPrompts();  // a memory bank alone has no prompts
     for (const name of MODEL_THRESHOLDS) {
       $(name).disabled = $(name + "_range").disabled = !m.grounding;
     }
