@@ -122,7 +122,10 @@ def create_app(engine: Engine, config: ServiceConfig, token: str | None = None) 
         finally:
             await run_in_threadpool(app.state.batcher.stop)
 
+    # no /docs or /redoc: their pages load scripts from a CDN, which an offline line lacks;
+    # the schema itself is at /openapi.json
     app = FastAPI(title="filo inspection service", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   description="Zero-shot and memory-bank anomaly detection: scores, verdicts, "
                               "boxes, maps. See the README's 'Serving' section.")
     app.state.engine = engine
