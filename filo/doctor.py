@@ -48,6 +48,26 @@ class JobSpec:
     needs: tuple[str, ...] = ()  # further assets the job needs (memory-bank backbones)
 
 
+def _extra_dataset_jobs() -> list[JobSpec]:
+    """test, detector-only and memory-build jobs for every further dataset layout: zero-shot
+    with the MVTec-trained checkpoints (the cross-dataset protocol for datasets other than
+    VisA), the detector fine-tuned on MVTec AD, and WideResNet-50-2 banks."""
+    jobs = []
+    for ds, label in (("mpdd", "MPDD"), ("btad", "BTAD"), ("mvtec_ad2", "MVTec AD 2"),
+                      ("realiad", "Real-IAD")):
+        slug = ds.replace("_", "-")
+        jobs += [
+            JobSpec(f"test-{slug}", f"test on {label} with the MVTec-trained checkpoints",
+                    ds, "filo-train-on-mvtec", "grounding-train-on-mvtec", bert=True,
+                    optional=("clip-vit-l-14-336",)),
+            JobSpec(f"gdino-only-{slug}", f"GroundingDINO alone on {label} (MVTec fine-tuned "
+                    "detector)", ds, None, "grounding-train-on-mvtec", bert=True),
+            JobSpec(f"memory-{slug}", f"build PatchCore memory banks on {label} "
+                    "(WideResNet-50-2)", ds, needs=("wide-resnet50-2",)),
+        ]
+    return jobs
+
+
 JOBS: dict[str, JobSpec] = {
     j.name: j for j in [
         JobSpec("test-mvtec", "test on MVTec AD with the VisA-trained checkpoints (paper protocol)",
@@ -72,6 +92,7 @@ JOBS: dict[str, JobSpec] = {
                 "mvtec", needs=("wide-resnet50-2",)),
         JobSpec("memory-visa", "build PatchCore memory banks on VisA (WideResNet-50-2)",
                 "visa", needs=("wide-resnet50-2",)),
+        *_extra_dataset_jobs(),
         JobSpec("all", "every asset and dataset", None, bert=True, clip=True),
     ]
 }

@@ -4,7 +4,7 @@
 # mask region (--coco_eval: coco_eval.csv, the "coco" key of results.json and coco_gt.json in
 # the results folder, $RESULTS_DIR/detect_$DATASET).
 #   source env.sh && bash scripts/gdino_only.sh [extra python -m filo.detect flags]
-# Variables: DATASET (mvtec | visa, default mvtec), GROUNDING_CKPT (default: the detector
+# Variables: DATASET (mvtec | visa | mpdd | btad | mvtec_ad2 | realiad, default mvtec), GROUNDING_CKPT (default: the detector
 # fine-tuned on the other dataset; the public $CKPT_DIR/groundingdino_swint_ogc.pth works too),
 # BOX_THRESHOLD TEXT_THRESHOLD AREA_THRESHOLD, DEVICE, BATCH_SIZE, RESULTS_DIR, VIZ_DIR, VIZ_LIMIT.
 set -euo pipefail
@@ -15,7 +15,11 @@ DATASET="${DATASET:-mvtec}"
 case "$DATASET" in
     mvtec) root="$MVTEC_ROOT"; other=visa; job=gdino-only ;;
     visa)  root="$VISA_ROOT";  other=mvtec; job=gdino-only-visa ;;
-    *) echo "error: DATASET must be mvtec or visa, got $DATASET" >&2; exit 2 ;;
+    mpdd)  root="$MPDD_ROOT";  other=mvtec; job=gdino-only-mpdd ;;
+    btad)  root="$BTAD_ROOT";  other=mvtec; job=gdino-only-btad ;;
+    mvtec_ad2) root="$MVTEC_AD2_ROOT"; other=mvtec; job=gdino-only-mvtec-ad2 ;;
+    realiad) root="$REALIAD_ROOT"; other=mvtec; job=gdino-only-realiad ;;
+    *) echo "error: DATASET must be mvtec, visa, mpdd, btad, mvtec_ad2 or realiad, got $DATASET" >&2; exit 2 ;;
 esac
 GROUNDING_CKPT="${GROUNDING_CKPT:-$CKPT_DIR/grounding_train_on_${other}.pth}"
 if ! python -m filo doctor --job "$job" --grounded_checkpoint "$GROUNDING_CKPT" --data_path "$root"; then

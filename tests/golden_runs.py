@@ -128,15 +128,16 @@ def _box_record(det: dict) -> dict:
     return {k: det[k] for k in ("boxes", "scores", "phrases", "matched", "position")}
 
 
-def run_golden(workdir: Path) -> dict:
+def run_golden(workdir: Path, extra: list[str] | None = None) -> dict:
     """Run the three CLIs; return {run: {maps: {name: array}, scores: {...}, boxes: {...},
-    table: {...}}}."""
+    table: {...}}}. ``extra`` flags go to every CLI (e.g. ``["--kernels", "reference"]``)."""
     from filo.cli.test import main as test_main
     from filo.detect import main as detect_main
     from filo.predict import main as predict_main
 
     a = build_assets(workdir)
-    common = ["--prompts", str(a["prompts"]), "--device", "cpu", "--bert_dir", str(a["bert"])]
+    common = ["--prompts", str(a["prompts"]), "--device", "cpu", "--bert_dir", str(a["bert"]),
+              *(extra or [])]
     out: dict = {}
 
     # 1. test.py with the box step, maps and boxes saved
@@ -209,12 +210,76 @@ def load_golden(folder: Path = GOLDEN) -> dict:
     return rest
 
 
+# Configurations the spread is measured over: thread count, filo's kernel choice, and the
+# instruction set MKL and oneDNN may use (standing in for other CPUs).
+SPREAD_CONFIGS = {
+    "threads1-fast": ({"OMP_NUM_THREADS": "1"}, []),
+    "threads2-fast": ({"OMP_NUM_THREADS": "2"}, []),
+    "threads1-reference": ({"OMP_NUM_THREADS": "1"}, ["--kernels", "reference"]),
+    "threads2-reference": ({"OMP_NUM_THREADS": "2"}, ["--kernels", "reference"]),
+    "threads2-avx2": ({"OMP_NUM_THREADS": "2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                       "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}, []),
+    "threads1-sse41": ({"OMP_NUM_THREADS": "1", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+                        "ONEDNN_MAX_CPU_ISA": "SSE41", "DNNL_MAX_CPU_ISA": "SSE41"}, []),
+}
+# Tolerance = max(FLOOR, MARGIN x the largest difference measured over SPREAD_CONFIGS).
+MARGIN = 10.0
+FLOOR = {"map": 1e-5, "image_score": 1e-5, "box_coord": 0.011, "box_score": 1e-4,
+         "table_test": 2e-3, "table_detect": 0.11}
+
+
+def _spread_child(out: Path, extra: list[str]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_golden(run_golden(Path(tmp), extra), out)
+
+
+def measure_spread(configs: dict | None = None) -> dict:
+    """Run the golden cases in a fresh process per configuration; write tolerances.json."""
+    import os
+    import subprocess
+    import tempfile
+
+    from golden_compare import KINDS, TOLERANCES, differences
+
+    want = load_golden()
+    measured: dict[str, dict] = {}
+    for name, (env, extra) in (configs or SPREAD_CONFIGS).items():
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", tmp, *extra]
+            subprocess.run(cmd, check=True, env={**os.environ, **env},
+                           cwd=str(HERE.parent), stdout=subprocess.DEVNULL)
+            diffs, problems = differences(load_golden(Path(tmp)), want)
+        measured[name] = {"max_abs_difference": diffs, "discrete_mismatches": problems}
+        print(f"{name}: {diffs} {problems[:3]}", flush=True)
+    tol = {k: max(FLOOR[k], MARGIN * max(m["max_abs_difference"][k] for m in measured.values()))
+           for k in KINDS}
+    TOLERANCES.write_text(json.dumps({
+        "how": "largest absolute difference to the recording per kind of value, each "
+               "configuration in a fresh process (tests/golden_runs.py --spread); tolerance = "
+               f"max(floor, {MARGIN:g} x the largest measured); floors cover the rounding of the "
+               "recorded values (boxes 2 decimals, box scores 5, test table 4, detector table 1)",
+        "floor": FLOOR, "margin": MARGIN, "measured": measured, "tolerance": tol},
+        indent=1, sort_keys=True) + "\n")
+    return tol
+
+
 if __name__ == "__main__":
     import tempfile
 
-    if "--record" not in sys.argv:
-        raise SystemExit("usage: python tests/golden_runs.py --record")
     sys.path.insert(0, str(HERE.parent))
-    with tempfile.TemporaryDirectory() as tmp:
-        save_golden(run_golden(Path(tmp)))
-    print(f"recorded {GOLDEN}")
+    sys.path.insert(0, str(HERE))
+    if len(sys.argv) >= 3 and sys.argv[1] == "--child":
+        _spread_child(Path(sys.argv[2]), sys.argv[3:])
+    elif "--record" in sys.argv:
+        # re-record only for an intended change of results; then re-measure the spread
+        with tempfile.TemporaryDirectory() as tmp:
+            save_golden(run_golden(Path(tmp)))
+        print(f"recorded {GOLDEN}")
+        if "--no-spread" not in sys.argv:
+            print(measure_spread())
+    elif "--spread" in sys.argv:
+        print(measure_spread())
+    else:
+        raise SystemExit("usage: python tests/golden_runs.py --record [--no-spread] | --spread")

@@ -171,3 +171,33 @@ def test_download_script_one_clear_line(tmp_path: Path) -> None:
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot download")
     assert str(tmp_path / "bert" / "vocab.txt") in lines[0]
+
+
+def test_every_dataset_layout_has_test_detector_and_memory_jobs():
+    """Each dataset the doctor knows has a test, a detector-only and a memory-build job, and
+    each such job checks that very dataset."""
+    from filo.assets import AssetPaths, build_datasets
+    from filo.doctor import JOBS
+
+    datasets = set(build_datasets(AssetPaths.from_env()))
+    assert {"mvtec", "visa", "mpdd", "btad", "mvtec_ad2", "realiad"} <= datasets
+    for ds in datasets:
+        jobs = [j for j in JOBS.values() if j.dataset == ds]
+        kinds = {j.name.split("-")[0] for j in jobs}
+        assert {"test", "gdino", "memory"} <= kinds, (ds, sorted(j.name for j in jobs))
+        for j in jobs:
+            if j.name.startswith("test"):
+                assert j.filo_ckpt and j.grounding_ckpt and j.bert, j
+            if j.name.startswith("gdino"):
+                assert j.grounding_ckpt and not j.filo_ckpt, j
+            if j.name.startswith("memory"):
+                assert "wide-resnet50-2" in j.needs, j
+
+
+def test_doctor_job_for_a_further_dataset_names_its_root(tmp_path, capsys):
+    from filo.cli.main import main
+
+    rc = main(["doctor", "--job", "memory-btad", "--data_path", str(tmp_path / "nowhere")])
+    out = capsys.readouterr().out
+    assert rc != 0
+    assert "BTAD" in out and str(tmp_path / "nowhere") in out
