@@ -97,9 +97,28 @@ def init_from_env(device: str | None = None) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local, backend=backend)
 
 
-def shutdown(ctx: DistContext) -> None:
-    if ctx.active:
-        import torch.distributed as dist
+def shutdown(ctx: DistContext, *, clean: bool = True) -> None:
+    """Leave the process group so that every process exits with nothing left running.
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    On a clean exit all processes first meet at a barrier, so no process tears its connections
+    down while a peer is still inside a collective or still writing (rank 0 writes the reports
+    after the others are done); then the group is destroyed and its communication threads are
+    joined before the interpreter shuts down (a group left to the interpreter's teardown can
+    abort the process with ``terminate called without an active exception``). After an error
+    (``clean=False``) the barrier is skipped: a peer may never reach it, and torchrun stops the
+    others when one process fails.
+    """
+    if not ctx.active:
+        return
+    import gc
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        gc.collect()  # drop the last references to the group's C++ objects now, not at exit

@@ -56,7 +56,9 @@ def run_evaluation_cli(run, pipeline) -> None:
     from filo.evaluation.runner import run_evaluation
 
     dist = distributed.init_from_env(pipeline.device)
+    clean = False
     try:
         run_evaluation(run, replace(pipeline, device=dist.device(pipeline.device)), dist=dist)
+        clean = True
     finally:
-        distributed.shutdown(dist)
+        distributed.shutdown(dist, clean=clean)

@@ -83,14 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         if len(known) < len(split):
             print(f"[filo] no prompts for {', '.join(c for c in split if c not in known)}: no "
                   f"FiLo statistics for those banks (--fusion memory only)")
+    clean = False
     try:
         built = build_banks(Path(run.data_path), split, cfg, out, ckpt_path=pipe.ckpt_path,
                             device=dist.device(pipe.device), batch_size=run.batch_size,
                             filo=filo, dist=dist)
         n_built = sum(dist.gather(len(built)))
-        dist.barrier()
+        clean = True
     finally:
-        distributed.shutdown(dist)
+        distributed.shutdown(dist, clean=clean)
     if dist.is_main:
         print(f"[filo] {len(split)} bank(s) in {out} ({n_built} built now)")
     return 0

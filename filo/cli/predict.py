@@ -214,10 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     from filo import distributed
 
     dist = distributed.init_from_env(args.device)
+    clean = False
     try:
         result = run_predict(args, dist=dist)
+        clean = True
     finally:
-        distributed.shutdown(dist)
+        distributed.shutdown(dist, clean=clean)
     if not dist.is_main:
         return 0
     if result["images"]:

@@ -302,8 +302,9 @@ def _predict_missing(run: RunConfig, todo: Sequence[Sample], cache: PredictionCa
                         num_workers=run.num_workers, collate_fn=collate, persistent_workers=False)
     bar = tqdm(total=len(todo), unit="img", desc="predict", dynamic_ncols=True,
                disable=None)
+    batches = iter(loader)
     try:
-        for batch in loader:
+        for batch in batches:
             for i, pred in enumerate(model.predict(batch)):
                 extras = {"detections": pred.detection} if pred.detection is not None else {}
                 cache.put(Prediction(
@@ -314,6 +315,11 @@ def _predict_missing(run: RunConfig, todo: Sequence[Sample], cache: PredictionCa
             bar.update(len(batch))
     finally:
         bar.close()
+        # join the loader's worker processes now (also after an error), not at interpreter exit
+        shutdown_workers = getattr(batches, "_shutdown_workers", None)
+        if shutdown_workers is not None:
+            shutdown_workers()
+        del batches
 
 
 def has_masks(group: Sequence[Sample]) -> bool:
