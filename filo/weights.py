@@ -45,10 +45,11 @@ def read_weights(path: str | Path, *, what: str, hint: str, torchscript: bool = 
     """Decode the weight file ``path`` on the CPU; nothing but tensors and plain containers.
 
     ``what`` names the expected file in errors ("FiLo checkpoint"), ``hint`` says how to get
-    the right one. ``torchscript``: a TorchScript archive is allowed; its parameters and buffers
-    are returned as its ``state_dict()`` would name them, read without running any of its code
-    (any other TorchScript archive is refused like every pickle with code). Raises :class:`FiloError` (one line) if the file is missing or
-    cannot be decoded, whatever the reason the decoder gives.
+    the right one. ``torchscript``: a TorchScript archive (OpenAI's CLIP file) is allowed; its
+    parameters and buffers come back as its ``state_dict()`` names them, read without running
+    any of its code, and one with a code payload is refused. Without it every TorchScript
+    archive is refused. Raises :class:`FiloError` (one line) if the file is missing, cannot be
+    decoded (whatever the reason the decoder gives) or is refused.
     """
     p = Path(path)
     if not p.is_file():

@@ -6,7 +6,6 @@ import builtins
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Tuple
 
 import pytest
 import torch
@@ -65,11 +64,11 @@ class _SetStatePayload(nn.Module):
         self.w = nn.Parameter(torch.ones(2))
 
     @torch.jit.export
-    def __getstate__(self) -> Tuple[torch.Tensor, bool]:  # noqa: UP006 - TorchScript wants Tuple
+    def __getstate__(self) -> tuple[torch.Tensor, bool]:
         return (self.w, self.training)
 
     @torch.jit.export
-    def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:  # noqa: UP006
+    def __setstate__(self, state: tuple[torch.Tensor, bool]) -> None:
         print("FILO-PAYLOAD-RAN")
         self.w = state[0]
         self.training = state[1]
