@@ -43,9 +43,9 @@ BERT_REPO = HubRepo("google-bert/bert-base-uncased", "86b5e0934494bd15c9632b12f7
                     "FILO_HF_REVISION_BERT")
 HUB_REPOS = (FILO_REPO, BERT_REPO)
 
+OPENAI_CLIP_L14_336_SHA256 = "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02"
 OPENAI_CLIP_L14_336 = (
-    "https://openaipublic.azureedge.net/clip/models/"
-    "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt"
+    f"https://openaipublic.azureedge.net/clip/models/{OPENAI_CLIP_L14_336_SHA256}/ViT-L-14-336px.pt"
 )
 GDINO_SWINT_OGC = (
     "https://github.com/IDEA-Research/GroundingDINO/releases/download/"
@@ -188,7 +188,7 @@ def build_registry(paths: AssetPaths) -> dict[str, Asset]:
             path=paths.clip_weights,
             kind="file",
             files=(AssetFile("ViT-L-14-336px.pt", OPENAI_CLIP_L14_336,
-                             sha256="3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02"),),
+                             sha256=OPENAI_CLIP_L14_336_SHA256),),
             env_var="FILO_CLIP_WEIGHTS",
             source_page="https://github.com/openai/CLIP",
             note="needed to train; testing needs it only if the FiLo checkpoint lacks clip_model.*",

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from filo.assets import OPENAI_CLIP_L14_336_SHA256, ChecksumCache
 from filo.errors import FiloError
+from filo.script_archive import is_torchscript_archive
 from filo.weights import clean_state_dict, fit_pos_embed, read_weights, unwrap
 
 logger = logging.getLogger(__name__)
@@ -418,9 +420,21 @@ def read_clip_state_dict(path: str | Path) -> dict:
     """Read CLIP weights from a local file: OpenAI TorchScript ``.pt`` or a (open_clip) state dict.
 
     Returns the raw state dict (``module.`` prefixes stripped); :func:`normalize_clip_state_dict`
-    brings it to open_clip names.
+    brings it to open_clip names. An OpenAI archive is read without running its code
+    (docs/design.md §2.1) and logged as the official file when its sha256 is
+    ``OPENAI_CLIP_L14_336_SHA256``; any other file is only as good as its keys and shapes, which
+    :func:`load_clip_state_dict` checks against the open_clip layout.
     """
     obj = read_weights(path, what="CLIP weights", hint=CLIP_WEIGHTS_HINT, torchscript=True)
+    if is_torchscript_archive(path):
+        digest = ChecksumCache().sha256(Path(path))
+        if digest == OPENAI_CLIP_L14_336_SHA256:
+            logger.info("CLIP weights %s: the official OpenAI ViT-L/14@336px archive (sha256 %s...)",
+                        path, digest[:8])
+        else:
+            logger.info("CLIP weights %s: a TorchScript archive that is not OpenAI's ViT-L/14@336px "
+                        "file (sha256 %s...); keys and shapes are checked against the open_clip "
+                        "layout", path, digest[:8])
     state, _ = unwrap(obj, ("state_dict", "model"))
     state = clean_state_dict(state) if isinstance(state, dict) else None
     if state is None or not any(str(k).split(".", 1)[0] in ("visual", "clip_model") for k in state):

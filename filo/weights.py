@@ -3,10 +3,11 @@
 The split follows timm's ``load_checkpoint``: read -> clean -> load into a model.
 
 * :func:`read_weights` decodes a file on the CPU, ``torch.load(map_location="cpu",
-  weights_only=True)`` (or ``torch.jit.load`` for OpenAI's TorchScript CLIP archives, when the
-  caller allows them). A missing file and every decode failure (corrupt, truncated, a text
-  file, a pickle that ``weights_only`` refuses, ...) become a one-line :class:`FiloError`
-  naming the file, what it should be and the fix.
+  weights_only=True)``, or, for OpenAI's TorchScript CLIP archives when the caller allows them,
+  :func:`filo.script_archive.read_script_state_dict`, which reads the tensors without running
+  the archive's code (docs/design.md §2.1). A missing file and every decode failure (corrupt,
+  truncated, a text file, a pickle that ``weights_only`` refuses, a code payload, ...) become a
+  one-line :class:`FiloError` naming the file, what it should be and the fix.
 * :func:`unwrap` takes the state dict out of its container (``{"filo": sd}``,
   ``{"model": sd}``, ``{"state_dict": sd}``), :func:`clean_state_dict` strips DataParallel
   ``module.`` prefixes.
@@ -16,7 +17,8 @@ The layout checks and the loading into a model stay with the callers:
 :func:`filo.checkpoint.read_filo_state_dict` (FiLo checkpoints),
 :func:`filo.backbone.read_clip_state_dict` (CLIP weights) and
 :func:`filo.detector.convert.read_checkpoint` (GroundingDINO checkpoints). This module
-imports nothing of filo but its errors, so every reader can use it.
+imports nothing of filo but its errors and the archive reader, so every reader can use it.
+No file a user names is ever given to ``torch.jit.load`` or to an unrestricted unpickler.
 """
 
 from __future__ import annotations
@@ -32,41 +34,37 @@ import torch
 import torch.nn.functional as F
 
 from filo.errors import FiloError
+from filo.script_archive import ArchiveRefused, is_torchscript_archive, read_script_state_dict
 
 logger = logging.getLogger(__name__)
 
 DATA_PARALLEL_PREFIX = "module."
 
 
-def is_torchscript_archive(path: str | Path) -> bool:
-    """True for a TorchScript zip archive (OpenAI's CLIP ``.pt`` files), False otherwise."""
-    try:
-        if not zipfile.is_zipfile(path):
-            return False
-        with zipfile.ZipFile(path) as zf:
-            return any(name.endswith("constants.pkl") for name in zf.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
 def read_weights(path: str | Path, *, what: str, hint: str, torchscript: bool = False) -> Any:
     """Decode the weight file ``path`` on the CPU; nothing but tensors and plain containers.
 
     ``what`` names the expected file in errors ("FiLo checkpoint"), ``hint`` says how to get
-    the right one. ``torchscript``: a TorchScript archive is read with ``torch.jit.load`` and its
-    ``state_dict()`` returned. Raises :class:`FiloError` (one line) if the file is missing or
-    cannot be decoded, whatever the reason the decoder gives.
+    the right one. ``torchscript``: a TorchScript archive (OpenAI's CLIP file) is allowed; its
+    parameters and buffers come back as its ``state_dict()`` names them, read without running
+    any of its code, and one with a code payload is refused. Without it every TorchScript
+    archive is refused. Raises :class:`FiloError` (one line) if the file is missing, cannot be
+    decoded (whatever the reason the decoder gives) or is refused.
     """
     p = Path(path)
     if not p.is_file():
         state = "is a directory" if p.is_dir() else "does not exist"
         raise FiloError(f"{what} not found: {p} {state}; {hint}")
     try:
-        if torchscript and is_torchscript_archive(p):
-            return torch.jit.load(str(p), map_location="cpu").state_dict()
+        if is_torchscript_archive(p):
+            if not torchscript:  # never handed to torch.load, which would dispatch to torch.jit
+                raise ArchiveRefused("it is a TorchScript archive (a program), not a weight file")
+            return read_script_state_dict(p)
         # zip-format files are memory-mapped: reading is cheap, tensors are paged in when
         # copied into a model (a 2.6 GB checkpoint is not held twice in memory)
         return torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
+    except ArchiveRefused as err:
+        raise FiloError(f"refusing {what} {p}: {err}; nothing of it was run; {hint}") from err
     except Exception as err:  # noqa: BLE001 - any decode failure is a wrong file for the user
         raise FiloError(
             f"cannot read {what} {p} ({type(err).__name__}): the file is corrupt, truncated, "

@@ -221,3 +221,41 @@ def test_the_test_cli_does_not_load_the_service_or_the_hub():
                          cwd=PKG.parent, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def _code_running_loads(source: str) -> list[str]:
+    """Calls in ``source`` that can run code stored in a file: ``torch.jit.load`` (and its
+    relatives), ``torch.load`` without ``weights_only=True``, ``pickle``'s loaders."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch.jit"):
+            found += [f"from {node.module} import {a.name}" for a in node.names
+                      if a.name in ("load", "_load_for_lite_interpreter")]
+        if not isinstance(node, ast.Attribute):
+            continue
+        owner = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(
+            node.value, "id", "")
+        if owner in ("jit", "_C") and node.attr in ("load", "_load_for_lite_interpreter",
+                                                     "import_ir_module"):
+            found.append(f"{owner}.{node.attr} (line {node.lineno})")
+        if owner in ("pickle", "_pickle", "dill", "cloudpickle") and node.attr in ("load", "loads"):
+            found.append(f"{owner}.{node.attr} (line {node.lineno})")
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load" and getattr(node.func.value, "id", "") == "torch"
+                and not any(k.arg == "weights_only" and getattr(k.value, "value", None) is True
+                            for k in node.keywords)):
+            found.append(f"torch.load without weights_only=True (line {node.lineno})")
+    return found
+
+
+def test_no_weight_file_reaches_a_loader_that_runs_code():
+    """TorchScript archives are read by filo.script_archive only (docs/design.md §2.1)."""
+    caught = _code_running_loads(
+        "import torch, pickle\nfrom torch.jit import load\ntorch.jit.load(p)\n"
+        "torch._C.import_ir_module(p)\npickle.loads(b)\ntorch.load(p)\n"
+        "torch.load(p, weights_only=False)\ntorch.load(p, weights_only=True)\n")
+    assert len(caught) == 6, caught
+    offenders = {str(p.relative_to(PKG.parent)): hits for p in PKG.rglob("*.py")
+                 if "__pycache__" not in p.parts and (hits := _code_running_loads(p.read_text()))}
+    assert offenders == {}

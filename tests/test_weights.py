@@ -132,9 +132,9 @@ def test_load_filo_checkpoint_takes_a_state_dict(tmp_path, perturbed_tiny_filo):
 
 @pytest.fixture
 def load_counter(monkeypatch):
-    """Counts torch.load / torch.jit.load calls per resolved file path."""
+    """Counts torch.load calls per resolved file path (the only loader of non-TorchScript files)."""
     counts: Counter[str] = Counter()
-    real_load, real_jit_load = torch.load, torch.jit.load
+    real_load = torch.load
 
     def key(f) -> str:
         return str(Path(f).resolve()) if isinstance(f, (str, Path)) else repr(f)
@@ -143,12 +143,7 @@ def load_counter(monkeypatch):
         counts[key(f)] += 1
         return real_load(f, *args, **kwargs)
 
-    def counting_jit_load(f, *args, **kwargs):
-        counts[key(f)] += 1
-        return real_jit_load(f, *args, **kwargs)
-
     monkeypatch.setattr(torch, "load", counting_load)
-    monkeypatch.setattr(torch.jit, "load", counting_jit_load)
     return counts
 
 
