@@ -28,8 +28,16 @@ _filo_env_main() {
                 "$py" -m venv "$FILO_ROOT/.venv" || { echo "[filo] error: could not create .venv" >&2; return 1; }
             fi
             echo "[filo] installing filo and its dependencies (torch is large: the first time takes a few minutes)"
+            # FILO_PIP_ARGS: extra pip options for this install, e.g. a CPU-only torch index:
+            #   FILO_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple"
+            local -a pip_extra=()
+            if [ -n "${FILO_PIP_ARGS:-}" ]; then
+                read -r -a pip_extra <<< "$FILO_PIP_ARGS"
+                echo "[filo] extra pip options (FILO_PIP_ARGS): ${pip_extra[*]}"
+            fi
             "$FILO_ROOT/.venv/bin/python" -m pip install --upgrade --quiet pip >/dev/null 2>&1
-            if ! (cd "$FILO_ROOT" && ./.venv/bin/python -m pip install --progress-bar on -e ".[dev]"); then
+            if ! (cd "$FILO_ROOT" && ./.venv/bin/python -m pip install --progress-bar on \
+                    ${pip_extra[@]+"${pip_extra[@]}"} -e ".[dev]"); then
                 echo "[filo] error: installation failed (see the pip output above); fix it and source env.sh again" >&2
                 return 1
             fi

@@ -133,3 +133,23 @@ def test_missing_python_is_reported(project: Path) -> None:
     res = run_bash("source ./env.sh; echo rc=$?", project, FILO_PYTHON="/nonexistent/python3")
     assert "rc=1" in res.stdout
     assert "FILO_PYTHON" in res.stderr
+
+
+def test_extra_pip_options_reach_pip(project: Path) -> None:
+    """FILO_PIP_ARGS (e.g. a CPU-only torch index) is passed to the install, word by word,
+    before the project spec; without it the install line has no extra options."""
+    index = "https://download.pytorch.org/whl/cpu"
+    res = run_bash("source env.sh", project,
+                   FILO_PIP_ARGS=f"--index-url {index} --extra-index-url https://pypi.org/simple")
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in (project.parent / "calls.log").read_text().splitlines()
+             if line.startswith("-m pip install") and " -e " in line]
+    assert len(lines) == 1
+    assert f"--index-url {index} --extra-index-url https://pypi.org/simple -e .[dev]" in lines[0]
+    (project.parent / "calls.log").unlink()
+    shutil.rmtree(project / ".venv")
+    res = run_bash("source env.sh", project)
+    assert res.returncode == 0, res.stderr
+    plain = [line for line in (project.parent / "calls.log").read_text().splitlines()
+             if line.startswith("-m pip install") and " -e " in line]
+    assert plain == ["-m pip install --progress-bar on -e .[dev]"]

@@ -53,6 +53,80 @@ def test_fresh_machine_runs_the_demo(tmp_path: Path) -> None:
         mem = json.loads((tmp_path / "results" / "demo" / name / "results.json").read_text())
         assert set(mem["classes"]) == {"obj_d", "obj_e"}
         assert mem["settings"]["memory_bank"].endswith("target_2shot")
+    # the demo names its models for the other tools and prints how to use them
+    env_file = tmp_path / "results" / "demo" / "demo_models.env"
+    assert env_file.is_file() and "source env.sh && source" in res.stdout
+    try_readme_demo_tools(tmp_path, env_file)
+
+
+def readme_block(marker: str) -> str:
+    """The bash block that follows ``<!-- marker`` in README.md."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    after = text[text.index(f"<!-- {marker}"):]
+    return after.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def try_readme_demo_tools(tmp_path: Path, env_file: Path) -> None:
+    """The README's "Try every tool on the demo's models" commands run as written on the demo's
+    output: detector alone, predict with boxes and bank, a bank build, test.py with a gallery,
+    then the service answers an image."""
+    import socket
+    import time
+    import urllib.request
+
+    env = script_env(tmp_path, FILO_NO_INSTALL="1")
+    block = readme_block("demo-tools").replace("outputs/results/demo/demo_models.env",
+                                                str(env_file))
+    res = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, env=env,
+                         text=True, capture_output=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = tmp_path / "results" / "demo" / "try"
+    assert json.loads((out / "detect" / "results.json").read_text())["classes"]
+    summary = json.loads((out / "predict" / "summary.json").read_text())
+    assert summary["n_images"] == 6 and all("image_score" in r for r in summary["images"])
+    assert {p.name for p in (out / "banks").iterdir() if p.is_dir()} == {"obj_d", "obj_e"}
+    assert json.loads((out / "test" / "results.json").read_text())["settings"]["fusion"] == "mean"
+    assert (out / "viz" / "index.html").is_file()
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve = (f"source env.sh && source {env_file} && exec "
+             + readme_block("demo-serve").replace("\\\n", " "))
+    proc = subprocess.Popen(["bash", "-c", serve], cwd=ROOT, env={**env, "DEMO_PORT": str(port)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the service did not come up"
+            time.sleep(0.5)
+        image = sorted((tmp_path / "results" / "demo" / "data" / "target_visa_like" / "obj_d"
+                        / "Data" / "Images" / "Anomaly").glob("*.JPG"))[0]
+        boundary = "filo-test-boundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"class_name\"\r\n\r\n"
+                f"obj_d\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+                f"filename=\"{image.name}\"\r\nContent-Type: image/jpeg\r\n\r\n").encode() \
+            + image.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        req = urllib.request.Request(f"{base}/v1/predict", data=body, method="POST", headers={
+            "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())
+        assert isinstance(answer["image_score"], float)
+        assert answer.get("verdict") in ("normal", "anomalous") or answer.get("verdict_note")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def test_user_path_that_does_not_exist_stops_with_the_doctor(tmp_path: Path) -> None:

@@ -157,9 +157,69 @@ def run_demo(cfg: DemoConfig, log=print):
     log(f"[demo] summary on {target.name} (random-weight models: these numbers show the "
         f"pipeline works, not what the methods achieve)")
     log(summary_table(rows))
+    env_file = write_models_env(cfg, ckpt=ckpt, detector=detector, source=source, target=target,
+                                bank=cfg.out / "banks" / f"target_{cfg.shots}shot")
     log(f"[demo] done in {time.perf_counter() - t0:.0f} s. Results: {cfg.out / 'results'}"
         + (f"; visualisations: {cfg.viz_dir / 'index.html'}" if cfg.viz_dir else ""))
+    log(try_commands(env_file))
     return results
+
+
+MODELS_ENV = "demo_models.env"
+
+
+def write_models_env(cfg: DemoConfig, *, ckpt: Path, detector: Path, source: Path, target: Path,
+                     bank: Path) -> Path:
+    """``{out}/demo_models.env``: shell variables naming the demo's models and data, so that
+    every tool (detect, predict, memory build, serve, test.py with visualisations) can be tried
+    on them (README, "Try every tool on the demo's models")."""
+    import shlex
+
+    from filo.fileio import atomic_write_text
+
+    values = {
+        "DEMO_OUT": cfg.out, "DEMO_FILO_CKPT": ckpt, "DEMO_GROUNDING_CKPT": detector,
+        "DEMO_BERT_DIR": demo_bert_dir(), "DEMO_PROMPTS": DEMO_PROMPTS,
+        "DEMO_SOURCE_DATA": source, "DEMO_TARGET_DATA": target, "DEMO_BANK": bank,
+        "DEMO_IMAGE_SIZE": cfg.image_size,
+        # the demo's random-weight detector: keep only its most confident boxes
+        "DEMO_BOX_THRESHOLD": 0.8, "DEMO_TEXT_THRESHOLD": 0.6,
+    }
+    lines = ["# The demo's tiny random-weight models and generated data (python -m filo.demo).",
+             "# Use:  source env.sh && source " + shlex.quote(str(cfg.out / MODELS_ENV)),
+             "# then the commands of the README section \"Try every tool on the demo's models\"."]
+    for key, value in values.items():
+        text = str(Path(value).resolve()) if isinstance(value, Path) else str(value)
+        lines.append(f"export {key}={shlex.quote(text)}")
+    path = cfg.out / MODELS_ENV
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def try_commands(env_file: Path) -> str:
+    """What to run next on the demo's models (the README's "Try every tool" commands)."""
+    th = '--box_threshold "$DEMO_BOX_THRESHOLD" --text_threshold "$DEMO_TEXT_THRESHOLD"'
+    models = ('--ckpt_path "$DEMO_FILO_CKPT" --grounded_checkpoint "$DEMO_GROUNDING_CKPT" '
+              '--bert_dir "$DEMO_BERT_DIR" --prompts "$DEMO_PROMPTS"')
+    return "\n".join([
+        f"[demo] try every tool on these models (README: \"Try every tool on the demo's models\"):",
+        f"  source env.sh && source {env_file}",
+        f'  python -m filo.detect --dataset visa --data_path "$DEMO_TARGET_DATA" '
+        f'--grounded_checkpoint "$DEMO_GROUNDING_CKPT" --bert_dir "$DEMO_BERT_DIR" '
+        f'--prompts "$DEMO_PROMPTS" {th} --save_path "$DEMO_OUT/try/detect"',
+        f'  python -m filo.predict --images "$DEMO_TARGET_DATA/obj_d/Data/Images/Anomaly" '
+        f'--class obj_d {models} {th} --memory_bank "$DEMO_BANK" --fusion mean '
+        f'--out "$DEMO_OUT/try/predict"',
+        '  python -m filo.memory build --dataset visa --data_path "$DEMO_TARGET_DATA" '
+        '--backbone clip --ckpt_path "$DEMO_FILO_CKPT" --prompts "$DEMO_PROMPTS" --layers 2,3 '
+        '--resize "$DEMO_IMAGE_SIZE" --imagesize "$DEMO_IMAGE_SIZE" --no_crop --shots 2 '
+        '--out "$DEMO_OUT/try/banks"',
+        f'  python test.py --dataset visa --data_path "$DEMO_TARGET_DATA" {models} {th} '
+        f'--memory_bank "$DEMO_OUT/try/banks" --fusion mean --save_path "$DEMO_OUT/try/test" '
+        f'--viz_dir "$DEMO_OUT/try/viz"',
+        f'  python -m filo serve {models} {th} --memory_bank "$DEMO_BANK" --fusion mean '
+        f'--port 8000   # then open http://127.0.0.1:8000/',
+    ])
 
 
 def memory_rows(cfg: DemoConfig, target: Path, ckpt: Path, zero_shot, log):
