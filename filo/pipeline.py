@@ -283,15 +283,14 @@ class Pipeline:
     def fused_scores(self, cls_name: str, filo_scores, memory_scores) -> np.ndarray:
         """Image scores of the fused modes from FiLo's and the memory bank's raw scores (the
         same formula as :meth:`_fuse_memory`; used for calibrated fused thresholds)."""
+        from filo.calibration import squash, zscore
+
         cal = self.memory.meta(cls_name).calibration
-        f_cal = cal["filo"]
-        zf = (np.asarray(filo_scores, dtype=np.float64) - f_cal["image_mean"]) / max(
-            f_cal["image_std"], 1e-12)
-        zm = (np.asarray(memory_scores, dtype=np.float64) - cal["image_mean"]) / max(
-            cal["image_std"], 1e-12)
+        zf = zscore(filo_scores, cal["filo"], "image")
+        zm = zscore(memory_scores, cal, "image")
         w = self.config.fusion_weight
         z = (1 - w) * zf + w * zm if self.config.fusion_mode == "mean" else np.maximum(zf, zm)
-        return 1.0 / (1.0 + np.exp(-z))
+        return squash(z)
 
     def calibration(self, cls_name: str) -> dict | None:
         """Calibrated thresholds of ``cls_name`` from its memory bank: ``image_threshold`` and
@@ -336,26 +335,27 @@ class Pipeline:
     def _fuse_memory(self, batch: ImageBatch, classes: list[str], filo_maps: np.ndarray,
                      filo_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """FiLo and memory maps / scores, each normalised by its normal-image statistics (the
-        bank's calibration), combined by mean or max, then squashed to (0, 1) by a logistic
-        (monotonic: rankings and metrics are those of the combined z-scores)."""
+        bank's calibration, standard deviations floored), combined by mean or max, then squashed
+        to (0, 1) by :func:`filo.calibration.squash` (monotonic and never saturating: rankings
+        and metrics are those of the combined z-scores; docs/design.md section 13.2)."""
         mem_maps, mem_scores = self.memory.score(batch.mem_images, classes, batch.orig_sizes,
                                                  self.image_size)
+        from filo.calibration import squash, zscore
+
         w = self.config.fusion_weight
         maps = np.empty_like(filo_maps)
         scores = np.empty(len(classes), dtype=np.float64)
         for i, c in enumerate(classes):
             cal = self.memory.meta(c).calibration
             f_cal = cal["filo"]
-            z = [((filo_maps[i] - f_cal["pixel_mean"]) / max(f_cal["pixel_std"], 1e-12),
-                  (filo_scores[i] - f_cal["image_mean"]) / max(f_cal["image_std"], 1e-12)),
-                 ((mem_maps[i] - cal["pixel_mean"]) / max(cal["pixel_std"], 1e-12),
-                  (mem_scores[i] - cal["image_mean"]) / max(cal["image_std"], 1e-12))]
+            zf_map, zm_map = zscore(filo_maps[i], f_cal, "pixel"), zscore(mem_maps[i], cal, "pixel")
+            zf, zm = zscore(filo_scores[i], f_cal, "image"), zscore(mem_scores[i], cal, "image")
             if self.config.fusion_mode == "mean":
-                zm, zs = (1 - w) * z[0][0] + w * z[1][0], (1 - w) * z[0][1] + w * z[1][1]
+                z_map, z = (1 - w) * zf_map + w * zm_map, (1 - w) * zf + w * zm
             else:
-                zm, zs = np.maximum(z[0][0], z[1][0]), max(z[0][1], z[1][1])
-            maps[i] = 1.0 / (1.0 + np.exp(-zm))
-            scores[i] = 1.0 / (1.0 + np.exp(-zs))
+                z_map, z = np.maximum(zf_map, zm_map), np.maximum(zf, zm)
+            maps[i] = squash(z_map)
+            scores[i] = float(squash(z))
         return maps.astype(np.float32), scores
 
     def _filo(self, images: torch.Tensor, classes: list[str], positions: list[str | None]):

@@ -149,6 +149,12 @@ class MemoryScorer:
     def config(self, cls_name: str) -> MemoryConfig:
         return self._cfgs[cls_name]
 
+    def _embedder(self, cls_name: str):
+        """The class's feature extractor, with the BatchNorm probe size its bank was built with
+        (224 for banks that recorded none)."""
+        probe = self._metas[cls_name].extra.get("bn_quirk_size", 224)
+        return self._embedders.get(self._cfgs[cls_name], quirk_size=probe)
+
     def _scorer(self, cls_name: str):
         if cls_name not in self._banks:
             from filo.memory.patchcore import NearestNeighbourScorer
@@ -166,7 +172,7 @@ class MemoryScorer:
         """(PIL image, class name) -> memory-bank input, per class's settings."""
         params = {}
         for c, cfg in self._cfgs.items():
-            emb = self._embedders.get(cfg)
+            emb = self._embedder(c)
             params[c] = {"resize": cfg.resize, "imagesize": cfg.imagesize, "crop": cfg.crop,
                          "mean": list(emb.mean), "std": list(emb.std)}
         return MemoryInputs(params)
@@ -180,7 +186,7 @@ class MemoryScorer:
         for cls_name in dict.fromkeys(classes):
             idx = [i for i, c in enumerate(classes) if c == cls_name]
             cfg = self._cfgs[cls_name]
-            embedder = self._embedders.get(cfg)
+            embedder = self._embedder(cls_name)
             rows, grid = embedder.embed(torch.stack([images[i] for i in idx]))
             patches = rows.reshape(len(idx), -1, rows.shape[-1])
             res = score_features(patches, self._scorer(cls_name), grid, cfg)
