@@ -208,17 +208,15 @@ def main() -> int:
 
 def filo_crop_metrics(data: Path, banks: Path, tmp: Path) -> dict:
     """test.py --memory_bank --protocol crop on the generated class: image and pixel AUROC."""
-    import test as test_py
+    from filo.cli.test import main as test_main
 
     out = tmp / "test_crop"
-    rc = test_py.main(["--dataset", "mvtec", "--data_path", str(data), "--memory_bank",
-                       str(banks), "--protocol", "crop", "--save_path", str(out),
-                       "--device", "cpu", "--num_workers", "0", "--metrics",
-                       "image-auroc,pixel-auroc"])
+    rc = test_main(["--dataset", "mvtec", "--data_path", str(data), "--memory_bank",
+                    str(banks), "--protocol", "crop", "--save_path", str(out),
+                    "--device", "cpu", "--num_workers", "0"])
     assert rc == 0
-    rec = json.loads((out / "results.json").read_text())
-    row = next(r for r in rec["classes"] if r["class"] == CLASS)
-    return {"image_auroc": row["image-auroc"], "pixel_auroc": row["pixel-auroc"]}
+    row = json.loads((out / "results.json").read_text())["classes"][CLASS]
+    return {"image_auroc": row["auroc_sp"], "pixel_auroc": row["auroc_px"]}
 
 
 if __name__ == "__main__":

@@ -368,8 +368,19 @@ class Pipeline:
         return _concat_outputs(outs)
 
     @torch.inference_mode()
-    def predict(self, batch: ImageBatch) -> list[ImagePrediction]:
+    def predict(self, batch: ImageBatch, memory_geometry: str = "image"
+                ) -> list[ImagePrediction]:
+        """Predictions of a batch. ``memory_geometry="crop"`` (a memory bank alone, test.py
+        ``--protocol crop``): the raw maps on each bank's input (its centre crop at its
+        imagesize) instead of the ``S x S`` whole-image map."""
         classes = list(batch.cls_names)
+        if memory_geometry == "crop":
+            if self.memory is None or self.model is not None or self.detector is not None:
+                raise FiloError("maps on the centre crop need a memory bank alone (--fusion "
+                                "memory, no box step)")
+            maps_crop, scores_crop = self.memory.score_on_input(batch.mem_images, classes)
+            return [ImagePrediction(maps_crop[i], float(scores_crop[i]), None)
+                    for i in range(len(classes))]
         size = self.image_size
         boxes: list[BoxStepResult] | None = None
         if self.detector is not None:

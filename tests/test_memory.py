@@ -178,6 +178,48 @@ def test_mean_and_max_fusion_follow_the_documented_formula(tmp_path, data, banks
         sf = z(runs["filo"][1][key], fc["image_mean"], fc["image_std"])
         sm = z(runs["memory"][1][key], cal["image_mean"], cal["image_std"])
         assert runs["mean"][1][key] == pytest.approx(sig(0.7 * sf + 0.3 * sm), abs=1e-6)
+    for mode in ("mean", "max"):  # spread scores, not saturated 0 / 1
+        assert len(set(runs[mode][1].values())) > 2
+        assert all(0 < v < 1 for v in runs[mode][1].values())
+
+
+def test_crop_protocol_evaluates_maps_and_masks_on_the_centre_crop(tmp_path, data, banks,
+                                                                   tiny_filo_ckpt, capsys):
+    """--protocol crop: maps at the bank's 32 x 32 crop (not the run's 48 x 48), and the metrics
+    are those of masks resized to 40 (PIL bilinear), centre-cropped to 32 and defective only
+    where exactly 255 -- computed here with PIL and scikit-learn."""
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    from filo.data.layouts import load_split
+
+    rc = _test_py(data, tmp_path / "crop", "--image_size", "48", "--memory_bank", str(banks),
+                  "--ckpt_path", str(tiny_filo_ckpt[0]), "--fusion", "memory",
+                  "--protocol", "crop")
+    assert rc == 0, capsys.readouterr().err
+    maps, scores = _maps(tmp_path / "crop" / "maps"), _scores(tmp_path / "crop" / "maps")
+    assert all(m.shape == (32, 32) for m in maps.values())
+    res = json.loads((tmp_path / "crop" / "results.json").read_text())["classes"]
+    for cls, samples in load_split(data, "mvtec", "test").items():
+        gts, px, labels, img = [], [], [], []
+        for s in samples:
+            if s.mask_path:
+                m = Image.open(data / s.mask_path).convert("L").resize((40, 40),
+                                                                       Image.Resampling.BILINEAR)
+                gts.append(np.asarray(m)[4:36, 4:36] == 255)
+            else:
+                gts.append(np.zeros((32, 32), dtype=bool))
+            px.append(maps[s.img_path[:-4] + ".npy"])
+            labels.append(s.anomaly)
+            img.append(scores[s.img_path])
+        want_px = 100 * roc_auc_score(np.concatenate([g.ravel() for g in gts]),
+                                      np.concatenate([p.ravel() for p in px]))
+        assert res[cls]["auroc_px"] == pytest.approx(want_px, abs=1e-3)
+        assert res[cls]["auroc_sp"] == pytest.approx(100 * roc_auc_score(labels, img), abs=1e-3)
+    # a FiLo or fused run cannot use it
+    rc = _test_py(data, tmp_path / "bad", "--memory_bank", str(banks), "--ckpt_path",
+                  str(tiny_filo_ckpt[0]), "--fusion", "mean", "--protocol", "crop")
+    assert rc == 2 and "--protocol crop" in _one_line(capsys)
 
 
 def test_predict_gives_calibrated_verdicts_and_masks(tmp_path, data, banks, tiny_filo_ckpt,

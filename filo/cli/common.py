@@ -19,7 +19,7 @@ DETECTOR_FLAGS = ("grounded_checkpoint", "no_grounding", "box_threshold", "text_
 DATA_FLAGS = ("dataset", "data_path", "classes", "batch_size", "num_workers",
               "allow_outside_root", "realiad_split")
 OUTPUT_FLAGS = ("save_path", "save_maps", "save_boxes", "coco_eval", "viz_dir", "viz_limit",
-                "viz_only_errors", "viz_lift_boxes", "from_cache")
+                "viz_only_errors", "viz_lift_boxes", "from_cache", "protocol")
 
 
 def add_pipeline_args(parser: argparse.ArgumentParser, filo: tuple[str, ...] = FILO_FLAGS,
