@@ -113,6 +113,12 @@ class PipelineConfig:
         choices=FUSIONS, default_help="memory without --ckpt_path, else mean")
     fusion_weight: float = setting(0.5, "--fusion mean: weight of the memory bank (FiLo gets "
                                    "1 - weight)", check=in_range(0.0, 1.0))
+    calib_dir: Path | None = setting(
+        None, "folder of normal images (one sub-folder per class, or the images of the one "
+        "class predicted) that calibrates runs without a memory bank: FiLo alone or the "
+        "detector alone get an image threshold (0.99 quantile of their scores), a pixel "
+        "threshold (0.999 quantile) and a map range (docs/design.md section 13.2)",
+        default_help="leave-one-out")
     device: str | None = setting(None, "cpu, cuda or cuda:N", default_help="cuda if available")
     bert_dir: Path | None = setting(None, "local bert-base-uncased tokenizer directory",
                                     default_help="$FILO_BERT_LOCAL or third_party/")
@@ -244,6 +250,7 @@ class Pipeline:
         self.model = model
         self.detector = detector
         self.memory = memory  # filo.memory.scorer.MemoryScorer
+        self._zero_shot: dict[str, dict] = {}  # class -> --calib_dir record
         if model is not None:
             self.image_size = int(model.config.image_size)
         else:
@@ -297,10 +304,15 @@ class Pipeline:
         ``pixel_threshold`` (None for the fused modes: no pixel threshold is calibrated).
 
         With ``--fusion memory`` the bank's own; with ``mean`` / ``max`` the image threshold is
-        the same quantile of the calibration images' fused scores. None without a bank, without
-        calibration images, or with ``--fusion filo``."""
+        the same quantile of the calibration images' fused scores. Without a bank (or with
+        ``--fusion filo``): the :meth:`zero_shot_calibration` of ``--calib_dir``; None without
+        one, or without calibration images."""
         if self.memory is None or self.config.fusion_mode == "filo":
-            return None
+            rec = self.zero_shot_calibration(cls_name)
+            if rec is None:
+                return None
+            return {"image_threshold": float(rec["image_threshold"]),
+                    "pixel_threshold": rec.get("pixel_threshold")}
         cal = self.memory.meta(cls_name).calibration
         if "image_threshold" not in cal:
             return None
@@ -315,6 +327,49 @@ class Pipeline:
         return {"image_threshold": float(np.quantile(fused, cal["image_quantile"])),
                 "pixel_threshold": None}
 
+    def zero_shot_calibration(self, cls_name: str) -> dict | None:
+        """The calibration record of ``cls_name`` from the normal images of ``--calib_dir``,
+        scored by this pipeline (FiLo and/or the detector, no memory bank): quantile thresholds
+        and normal statistics (:mod:`filo.calibration`), computed once and cached by the
+        settings and the images (None without ``--calib_dir``)."""
+        if self.config.calib_dir is None:
+            return None
+        if cls_name in self._zero_shot:
+            return self._zero_shot[cls_name]
+        from filo.calibration import (
+            IMAGE_QUANTILE,
+            PIXEL_QUANTILE,
+            calibration_files,
+            image_statistics,
+            pixel_statistics,
+            read_record,
+            record_key,
+            write_record,
+        )
+        from filo.data.dataset import collate, image_inputs
+        from filo.data.transforms import decode_image
+
+        files = calibration_files(self.config.calib_dir, cls_name)
+        key = record_key({**self.config.cache_key(), "class": cls_name,
+                          "quantiles": [IMAGE_QUANTILE, PIXEL_QUANTILE]}, files)
+        rec = read_record(key)
+        if rec is None:
+            maps, scores = [], []
+            for start in range(0, len(files), 8):
+                items = [image_inputs(decode_image(f), cls_name, self.image_size,
+                                      with_detector_input=self.needs_detector_input)
+                         for f in files[start:start + 8]]
+                for pred in self.predict(collate(items)):
+                    maps.append(pred.anomaly_map)
+                    scores.append(pred.image_score)
+            rec = image_statistics(scores, IMAGE_QUANTILE, cls_name)
+            rec.update(pixel_statistics(np.stack(maps), PIXEL_QUANTILE, cls_name, len(scores)))
+            rec.update(method=f"--calib_dir {self.config.calib_dir}",
+                       images=[str(f) for f in files])
+            write_record(key, rec)
+        self._zero_shot[cls_name] = rec
+        return rec
+
     @property
     def raw_memory_maps(self) -> bool:
         """Maps are PatchCore's raw distances (a memory bank alone), not values in [0, 1]."""
@@ -322,10 +377,13 @@ class Pipeline:
 
     def map_range(self, cls_name: str) -> tuple[float, float]:
         """The colour scale of ``cls_name``'s maps: (0, 1) for FiLo, fused and box maps (they
-        are in [0, 1]); for raw memory-bank distances (0, 2 x the calibrated pixel threshold),
-        so the threshold sits in the middle of the bar (mean + 6 std without a threshold)."""
+        are in [0, 1]); for raw memory-bank distances, and for FiLo / box maps calibrated with
+        ``--calib_dir``, (0, 2 x the calibrated pixel threshold), so the threshold sits in the
+        middle of the bar (mean + 6 std without a threshold)."""
         if not self.raw_memory_maps:
-            return 0.0, 1.0
+            rec = None if self.memory is not None else self.zero_shot_calibration(cls_name)
+            thr = rec.get("pixel_threshold") if rec else None
+            return (0.0, 2.0 * float(thr)) if thr and thr > 0 else (0.0, 1.0)
         cal = self.memory.meta(cls_name).calibration
         thr = cal.get("pixel_threshold")
         hi = 2.0 * float(thr) if thr else float(cal.get("pixel_mean", 0.0)) + 6.0 * float(

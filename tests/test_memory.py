@@ -222,6 +222,42 @@ def test_crop_protocol_evaluates_maps_and_masks_on_the_centre_crop(tmp_path, dat
     assert rc == 2 and "--protocol crop" in _one_line(capsys)
 
 
+def test_calib_dir_gives_filo_alone_verdicts_without_a_bank(tmp_path, data, tiny_filo_ckpt,
+                                                          synthetic_prompts, capsys,
+                                                          monkeypatch):
+    """--calib_dir of normal images, no memory bank: the image threshold is the 0.99 quantile of
+    FiLo's scores of those images (recomputed here from a plain predict run), the pixel threshold
+    the 0.999 quantile of their maps; a second run reads the cached record."""
+    from filo.predict import main as predict_main
+
+    monkeypatch.setenv("FILO_CACHE_DIR", str(tmp_path / "cache"))
+    normals = sorted((data / "tex_a" / "train" / "good").glob("*.png"))  # the 6 of --calib_dir
+    common = ["--class", "tex_a", "--ckpt_path", str(tiny_filo_ckpt[0]), "--prompts",
+              str(synthetic_prompts), "--image_size", "32", "--num_workers", "0"]
+    assert _cli(predict_main, ["--images", *map(str, normals), *common, "--out",
+                               str(tmp_path / "plain")]) == 0, capsys.readouterr().err
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())["images"]
+    assert all("verdict" not in r for r in plain)
+    want = np.quantile([r["image_score"] for r in plain], 0.99)
+    maps = np.stack([np.load(r["map"]) for r in plain])
+    want_px = np.quantile(maps.astype(np.float64), 0.999)
+    images = sorted((data / "tex_a" / "test").rglob("*.png"))
+    for run in ("first", "cached"):
+        out = tmp_path / run
+        rc = _cli(predict_main, ["--images", *map(str, images), *common, "--calib_dir",
+                                 str(data / "tex_a" / "train" / "good"), "--out", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        for rec in json.loads((out / "summary.json").read_text())["images"]:
+            assert rec["image_threshold"] == pytest.approx(want, rel=1e-5)
+            assert rec["threshold"] == pytest.approx(want_px, rel=1e-5)  # the mask's
+            assert rec["verdict"] == ("anomalous" if rec["image_score"] >= rec["image_threshold"]
+                                      else "normal")
+            assert "mask" in rec
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.json"))) == 1
+    rec = json.loads(next((tmp_path / "cache" / "calibration").glob("*.json")).read_text())
+    assert rec["n_images"] == 6 and rec["image_std"] > 0
+
+
 def test_predict_gives_calibrated_verdicts_and_masks(tmp_path, data, banks, tiny_filo_ckpt,
                                                      synthetic_prompts, capsys):
     from filo.memory.bank import load_bank

@@ -82,25 +82,12 @@ def choose_images(samples: Sequence[Sample], cfg: MemoryConfig, cls_name: str
 
 
 def calibration_images(calib_dir: Path, cls_name: str, n_classes: int = 1) -> list[Sample]:
-    """The normal images of ``--calib_dir`` for ``cls_name``: ``calib_dir/<class>/`` when that
-    folder exists, else ``calib_dir`` itself when one class is built (recursive, sorted)."""
-    from filo.calibration import MIN_CALIBRATION_IMAGES
-    from filo.data.layouts import IMAGE_EXTENSIONS
+    """The normal images of ``--calib_dir`` for ``cls_name``
+    (:func:`filo.calibration.calibration_files`) as samples with absolute paths."""
+    from filo.calibration import calibration_files
 
-    root = Path(calib_dir)
-    folder = root / cls_name if (root / cls_name).is_dir() else root
-    if not root.is_dir():
-        raise FiloError(f"--calib_dir {root} is not a folder of normal images")
-    if folder == root and n_classes > 1:
-        raise FiloError(f"--calib_dir {root} has no folder {cls_name}/: with several classes give "
-                        f"one sub-folder of normal images per class")
-    files = sorted(p for p in folder.rglob("*") if p.is_file()
-                   and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if len(files) < MIN_CALIBRATION_IMAGES:
-        raise FiloError(f"--calib_dir {folder} holds {len(files)} image(s) for class {cls_name}; "
-                        f"a calibration needs at least {MIN_CALIBRATION_IMAGES} (or leave "
-                        f"--calib_dir out: leave-one-out over the train images)")
-    return [Sample(str(p.resolve()), "", cls_name, "good", 0) for p in files]
+    return [Sample(str(p), "", cls_name, "good", 0)
+            for p in calibration_files(calib_dir, cls_name, n_classes)]
 
 
 def weights_checksum(path: Path | None) -> str | None:
