@@ -15,6 +15,7 @@ second per call; the result is cached per (seed, arch, D, N).
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -47,9 +48,8 @@ def original_draws(seed: int, n: int, d: int, proj_dim: int = 128, n_starts: int
     if d != proj_dim:
         gen = torch.Generator()
         gen.set_state(_projection_state(seed, arch))
-        from filo.memory.patchcore import projection_matrix
-
-        weight = projection_matrix(d, proj_dim, gen)  # = nn.Linear(d, proj_dim).weight's init
+        weight = torch.empty(proj_dim, d)  # nn.Linear(d, proj_dim)'s default weight init
+        torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=gen)
     # np.random.choice(n, k, replace=False) of a freshly seeded legacy generator
     starts = np.random.RandomState(int(seed)).permutation(n)[: min(n_starts, n)]
     return weight, torch.from_numpy(starts.astype(np.int64))
