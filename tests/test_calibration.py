@@ -123,6 +123,47 @@ def test_a_four_image_class_keeps_every_patch_and_calibrates_with_spread(tmp_pat
     assert cal["image_std"] == pytest.approx(np.std(want), rel=1e-5)
 
 
+def test_calib_dir_images_are_scored_against_the_whole_bank(tmp_path):
+    from PIL import Image
+
+    from filo.errors import FiloError
+    from filo.memory.build import build_class_bank
+
+    rng = np.random.default_rng(1)
+    samples = _samples(3)
+    for s in samples:
+        (tmp_path / s.img_path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (2, 2, 3), dtype=np.uint8)).save(tmp_path / s.img_path)
+    cal_dir = tmp_path / "normal" / "c"
+    cal_dir.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (2, 2, 3), dtype=np.uint8)).save(cal_dir / f"{i}.png")
+
+    class PixelEmbedder:
+        device = torch.device("cpu")
+
+        def preprocess(self, img):
+            return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+
+        def embed(self, x):
+            return x.permute(0, 2, 3, 1).reshape(-1, 3), (2, 2)
+
+    cfg = MemoryConfig(coreset=1.0, imagesize=2, nn_backend="torch",
+                       calib_dir=tmp_path / "normal")
+    with pytest.raises(FiloError, match="holds 2 image"):  # fewer than 3: one clear line
+        build_class_bank(tmp_path, "c", samples, cfg, PixelEmbedder())
+    Image.fromarray(rng.integers(0, 255, (2, 2, 3), dtype=np.uint8)).save(cal_dir / "2.png")
+    bank, meta = build_class_bank(tmp_path, "c", samples, cfg, PixelEmbedder())
+    assert bank.shape == (3 * 4, 3) and meta["n_images"] == 3  # every train image in the bank
+    cal = meta["calibration"]
+    assert cal["n_images"] == 3 and "--calib_dir" in cal["method"]
+    bank64 = bank.astype(np.float64)
+    for f, got in zip(sorted(cal_dir.glob("*.png")), cal["image_scores"], strict=True):
+        q = np.asarray(Image.open(f), np.float64).reshape(-1, 3) / 255
+        assert got == pytest.approx(((q[:, None] - bank64[None]) ** 2).sum(-1).min(1).max(),
+                                    rel=1e-5)
+
+
 def test_original_draws_replay_the_original_runs_random_numbers(monkeypatch):
     """The original's steps written out: seed everything, build the backbone, iterate a data
     loader once, create nn.Linear(D, 128, bias=False), np.random.choice the start points. (A

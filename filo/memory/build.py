@@ -392,6 +392,8 @@ def build_banks(root: Path, split: dict[str, list[Sample]], cfg: MemoryConfig, o
     configs = {c: preset.config_for(cfg, c) if preset is not None else cfg for c in split}
     for cls_name, samples in split.items():  # every class's image choice, before any work
         choose_images(samples, configs[cls_name], cls_name)
+        if configs[cls_name].calib_dir is not None and configs[cls_name].shots is None:
+            calibration_images(configs[cls_name].calib_dir, cls_name, len(split))
     embedders = EmbedderCache(ckpt_path=ckpt_path, device=resolve_device(device), filo=filo)
     built = []
     # under torchrun each process builds whole classes (features, coreset, calibration): every
