@@ -107,7 +107,7 @@ class PatchEmbedder:
                  device: torch.device | str = "cpu", filo_model=None,
                  quirk_size: int | None = None) -> None:
         """``quirk_size``: input size of the BatchNorm probe (default ``cfg.imagesize``, as the
-        original; banks of filo before 0.x recorded none and used 224)."""
+        original; banks that recorded no probe size were probed at 224)."""
         from filo.memory.features import (
             WIDE_RESNET_LAYERS,
             ClipTowerFeatures,
