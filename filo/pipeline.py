@@ -113,6 +113,12 @@ class PipelineConfig:
         choices=FUSIONS, default_help="memory without --ckpt_path, else mean")
     fusion_weight: float = setting(0.5, "--fusion mean: weight of the memory bank (FiLo gets "
                                    "1 - weight)", check=in_range(0.0, 1.0))
+    calib_dir: Path | None = setting(
+        None, "folder of normal images (one sub-folder per class, or the images of the one "
+        "class predicted) that calibrates runs without a memory bank: FiLo alone or the "
+        "detector alone get an image threshold (0.99 quantile of their scores), a pixel "
+        "threshold (0.999 quantile) and a map range (docs/design.md section 13.2)",
+        default_help="leave-one-out")
     device: str | None = setting(None, "cpu, cuda or cuda:N", default_help="cuda if available")
     bert_dir: Path | None = setting(None, "local bert-base-uncased tokenizer directory",
                                     default_help="$FILO_BERT_LOCAL or third_party/")
@@ -244,6 +250,7 @@ class Pipeline:
         self.model = model
         self.detector = detector
         self.memory = memory  # filo.memory.scorer.MemoryScorer
+        self._zero_shot: dict[str, dict] = {}  # class -> --calib_dir record
         if model is not None:
             self.image_size = int(model.config.image_size)
         else:
@@ -283,25 +290,29 @@ class Pipeline:
     def fused_scores(self, cls_name: str, filo_scores, memory_scores) -> np.ndarray:
         """Image scores of the fused modes from FiLo's and the memory bank's raw scores (the
         same formula as :meth:`_fuse_memory`; used for calibrated fused thresholds)."""
+        from filo.calibration import squash, zscore
+
         cal = self.memory.meta(cls_name).calibration
-        f_cal = cal["filo"]
-        zf = (np.asarray(filo_scores, dtype=np.float64) - f_cal["image_mean"]) / max(
-            f_cal["image_std"], 1e-12)
-        zm = (np.asarray(memory_scores, dtype=np.float64) - cal["image_mean"]) / max(
-            cal["image_std"], 1e-12)
+        zf = zscore(filo_scores, cal["filo"], "image")
+        zm = zscore(memory_scores, cal, "image")
         w = self.config.fusion_weight
         z = (1 - w) * zf + w * zm if self.config.fusion_mode == "mean" else np.maximum(zf, zm)
-        return 1.0 / (1.0 + np.exp(-z))
+        return squash(z)
 
     def calibration(self, cls_name: str) -> dict | None:
         """Calibrated thresholds of ``cls_name`` from its memory bank: ``image_threshold`` and
         ``pixel_threshold`` (None for the fused modes: no pixel threshold is calibrated).
 
         With ``--fusion memory`` the bank's own; with ``mean`` / ``max`` the image threshold is
-        the same quantile of the calibration images' fused scores. None without a bank, without
-        calibration images, or with ``--fusion filo``."""
+        the same quantile of the calibration images' fused scores. Without a bank (or with
+        ``--fusion filo``): the :meth:`zero_shot_calibration` of ``--calib_dir``; None without
+        one, or without calibration images."""
         if self.memory is None or self.config.fusion_mode == "filo":
-            return None
+            rec = self.zero_shot_calibration(cls_name)
+            if rec is None:
+                return None
+            return {"image_threshold": float(rec["image_threshold"]),
+                    "pixel_threshold": rec.get("pixel_threshold")}
         cal = self.memory.meta(cls_name).calibration
         if "image_threshold" not in cal:
             return None
@@ -316,6 +327,49 @@ class Pipeline:
         return {"image_threshold": float(np.quantile(fused, cal["image_quantile"])),
                 "pixel_threshold": None}
 
+    def zero_shot_calibration(self, cls_name: str) -> dict | None:
+        """The calibration record of ``cls_name`` from the normal images of ``--calib_dir``,
+        scored by this pipeline (FiLo and/or the detector, no memory bank): quantile thresholds
+        and normal statistics (:mod:`filo.calibration`), computed once and cached by the
+        settings and the images (None without ``--calib_dir``)."""
+        if self.config.calib_dir is None:
+            return None
+        if cls_name in self._zero_shot:
+            return self._zero_shot[cls_name]
+        from filo.calibration import (
+            IMAGE_QUANTILE,
+            PIXEL_QUANTILE,
+            calibration_files,
+            image_statistics,
+            pixel_statistics,
+            read_record,
+            record_key,
+            write_record,
+        )
+        from filo.data.dataset import collate, image_inputs
+        from filo.data.transforms import decode_image
+
+        files = calibration_files(self.config.calib_dir, cls_name)
+        key = record_key({**self.config.cache_key(), "class": cls_name,
+                          "quantiles": [IMAGE_QUANTILE, PIXEL_QUANTILE]}, files)
+        rec = read_record(key)
+        if rec is None:
+            maps, scores = [], []
+            for start in range(0, len(files), 8):
+                items = [image_inputs(decode_image(f), cls_name, self.image_size,
+                                      with_detector_input=self.needs_detector_input)
+                         for f in files[start:start + 8]]
+                for pred in self.predict(collate(items)):
+                    maps.append(pred.anomaly_map)
+                    scores.append(pred.image_score)
+            rec = image_statistics(scores, IMAGE_QUANTILE, cls_name)
+            rec.update(pixel_statistics(np.stack(maps), PIXEL_QUANTILE, cls_name, len(scores)))
+            rec.update(method=f"--calib_dir {self.config.calib_dir}",
+                       images=[str(f) for f in files])
+            write_record(key, rec)
+        self._zero_shot[cls_name] = rec
+        return rec
+
     @property
     def raw_memory_maps(self) -> bool:
         """Maps are PatchCore's raw distances (a memory bank alone), not values in [0, 1]."""
@@ -323,10 +377,13 @@ class Pipeline:
 
     def map_range(self, cls_name: str) -> tuple[float, float]:
         """The colour scale of ``cls_name``'s maps: (0, 1) for FiLo, fused and box maps (they
-        are in [0, 1]); for raw memory-bank distances (0, 2 x the calibrated pixel threshold),
-        so the threshold sits in the middle of the bar (mean + 6 std without a threshold)."""
+        are in [0, 1]); for raw memory-bank distances, and for FiLo / box maps calibrated with
+        ``--calib_dir``, (0, 2 x the calibrated pixel threshold), so the threshold sits in the
+        middle of the bar (mean + 6 std without a threshold)."""
         if not self.raw_memory_maps:
-            return 0.0, 1.0
+            rec = None if self.memory is not None else self.zero_shot_calibration(cls_name)
+            thr = rec.get("pixel_threshold") if rec else None
+            return (0.0, 2.0 * float(thr)) if thr and thr > 0 else (0.0, 1.0)
         cal = self.memory.meta(cls_name).calibration
         thr = cal.get("pixel_threshold")
         hi = 2.0 * float(thr) if thr else float(cal.get("pixel_mean", 0.0)) + 6.0 * float(
@@ -336,26 +393,27 @@ class Pipeline:
     def _fuse_memory(self, batch: ImageBatch, classes: list[str], filo_maps: np.ndarray,
                      filo_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """FiLo and memory maps / scores, each normalised by its normal-image statistics (the
-        bank's calibration), combined by mean or max, then squashed to (0, 1) by a logistic
-        (monotonic: rankings and metrics are those of the combined z-scores)."""
+        bank's calibration, standard deviations floored), combined by mean or max, then squashed
+        to (0, 1) by :func:`filo.calibration.squash` (monotonic and never saturating: rankings
+        and metrics are those of the combined z-scores; docs/design.md section 13.2)."""
         mem_maps, mem_scores = self.memory.score(batch.mem_images, classes, batch.orig_sizes,
                                                  self.image_size)
+        from filo.calibration import squash, zscore
+
         w = self.config.fusion_weight
         maps = np.empty_like(filo_maps)
         scores = np.empty(len(classes), dtype=np.float64)
         for i, c in enumerate(classes):
             cal = self.memory.meta(c).calibration
             f_cal = cal["filo"]
-            z = [((filo_maps[i] - f_cal["pixel_mean"]) / max(f_cal["pixel_std"], 1e-12),
-                  (filo_scores[i] - f_cal["image_mean"]) / max(f_cal["image_std"], 1e-12)),
-                 ((mem_maps[i] - cal["pixel_mean"]) / max(cal["pixel_std"], 1e-12),
-                  (mem_scores[i] - cal["image_mean"]) / max(cal["image_std"], 1e-12))]
+            zf_map, zm_map = zscore(filo_maps[i], f_cal, "pixel"), zscore(mem_maps[i], cal, "pixel")
+            zf, zm = zscore(filo_scores[i], f_cal, "image"), zscore(mem_scores[i], cal, "image")
             if self.config.fusion_mode == "mean":
-                zm, zs = (1 - w) * z[0][0] + w * z[1][0], (1 - w) * z[0][1] + w * z[1][1]
+                z_map, z = (1 - w) * zf_map + w * zm_map, (1 - w) * zf + w * zm
             else:
-                zm, zs = np.maximum(z[0][0], z[1][0]), max(z[0][1], z[1][1])
-            maps[i] = 1.0 / (1.0 + np.exp(-zm))
-            scores[i] = 1.0 / (1.0 + np.exp(-zs))
+                z_map, z = np.maximum(zf_map, zm_map), np.maximum(zf, zm)
+            maps[i] = squash(z_map)
+            scores[i] = float(squash(z))
         return maps.astype(np.float32), scores
 
     def _filo(self, images: torch.Tensor, classes: list[str], positions: list[str | None]):
@@ -368,8 +426,19 @@ class Pipeline:
         return _concat_outputs(outs)
 
     @torch.inference_mode()
-    def predict(self, batch: ImageBatch) -> list[ImagePrediction]:
+    def predict(self, batch: ImageBatch, memory_geometry: str = "image"
+                ) -> list[ImagePrediction]:
+        """Predictions of a batch. ``memory_geometry="crop"`` (a memory bank alone, test.py
+        ``--protocol crop``): the raw maps on each bank's input (its centre crop at its
+        imagesize) instead of the ``S x S`` whole-image map."""
         classes = list(batch.cls_names)
+        if memory_geometry == "crop":
+            if self.memory is None or self.model is not None or self.detector is not None:
+                raise FiloError("maps on the centre crop need a memory bank alone (--fusion "
+                                "memory, no box step)")
+            maps_crop, scores_crop = self.memory.score_on_input(batch.mem_images, classes)
+            return [ImagePrediction(maps_crop[i], float(scores_crop[i]), None)
+                    for i in range(len(classes))]
         size = self.image_size
         boxes: list[BoxStepResult] | None = None
         if self.detector is not None:

@@ -53,7 +53,7 @@ def _build(tmp_path, data, ckpt, prompts, *extra, out=None) -> tuple[int, Path]:
 @pytest.fixture(scope="module")
 def banks(tmp_path_factory, data, tiny_filo_ckpt, synthetic_prompts):
     tmp = tmp_path_factory.mktemp("banks")
-    rc, out = _build(tmp, data, tiny_filo_ckpt[0], synthetic_prompts, "--calib_fraction", "0.34")
+    rc, out = _build(tmp, data, tiny_filo_ckpt[0], synthetic_prompts, "--calib_fraction", "0.5")
     assert rc == 0
     return out
 
@@ -65,16 +65,16 @@ def test_build_writes_one_calibrated_bank_per_class_and_resumes(banks, data, tin
 
     for cls in CLASSES:
         bank, meta = load_bank(banks, cls)
-        assert meta.backbone == "clip" and meta.n_images == 4  # 6 normals, 2 held out
-        assert bank.shape == (meta.n_patches, 1024) and meta.n_patches == int(4 * 16 * 0.1)
+        assert meta.backbone == "clip" and meta.n_images == 3  # 6 normals, 3 held out
+        assert bank.shape == (meta.n_patches, 1024) and meta.n_patches == int(3 * 16 * 0.1)
         cal = meta.calibration
-        assert cal["n_images"] == 2 and len(cal["images"]) == 2
+        assert cal["n_images"] == 3 and len(cal["images"]) == 3
         assert not set(cal["images"]) & set(meta.image_paths)  # held out of the bank
         assert cal["image_threshold"] >= cal["image_mean"] > 0
         assert {"pixel_mean", "pixel_std", "image_mean", "image_std"} <= set(cal["filo"])
     # a second build with the same settings keeps every bank (resume)
     rc, _ = _build(tmp_path, data, tiny_filo_ckpt[0], synthetic_prompts, "--calib_fraction",
-                   "0.34", out=banks)
+                   "0.5", out=banks)
     assert rc == 0 and capsys.readouterr().out.count("kept") == 2
 
 
@@ -163,8 +163,8 @@ def test_mean_and_max_fusion_follow_the_documented_formula(tmp_path, data, banks
     def z(v, mean, std):
         return (v - mean) / std
 
-    def sig(v):
-        return 1 / (1 + np.exp(-v))
+    def sig(v):  # docs/design.md 13.2: 1/2 + z / (2 (1 + |z|))
+        return 0.5 + 0.5 * v / (1 + np.abs(v))
 
     for rel, f_map in runs["filo"][0].items():
         cal = load_bank(banks, rel.split("/")[0])[1].calibration
@@ -178,6 +178,84 @@ def test_mean_and_max_fusion_follow_the_documented_formula(tmp_path, data, banks
         sf = z(runs["filo"][1][key], fc["image_mean"], fc["image_std"])
         sm = z(runs["memory"][1][key], cal["image_mean"], cal["image_std"])
         assert runs["mean"][1][key] == pytest.approx(sig(0.7 * sf + 0.3 * sm), abs=1e-6)
+    for mode in ("mean", "max"):  # spread scores, not saturated 0 / 1
+        assert len(set(runs[mode][1].values())) > 2
+        assert all(0 < v < 1 for v in runs[mode][1].values())
+
+
+def test_crop_protocol_evaluates_maps_and_masks_on_the_centre_crop(tmp_path, data, banks,
+                                                                   tiny_filo_ckpt, capsys):
+    """--protocol crop: maps at the bank's 32 x 32 crop (not the run's 48 x 48), and the metrics
+    are those of masks resized to 40 (PIL bilinear), centre-cropped to 32 and defective only
+    where exactly 255 -- computed here with PIL and scikit-learn."""
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    from filo.data.layouts import load_split
+
+    rc = _test_py(data, tmp_path / "crop", "--image_size", "48", "--memory_bank", str(banks),
+                  "--ckpt_path", str(tiny_filo_ckpt[0]), "--fusion", "memory",
+                  "--protocol", "crop")
+    assert rc == 0, capsys.readouterr().err
+    maps, scores = _maps(tmp_path / "crop" / "maps"), _scores(tmp_path / "crop" / "maps")
+    assert all(m.shape == (32, 32) for m in maps.values())
+    res = json.loads((tmp_path / "crop" / "results.json").read_text())["classes"]
+    for cls, samples in load_split(data, "mvtec", "test").items():
+        gts, px, labels, img = [], [], [], []
+        for s in samples:
+            if s.mask_path:
+                m = Image.open(data / s.mask_path).convert("L").resize((40, 40),
+                                                                       Image.Resampling.BILINEAR)
+                gts.append(np.asarray(m)[4:36, 4:36] == 255)
+            else:
+                gts.append(np.zeros((32, 32), dtype=bool))
+            px.append(maps[s.img_path[:-4] + ".npy"])
+            labels.append(s.anomaly)
+            img.append(scores[s.img_path])
+        want_px = 100 * roc_auc_score(np.concatenate([g.ravel() for g in gts]),
+                                      np.concatenate([p.ravel() for p in px]))
+        assert res[cls]["auroc_px"] == pytest.approx(want_px, abs=1e-3)
+        assert res[cls]["auroc_sp"] == pytest.approx(100 * roc_auc_score(labels, img), abs=1e-3)
+    # a FiLo or fused run cannot use it
+    rc = _test_py(data, tmp_path / "bad", "--memory_bank", str(banks), "--ckpt_path",
+                  str(tiny_filo_ckpt[0]), "--fusion", "mean", "--protocol", "crop")
+    assert rc == 2 and "--protocol crop" in _one_line(capsys)
+
+
+def test_calib_dir_gives_filo_alone_verdicts_without_a_bank(tmp_path, data, tiny_filo_ckpt,
+                                                          synthetic_prompts, capsys,
+                                                          monkeypatch):
+    """--calib_dir of normal images, no memory bank: the image threshold is the 0.99 quantile of
+    FiLo's scores of those images (recomputed here from a plain predict run), the pixel threshold
+    the 0.999 quantile of their maps; a second run reads the cached record."""
+    from filo.predict import main as predict_main
+
+    monkeypatch.setenv("FILO_CACHE_DIR", str(tmp_path / "cache"))
+    normals = sorted((data / "tex_a" / "train" / "good").glob("*.png"))  # the 6 of --calib_dir
+    common = ["--class", "tex_a", "--ckpt_path", str(tiny_filo_ckpt[0]), "--prompts",
+              str(synthetic_prompts), "--image_size", "32", "--num_workers", "0"]
+    assert _cli(predict_main, ["--images", *map(str, normals), *common, "--out",
+                               str(tmp_path / "plain")]) == 0, capsys.readouterr().err
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())["images"]
+    assert all("verdict" not in r for r in plain)
+    want = np.quantile([r["image_score"] for r in plain], 0.99)
+    maps = np.stack([np.load(r["map"]) for r in plain])
+    want_px = np.quantile(maps.astype(np.float64), 0.999)
+    images = sorted((data / "tex_a" / "test").rglob("*.png"))
+    for run in ("first", "cached"):
+        out = tmp_path / run
+        rc = _cli(predict_main, ["--images", *map(str, images), *common, "--calib_dir",
+                                 str(data / "tex_a" / "train" / "good"), "--out", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        for rec in json.loads((out / "summary.json").read_text())["images"]:
+            assert rec["image_threshold"] == pytest.approx(want, rel=1e-5)
+            assert rec["threshold"] == pytest.approx(want_px, rel=1e-5)  # the mask's
+            assert rec["verdict"] == ("anomalous" if rec["image_score"] >= rec["image_threshold"]
+                                      else "normal")
+            assert "mask" in rec
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.json"))) == 1
+    rec = json.loads(next((tmp_path / "cache" / "calibration").glob("*.json")).read_text())
+    assert rec["n_images"] == 6 and rec["image_std"] > 0
 
 
 def test_predict_gives_calibrated_verdicts_and_masks(tmp_path, data, banks, tiny_filo_ckpt,
@@ -368,7 +446,8 @@ def test_fused_verdicts_use_the_calibration_images_fused_scores(tmp_path, data, 
     fc = cal["filo"]
     zf = (np.array(fc["image_scores"]) - fc["image_mean"]) / fc["image_std"]
     zm = (np.array(cal["image_scores"]) - cal["image_mean"]) / cal["image_std"]
-    want = np.quantile(1 / (1 + np.exp(-np.maximum(zf, zm))), cal["image_quantile"])
+    zmax = np.maximum(zf, zm)
+    want = np.quantile(0.5 + 0.5 * zmax / (1 + np.abs(zmax)), cal["image_quantile"])
     for rec in json.loads((out / "summary.json").read_text())["images"]:
         assert rec["image_threshold"] == pytest.approx(want, rel=1e-9)
         assert rec["verdict"] == ("anomalous" if rec["image_score"] >= want else "normal")

@@ -12,14 +12,14 @@ from filo.settings import add_args
 # pipeline flags, grouped for --help (every CLI takes the groups or subsets it needs)
 FILO_FLAGS = ("ckpt_path", "prompts", "image_size", "device", "position", "score_mode",
               "clip_act", "autocast", "kernels", "exact", "legacy_macaroni", "memory_bank",
-              "fusion", "fusion_weight")
+              "fusion", "fusion_weight", "calib_dir")
 DETECTOR_FLAGS = ("grounded_checkpoint", "no_grounding", "box_threshold", "text_threshold",
                   "area_threshold", "outside_box_factor", "bert_dir", "legacy_phrase_case",
                   "legacy_text_threshold", "legacy_grid", "legacy_box_slices")
 DATA_FLAGS = ("dataset", "data_path", "classes", "batch_size", "num_workers",
               "allow_outside_root", "realiad_split")
 OUTPUT_FLAGS = ("save_path", "save_maps", "save_boxes", "coco_eval", "viz_dir", "viz_limit",
-                "viz_only_errors", "viz_lift_boxes", "from_cache")
+                "viz_only_errors", "viz_lift_boxes", "from_cache", "protocol")
 
 
 def add_pipeline_args(parser: argparse.ArgumentParser, filo: tuple[str, ...] = FILO_FLAGS,

@@ -5,8 +5,9 @@
         --ckpt_path ckpt/filo_train_on_mvtec.pth --out outputs/banks/visa_4shot
 
 Defaults are the PatchCore paper's run (WideResNet-50-2 from --weights, layers 2+3, resize 256,
-crop 224, coreset 10 %). Banks are resumable per class; each bank records its settings and
-calibrated normal/anomalous thresholds. Use them with ``test.py --memory_bank DIR`` and
+crop 224, coreset 10 % with the original's random numbers, every train image in the bank;
+calibration leave-one-out or --calib_dir). Banks are resumable per class; each bank records its
+settings and calibrated normal/anomalous thresholds. Use them with ``test.py --memory_bank DIR`` and
 ``python -m filo.predict --memory_bank DIR``.
 """
 

@@ -47,7 +47,8 @@ class EvalDataset(Dataset):
                  image_size: int = DEFAULT_IMAGE_SIZE, with_detector_input: bool = False,
                  detector_short_side: int = DETECTOR_SHORT_SIDE,
                  detector_max_size: int | None = DETECTOR_MAX_SIZE,
-                 memory_transform=None, allow_missing_masks: bool = False) -> None:
+                 memory_transform=None, allow_missing_masks: bool = False,
+                 mask_transform=None) -> None:
         self.samples = list(samples)
         self.root = Path(root)
         self.image_size = int(image_size)
@@ -57,6 +58,9 @@ class EvalDataset(Dataset):
         self.memory_transform = memory_transform  # (PIL image, class) -> memory-bank input
         # True: an anomalous image without a mask gets an empty mask (image-level metrics only)
         self.allow_missing_masks = bool(allow_missing_masks)
+        # (bool mask [H, W] or None for no defect, class) -> ground truth in another geometry
+        # (the memory bank's centre crop of --protocol crop); default: mask_tensor at the size
+        self.mask_transform = mask_transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -70,7 +74,11 @@ class EvalDataset(Dataset):
             if not s.mask_path:
                 raise FiloError(f"anomalous image {img_file} has no mask_path; add its mask and "
                                 f"rebuild meta.json (`python -m filo.data build-meta`)")
-            mask = mask_tensor(load_mask(self.root / s.mask_path, img.size, img_file), size)
+            raw = load_mask(self.root / s.mask_path, img.size, img_file)
+            mask = (mask_tensor(raw, size) if self.mask_transform is None
+                    else self.mask_transform(raw, s.cls_name))
+        elif self.mask_transform is not None:
+            mask = self.mask_transform(None, s.cls_name)
         else:
             mask = torch.zeros((size, size), dtype=torch.bool)
         item = image_inputs(img, s.cls_name, size, with_detector_input=self.with_detector_input,
@@ -104,7 +112,9 @@ class ImageBatch:
     """A batch of :class:`EvalDataset` items, typed (what the pipeline and the runner read)."""
 
     images: torch.Tensor  # [B, 3, S, S] CLIP input
-    masks: torch.Tensor  # [B, S, S] bool ground truth (all False for normal images)
+    # [B, S, S] bool ground truth (all False for normal images); a list when a mask_transform
+    # gives classes other sizes
+    masks: torch.Tensor | list[torch.Tensor]
     labels: torch.Tensor  # [B] long, 0 normal / 1 anomalous
     cls_names: list[str]
     specie_names: list[str]
@@ -130,8 +140,8 @@ def collate(items: Sequence[dict[str, Any]]) -> ImageBatch:
     size = items[0]["image"].shape[-2:]
     return ImageBatch(
         images=torch.stack([it["image"] for it in items]),
-        masks=torch.stack([it["mask"] if "mask" in it else torch.zeros(size, dtype=torch.bool)
-                           for it in items]),
+        masks=_stack_if_same([it["mask"] if "mask" in it else torch.zeros(size, dtype=torch.bool)
+                              for it in items]),
         labels=torch.tensor([int(it.get("label", 0)) for it in items], dtype=torch.long),
         cls_names=[it["cls_name"] for it in items],
         specie_names=[it.get("specie_name", "") for it in items],

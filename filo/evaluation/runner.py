@@ -61,6 +61,9 @@ DATA_ENV = {"mvtec": "MVTEC_ROOT", "visa": "VISA_ROOT", "mpdd": "MPDD_ROOT",
             "btad": "BTAD_ROOT", "mvtec_ad2": "MVTEC_AD2_ROOT", "realiad": "REALIAD_ROOT"}
 
 
+PROTOCOLS = ("image", "crop")
+
+
 @dataclass
 class RunConfig:
     """Which images a run evaluates and what it writes (the pipeline settings are apart)."""
@@ -106,6 +109,12 @@ class RunConfig:
         "(realiad_jsons_sv, realiad_jsons_fuiad_0.2, ...) or one multi-class JSON file; "
         "relative to --data_path or its realiad_jsons/, or absolute",
         default_help="the multi-view realiad_jsons")
+
+    protocol: str = setting(
+        "image", "map geometry of the metrics: image (maps and masks over the whole image) or "
+        "crop (the PatchCore paper's protocol, memory bank alone: maps and masks on the bank's "
+        "centre crop at its --imagesize, masks defective only where they stay 255 after "
+        "resizing)", choices=PROTOCOLS)
 
     def class_list(self) -> list[str] | None:
         if not self.classes:
@@ -189,6 +198,9 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
     if not split:
         raise FiloError(f"no test images under {run.data_path} ({run.dataset} layout)")
     samples = [s for group in split.values() for s in group]
+    if run.protocol == "crop" and pipeline.fusion_mode != "memory":
+        raise FiloError("--protocol crop evaluates a memory bank alone on its centre crop: give "
+                        "--memory_bank with --fusion memory (no FiLo or fused maps)")
     prompts = None
     if not run.from_cache and pipeline_factory is None:
         from filo.pipeline import load_pipeline_prompts
@@ -287,6 +299,8 @@ def coco_eval_classes(run: RunConfig, pipeline: PipelineConfig,
 def cache_key(run: RunConfig, pipeline: PipelineConfig) -> dict[str, Any]:
     """The prediction cache's settings key: the pipeline's plus the dataset root."""
     key = {**pipeline.cache_key(), "data_root": str(Path(run.data_path).resolve())}
+    if run.protocol != "image":  # other maps and masks
+        key["protocol"] = run.protocol
     if run.realiad_split is not None:  # a variant may label an image differently
         key["realiad_split"] = str(run.realiad_split)
     return key
@@ -294,10 +308,12 @@ def cache_key(run: RunConfig, pipeline: PipelineConfig) -> dict[str, Any]:
 
 def _predict_missing(run: RunConfig, todo: Sequence[Sample], cache: PredictionCache,
                      model: Pipeline, sources: dict[str, dict[str, Any]]) -> None:
+    crop = run.protocol == "crop"
     dataset = EvalDataset(todo, run.data_path, model.image_size,
                           with_detector_input=model.needs_detector_input,
                           memory_transform=getattr(model, "memory_transform", None),
-                          allow_missing_masks=True)
+                          allow_missing_masks=True,
+                          mask_transform=model.memory.mask_transform() if crop else None)
     loader = DataLoader(dataset, batch_size=run.batch_size, shuffle=False,
                         num_workers=run.num_workers, collate_fn=collate, persistent_workers=False)
     bar = tqdm(total=len(todo), unit="img", desc="predict", dynamic_ncols=True,
@@ -305,12 +321,15 @@ def _predict_missing(run: RunConfig, todo: Sequence[Sample], cache: PredictionCa
     batches = iter(loader)
     try:
         for batch in batches:
-            for i, pred in enumerate(model.predict(batch)):
+            preds = model.predict(batch, memory_geometry="crop") if crop else model.predict(
+                batch)
+            for i, pred in enumerate(preds):
                 extras = {"detections": pred.detection} if pred.detection is not None else {}
                 cache.put(Prediction(
                     img_path=batch.img_paths[i], cls_name=batch.cls_names[i],
                     label=int(batch.labels[i]), image_score=pred.image_score,
-                    anomaly_map=pred.anomaly_map, mask=batch.masks[i].numpy(), extras=extras,
+                    anomaly_map=pred.anomaly_map, mask=np.asarray(batch.masks[i]),
+                    extras=extras,
                     source=sources.get(batch.img_paths[i])))
             bar.update(len(batch))
     finally:

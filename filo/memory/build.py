@@ -3,8 +3,11 @@
 Per class (docs/design.md section 13):
 
 1. the normal train images (``--shots K``: K of them, chosen with the seed);
-2. calibration images: full-shot, a seeded ``--calib_fraction`` held out of the bank; k-shot,
-   leave-one-out (each shot scored against a bank of the other shots);
+2. calibration images (docs/design.md section 13.2): by default every train image is in the bank
+   (the paper's run) and each is scored leave-one-out, against the bank without the rows of its
+   own patches; ``--calib_dir``: other normal images scored against the whole bank;
+   ``--calib_fraction F``: a seeded fraction held out of the bank, when that is at least 3
+   images (else leave-one-out);
 3. patch features of the bank images (backbone -> 3x3 neighbourhoods -> pooled, fused), the
    approximate greedy coreset, saved with its settings (``bank.npy`` + ``meta.json``);
 4. calibration: image and pixel scores of the calibration images give the thresholds
@@ -44,7 +47,16 @@ def class_rng(seed: int, cls_name: str) -> np.random.Generator:
 
 def choose_images(samples: Sequence[Sample], cfg: MemoryConfig, cls_name: str
                   ) -> tuple[list[Sample], list[Sample] | None]:
-    """(bank images, calibration images or None for leave-one-out) of one class."""
+    """(bank images, calibration images or None for leave-one-out) of one class.
+
+    k-shot: K seeded images, leave-one-out. Full-shot: every normal train image in the bank and
+    leave-one-out, or with ``--calib_fraction F`` a seeded ``round(F * N)`` of them held out --
+    unless that is fewer than :data:`~filo.calibration.MIN_CALIBRATION_IMAGES`, which would
+    calibrate on one or two images: then leave-one-out over all of them (logged).
+    ``--calib_dir`` images are added by :func:`calibration_images`.
+    """
+    from filo.calibration import MIN_CALIBRATION_IMAGES
+
     normal = [s for s in samples if not s.anomaly]
     if not normal:
         raise FiloError(f"class {cls_name} has no normal train images (expected "
@@ -56,12 +68,26 @@ def choose_images(samples: Sequence[Sample], cfg: MemoryConfig, cls_name: str
                             f"normal train image(s); use --shots {len(normal)} or fewer")
         pick = sorted(rng.choice(len(normal), size=cfg.shots, replace=False).tolist())
         return [normal[i] for i in pick], None
-    n_cal = int(round(len(normal) * cfg.calib_fraction)) if len(normal) >= 2 else 0
-    n_cal = min(max(n_cal, 1 if cfg.calib_fraction > 0 and len(normal) >= 2 else 0),
-                len(normal) - 1)
-    held = set(rng.choice(len(normal), size=n_cal, replace=False).tolist()) if n_cal else set()
+    if cfg.calib_dir is not None or cfg.calib_fraction <= 0:
+        return list(normal), None
+    n_cal = int(round(len(normal) * cfg.calib_fraction))
+    if n_cal < MIN_CALIBRATION_IMAGES or n_cal > len(normal) - 1:
+        logger.info("class %s: --calib_fraction %g of %d images holds out %d; calibrating "
+                    "leave-one-out over all of them instead", cls_name, cfg.calib_fraction,
+                    len(normal), n_cal)
+        return list(normal), None
+    held = set(rng.choice(len(normal), size=n_cal, replace=False).tolist())
     return ([s for i, s in enumerate(normal) if i not in held],
             [s for i, s in enumerate(normal) if i in held])
+
+
+def calibration_images(calib_dir: Path, cls_name: str, n_classes: int = 1) -> list[Sample]:
+    """The normal images of ``--calib_dir`` for ``cls_name``
+    (:func:`filo.calibration.calibration_files`) as samples with absolute paths."""
+    from filo.calibration import calibration_files
+
+    return [Sample(str(p), "", cls_name, "good", 0)
+            for p in calibration_files(calib_dir, cls_name, n_classes)]
 
 
 def weights_checksum(path: Path | None) -> str | None:
@@ -78,8 +104,16 @@ class PatchEmbedder:
     """Backbone + PatchCore aggregation: images -> patch features [B * P, D] on a grid."""
 
     def __init__(self, cfg: MemoryConfig, *, ckpt_path: Path | None = None,
-                 device: torch.device | str = "cpu", filo_model=None) -> None:
-        from filo.memory.features import ClipTowerFeatures, WideResNetFeatures, build_wide_resnet
+                 device: torch.device | str = "cpu", filo_model=None,
+                 quirk_size: int | None = None) -> None:
+        """``quirk_size``: input size of the BatchNorm probe (default ``cfg.imagesize``, as the
+        original; banks that recorded no probe size were probed at 224)."""
+        from filo.memory.features import (
+            WIDE_RESNET_LAYERS,
+            ClipTowerFeatures,
+            WideResNetFeatures,
+            build_wide_resnet,
+        )
 
         self.cfg = cfg
         self.device = torch.device(device)
@@ -103,10 +137,15 @@ class PatchEmbedder:
             self.mean, self.std = self.net.mean, self.net.std
             self.weights_id = str(Path(ckpt_path).resolve())
             self.weights_sha256 = None  # the checkpoint is identified by its path
+            self.quirk_size = None
         else:
             self.layers = cfg.layer_list()
             weights = cfg.weights_path()
-            model = build_wide_resnet(cfg.backbone, weights, bn_quirk=not cfg.no_bn_quirk)
+            self.quirk_size = int(quirk_size or cfg.imagesize)
+            deepest = max(self.layers, key=lambda n: WIDE_RESNET_LAYERS.index(n)
+                          if n in WIDE_RESNET_LAYERS else -1)
+            model = build_wide_resnet(cfg.backbone, weights, bn_quirk=not cfg.no_bn_quirk,
+                                      quirk_size=self.quirk_size, quirk_last_layer=deepest)
             self.net = WideResNetFeatures(model, self.layers)
             self.mean, self.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
             self.weights_id = str(weights) if weights is not None else None
@@ -130,20 +169,22 @@ class PatchEmbedder:
 
 
 class EmbedderCache:
-    """One backbone per (backbone, layers, weights, BatchNorm quirk), shared by every class whose
-    settings differ only in preprocessing or pooling (per-class presets)."""
+    """One backbone per (backbone, layers, weights, BatchNorm quirk and its probe size), shared by
+    every class whose settings differ only in preprocessing or pooling (per-class presets)."""
 
     def __init__(self, *, ckpt_path: Path | None, device, filo=None) -> None:
         self.ckpt_path, self.device, self.filo = ckpt_path, device, filo
         self._cache: dict[tuple, PatchEmbedder] = {}
 
-    def get(self, cfg: MemoryConfig) -> PatchEmbedder:
+    def get(self, cfg: MemoryConfig, quirk_size: int | None = None) -> PatchEmbedder:
         import copy
 
-        key = (cfg.backbone, cfg.layers, str(cfg.weights_path()), cfg.no_bn_quirk)
+        probe = None if cfg.no_bn_quirk or cfg.backbone == "clip" else int(
+            quirk_size or cfg.imagesize)
+        key = (cfg.backbone, cfg.layers, str(cfg.weights_path()), cfg.no_bn_quirk, probe)
         if key not in self._cache:
             self._cache[key] = PatchEmbedder(cfg, ckpt_path=self.ckpt_path, device=self.device,
-                                             filo_model=self.filo)
+                                             filo_model=self.filo, quirk_size=probe)
         view = copy.copy(self._cache[key])  # same network, this class's settings
         view.cfg = cfg
         return view
@@ -188,10 +229,12 @@ def score_features(patches: torch.Tensor, scorer, grid: tuple[int, int], cfg: Me
 
 
 def _coreset(rows: torch.Tensor, cfg: MemoryConfig, device) -> torch.Tensor:
+    """Indices of the bank rows among ``rows`` (pick order)."""
     from filo.memory.patchcore import approximate_greedy_coreset
 
-    idx = approximate_greedy_coreset(rows, cfg.coreset_fraction(), seed=cfg.seed, device=device)
-    return rows[idx]
+    idx = approximate_greedy_coreset(rows, cfg.coreset_fraction(), seed=cfg.seed, device=device,
+                                     rng=cfg.coreset_rng_name(), arch=cfg.backbone)
+    return idx
 
 
 def _scorer(bank: torch.Tensor | np.ndarray, cfg: MemoryConfig):
@@ -200,53 +243,61 @@ def _scorer(bank: torch.Tensor | np.ndarray, cfg: MemoryConfig):
     return NearestNeighbourScorer(bank, k=cfg.num_nn, backend=cfg.nn_backend, index=cfg.index)
 
 
-def calibration(maps: np.ndarray, scores: np.ndarray, cfg: MemoryConfig) -> dict[str, Any]:
-    """Thresholds and normal statistics from calibration images' maps and image scores."""
-    if len(scores) == 0:
-        return {"n_images": 0}
-    pixels = maps.reshape(-1).astype(np.float64)
-    return {
-        "n_images": int(len(scores)),
-        "image_threshold": float(np.quantile(scores, cfg.calib_quantile)),
-        "pixel_threshold": float(np.quantile(pixels, cfg.pixel_quantile)),
-        "image_quantile": cfg.calib_quantile, "pixel_quantile": cfg.pixel_quantile,
-        "image_mean": float(np.mean(scores)), "image_std": float(np.std(scores)),
-        "image_scores": [float(v) for v in scores],  # for fused thresholds at use time
-        "pixel_mean": float(pixels.mean()), "pixel_std": float(pixels.std()),
-    }
+def calibration(maps: np.ndarray, scores: np.ndarray, cfg: MemoryConfig,
+                cls_name: str | None = None) -> dict[str, Any]:
+    """Thresholds and normal statistics from calibration images' maps and image scores
+    (:mod:`filo.calibration`: quantile thresholds, mean, std floored with a warning)."""
+    from filo.calibration import image_statistics, pixel_statistics
+
+    out = image_statistics(scores, cfg.calib_quantile, cls_name)
+    if out["n_images"]:
+        out.update(pixel_statistics(maps, cfg.pixel_quantile, cls_name, out["n_images"]))
+    return out
+
+
+def leave_one_out(feats: torch.Tensor, bank_idx: torch.Tensor, grid: tuple[int, int],
+                  cfg: MemoryConfig) -> ScoredImages:
+    """Each image of ``feats`` [B, P, D] scored against the bank rows (``bank_idx`` into the
+    flattened features) that did not come from its own patches."""
+    b, p, d = feats.shape
+    flat = feats.reshape(-1, d)
+    source = bank_idx // p  # the image each bank row came from
+    maps, scores = [], []
+    for i in range(b):
+        keep = bank_idx[source != i]
+        res = score_features(feats[i:i + 1], _scorer(flat[keep], cfg), grid, cfg)
+        maps.append(res.maps)
+        scores.append(res.scores)
+    return ScoredImages(np.concatenate(maps), np.concatenate(scores))
 
 
 def build_class_bank(root: Path, cls_name: str, samples: Sequence[Sample], cfg: MemoryConfig,
-                     embedder: PatchEmbedder, batch_size: int = 8):
+                     embedder: PatchEmbedder, batch_size: int = 8, n_classes: int = 1):
     """(bank rows [M, D] float32, meta fields) of one class."""
     bank_imgs, calib_imgs = choose_images(samples, cfg, cls_name)
+    if cfg.calib_dir is not None and cfg.shots is None:
+        calib_imgs = calibration_images(cfg.calib_dir, cls_name, n_classes)
     feats, grid = embed_images(root, bank_imgs, embedder, batch_size, desc=f"{cls_name} features")
     d = feats.shape[-1]
-    bank = _coreset(feats.reshape(-1, d), cfg, embedder.device)
-    if calib_imgs is None:  # k-shot: leave one shot out
-        maps, scores = [], []
+    bank_idx = _coreset(feats.reshape(-1, d), cfg, embedder.device)
+    bank = feats.reshape(-1, d)[bank_idx]
+    if calib_imgs is None:  # leave one out: each image against the others' bank rows
         if len(bank_imgs) >= 2:
-            for i in range(len(bank_imgs)):
-                others = torch.cat([feats[j] for j in range(len(bank_imgs)) if j != i])
-                res = score_features(feats[i:i + 1], _scorer(_coreset(others, cfg,
-                                                                       embedder.device), cfg),
-                                     grid, cfg)
-                maps.append(res.maps)
-                scores.append(res.scores)
+            res = leave_one_out(feats, bank_idx, grid, cfg)
+            cal = calibration(res.maps, res.scores, cfg, cls_name)
+            used_for_calibration: list[str] = [s.img_path for s in bank_imgs]
         else:
-            logger.warning("class %s: one shot, no leave-one-out calibration", cls_name)
-        cal = calibration(np.concatenate(maps) if maps else np.zeros((0,)),
-                          np.concatenate(scores) if scores else np.zeros((0,)), cfg)
-        cal["method"] = "leave-one-out over the shots"
-        used_for_calibration: list[str] = [s.img_path for s in bank_imgs] if maps else []
+            logger.warning("class %s: one normal train image, no leave-one-out calibration "
+                           "(give --calib_dir)", cls_name)
+            cal, used_for_calibration = calibration(np.zeros((0,)), np.zeros((0,)), cfg), []
+        cal["method"] = ("leave-one-out over the shots" if cfg.shots is not None else
+                         "leave-one-out over the train images")
     else:
-        if calib_imgs:
-            cfeats, _ = embed_images(root, calib_imgs, embedder, batch_size)
-            res = score_features(cfeats, _scorer(bank, cfg), grid, cfg)
-            cal = calibration(res.maps, res.scores, cfg)
-        else:
-            cal = calibration(np.zeros((0,)), np.zeros((0,)), cfg)
-        cal["method"] = f"held-out {cfg.calib_fraction:g} of the normal train images"
+        cfeats, _ = embed_images(root, calib_imgs, embedder, batch_size)
+        res = score_features(cfeats, _scorer(bank, cfg), grid, cfg)
+        cal = calibration(res.maps, res.scores, cfg, cls_name)
+        cal["method"] = (f"--calib_dir {cfg.calib_dir}" if cfg.calib_dir is not None else
+                         f"held-out {cfg.calib_fraction:g} of the normal train images")
         used_for_calibration = [s.img_path for s in calib_imgs]
     meta = {"n_images": len(bank_imgs), "image_paths": [s.img_path for s in bank_imgs],
             "grid": list(grid), "calibration": {**cal, "images": used_for_calibration}}
@@ -266,7 +317,8 @@ def bank_meta(cfg: MemoryConfig, embedder: PatchEmbedder, bank: np.ndarray, fiel
         n_images=fields["n_images"], n_patches=int(bank.shape[0]), grid=fields["grid"],
         shots=cfg.shots, image_paths=fields["image_paths"], filo_version=__version__,
         calibration=fields["calibration"],
-        extra={"score_rule": cfg.score_rule, "topk": cfg.topk, "settings": cfg.to_dict()})
+        extra={"score_rule": cfg.score_rule, "topk": cfg.topk, "settings": cfg.to_dict(),
+               "bn_quirk_size": getattr(embedder, "quirk_size", None)})
 
 
 def build_settings(cfg: MemoryConfig, embedder: PatchEmbedder) -> dict[str, Any]:
@@ -278,9 +330,27 @@ def build_settings(cfg: MemoryConfig, embedder: PatchEmbedder) -> dict[str, Any]
             "coreset_seed": cfg.seed, "num_nn": cfg.num_nn, "shots": cfg.shots}
 
 
+# settings recorded in meta.json's extra.settings that change the rows or the calibration
+RECIPE_FIELDS = ("calib_fraction", "calib_dir", "calib_quantile", "pixel_quantile",
+                 "coreset_rng", "no_bn_quirk")
+
+
+def _check_recipe(meta, cfg: MemoryConfig, embedder: PatchEmbedder) -> None:
+    """FiloError naming the first calibration / coreset setting that differs from the bank's."""
+    have = dict(meta.extra.get("settings") or {})
+    want = cfg.to_dict()
+    for key in RECIPE_FIELDS:
+        if have.get(key, "(unrecorded)") != want[key]:
+            raise FiloError(f"built with {key}={have.get(key, '(unrecorded)')!r}, this run "
+                            f"uses {want[key]!r}")
+    if meta.extra.get("bn_quirk_size") != getattr(embedder, "quirk_size", None):
+        raise FiloError(f"BatchNorm probe at {meta.extra.get('bn_quirk_size', 224)}, this run "
+                        f"probes at {getattr(embedder, 'quirk_size', None)}")
+
+
 @torch.no_grad()
 def filo_statistics(root: Path, samples: Sequence[Sample], filo, cls_name: str,
-                    batch_size: int = 8) -> dict[str, Any]:
+                    batch_size: int = 8, quantile: float = 0.99) -> dict[str, Any]:
     """Normal-image statistics of FiLo's maps and image scores (no box step, all positions) for
     ``--fusion mean|max``: the same images as the memory calibration."""
     from filo.data.transforms import clip_tensor, decode_image
@@ -295,12 +365,12 @@ def filo_statistics(root: Path, samples: Sequence[Sample], filo, cls_name: str,
         scores.append(out.image_score.float().cpu().numpy())
     if not maps:
         return {}
-    pixels = np.concatenate(maps).reshape(-1).astype(np.float64)
+    from filo.calibration import image_statistics, pixel_statistics
+
     img = np.concatenate(scores).astype(np.float64)
-    return {"n_images": int(len(img)), "image_scores": [float(v) for v in img],
-            "pixel_mean": float(pixels.mean()),
-            "pixel_std": float(pixels.std()), "image_mean": float(img.mean()),
-            "image_std": float(img.std())}
+    out = image_statistics(img, quantile, f"{cls_name} (FiLo)")
+    out.update(pixel_statistics(np.concatenate(maps), None, f"{cls_name} (FiLo)", len(img)))
+    return out
 
 
 def build_banks(root: Path, split: dict[str, list[Sample]], cfg: MemoryConfig, out: Path, *,
@@ -322,6 +392,8 @@ def build_banks(root: Path, split: dict[str, list[Sample]], cfg: MemoryConfig, o
     configs = {c: preset.config_for(cfg, c) if preset is not None else cfg for c in split}
     for cls_name, samples in split.items():  # every class's image choice, before any work
         choose_images(samples, configs[cls_name], cls_name)
+        if configs[cls_name].calib_dir is not None and configs[cls_name].shots is None:
+            calibration_images(configs[cls_name].calib_dir, cls_name, len(split))
     embedders = EmbedderCache(ckpt_path=ckpt_path, device=resolve_device(device), filo=filo)
     built = []
     # under torchrun each process builds whole classes (features, coreset, calibration): every
@@ -333,17 +405,21 @@ def build_banks(root: Path, split: dict[str, list[Sample]], cfg: MemoryConfig, o
         want = build_settings(cfg_c, embedder)
         if (Path(out) / cls_name / "meta.json").is_file():
             try:
-                load_bank(out, cls_name, expect=want)
+                _, old_meta = load_bank(out, cls_name, expect=want)
+                _check_recipe(old_meta, cfg_c, embedder)
                 log(f"[filo] {cls_name}: bank exists with these settings; kept")
                 continue
             except FiloError as err:
                 log(f"[filo] {cls_name}: rebuilding ({err})")
         bank, fields = build_class_bank(root, cls_name, split[cls_name], cfg_c, embedder,
-                                        batch_size)
+                                        batch_size, n_classes=len(split))
         if filo is not None and filo.prompts.has_class(cls_name):
             cal_paths = set(fields["calibration"].get("images", []))
             cal_samples = [s for s in split[cls_name] if s.img_path in cal_paths]
-            stats = filo_statistics(root, cal_samples, filo, cls_name, batch_size)
+            if cfg_c.calib_dir is not None and cfg_c.shots is None:
+                cal_samples = calibration_images(cfg_c.calib_dir, cls_name, len(split))
+            stats = filo_statistics(root, cal_samples, filo, cls_name, batch_size,
+                                    cfg_c.calib_quantile)
             if stats:
                 fields["calibration"]["filo"] = stats
         save_bank(out, cls_name, bank, bank_meta(cfg_c, embedder, bank, fields))

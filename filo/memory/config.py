@@ -2,8 +2,8 @@
 
 Defaults are the PatchCore paper's reference run ``IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1_S0``:
 WideResNet-50-2, layers 2 and 3, resize 256 then centre crop 224, 3x3 neighbourhoods, 1024-d
-pretrain and target embeddings, approximate greedy coreset of 10 %, 1 nearest neighbour, seed 0
-(docs/design.md section 13).
+pretrain and target embeddings, approximate greedy coreset of 10 % with the original's random
+sequence, 1 nearest neighbour, seed 0, every train image in the bank (docs/design.md section 13).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from filo.settings import at_least, in_range, setting
 BACKBONES = ("wrn50", "wrn101", "clip")
 SCORE_RULES = ("max", "topk_mean", "mean", "var")
 NN_BACKENDS = ("auto", "faiss", "torch")
+CORESET_RNGS = ("original", "filo")
 INDEXES = ("flat", "ivf", "hnsw")
 WEIGHT_FILES = {"wrn50": "wide_resnet50_2-95faca4d.pth",
                 "wrn101": "wide_resnet101_2-32ee1156.pth"}
@@ -62,8 +63,13 @@ class MemoryConfig:
                               "topk_mean, mean or var", choices=SCORE_RULES)
     topk: int = setting(10, "patches averaged by --score_rule topk_mean", check=at_least(1))
     calib_fraction: float = setting(
-        0.1, "full-shot: fraction of the normal train images held out of the bank to calibrate "
-        "thresholds", check=in_range(0.0, 0.9))
+        0.0, "full-shot: fraction of the normal train images held out of the bank to calibrate "
+        "thresholds; 0: every train image is in the bank and is calibrated leave-one-out "
+        "(scored against the bank without its own patches), also when the fraction would hold "
+        "out fewer than 3 images", check=in_range(0.0, 0.9))
+    calib_dir: Path | None = setting(
+        None, "folder of normal images (searched recursively) scored against the whole bank to "
+        "calibrate thresholds instead (at least 3)", default_help="leave-one-out")
     calib_quantile: float = setting(0.99, "image threshold: this quantile of the calibration "
                                     "images' scores", check=in_range(0.0, 1.0))
     pixel_quantile: float = setting(0.999, "pixel threshold: this quantile of the calibration "
@@ -72,8 +78,14 @@ class MemoryConfig:
                               "when installed)", choices=NN_BACKENDS)
     index: str = setting("flat", "faiss index: flat (exact), ivf or hnsw (approximate, for "
                          "banks of millions of patches)", choices=INDEXES)
+    coreset_rng: str | None = setting(
+        None, "random projection and start points of the coreset: original (the original "
+        "PatchCore run's sequence for --seed, so banks pick its patches) or filo (filo's own "
+        "seeded generator)", choices=CORESET_RNGS,
+        default_help="original; filo with --backbone clip")
     no_bn_quirk: bool = setting(False, "skip the original's one train-mode forward of a ones "
-                                "image before inference (its BatchNorm statistics quirk)")
+                                "image at --imagesize before inference (its BatchNorm statistics "
+                                "quirk)")
 
     def layer_list(self, n_blocks: int | None = None) -> tuple[str, ...]:
         if self.layers:
@@ -88,6 +100,12 @@ class MemoryConfig:
         if self.coreset is not None:
             return float(self.coreset)
         return 1.0 if self.shots is not None else 0.1
+
+    def coreset_rng_name(self) -> str:
+        """The effective --coreset_rng."""
+        if self.coreset_rng is not None:
+            return self.coreset_rng
+        return "filo" if self.backbone == "clip" else "original"
 
     def weights_path(self) -> Path | None:
         if self.backbone == "clip":

@@ -11,8 +11,9 @@ What each step computes (the reference run: WideResNet-50-2 layers 2 and 3, patc
    order and pooled again to ``target_dim``. Rows: image by image, row-major over the grid.
 2. :func:`approximate_greedy_coreset`: greedy k-center selection on a random 128-d projection,
    started from the mean distance to 10 random rows (details in the function). The projection
-   and the start rows come from a ``torch.Generator`` seeded with ``seed``, so picks are
-   reproducible here but are not the original's picks (those depend on its global RNG state).
+   and the start rows are the original run's for ``seed`` (``rng="original"``,
+   :mod:`filo.memory.original_rng`) or come from filo's own ``torch.Generator`` seeded with
+   ``seed`` (``rng="filo"``); either way picks are reproducible.
 3. :class:`NearestNeighbourScorer`: patch score = mean over the ``k`` nearest bank rows of the
    SQUARED Euclidean distance (faiss ``IndexFlatL2`` semantics, no square root).
 4. :func:`image_scores`: the maximum of the patch-score grid (before any upsampling) for
@@ -142,7 +143,8 @@ def _euclidean_to(points: torch.Tensor, sq: torch.Tensor, idx: torch.Tensor) -> 
 def approximate_greedy_coreset(features: torch.Tensor | np.ndarray, percentage: float,
                                seed: int = 0, n_starts: int = 10, proj_dim: int = 128,
                                device: str | torch.device | None = None,
-                               progress: bool = False) -> torch.Tensor:
+                               progress: bool = False, rng: str = "filo",
+                               arch: str = "wrn50") -> torch.Tensor:
     """Indices (pick order) of PatchCore's approximate greedy coreset of ``features`` [N, D].
 
     * ``percentage >= 1``: all rows, ``arange(N)`` (no subsampling).
@@ -168,10 +170,19 @@ def approximate_greedy_coreset(features: torch.Tensor | np.ndarray, percentage: 
     if isinstance(features, np.ndarray):
         features = torch.from_numpy(features)
     device = torch.device(device) if device is not None else features.device
-    gen = torch.Generator().manual_seed(int(seed))
     d = int(features.shape[1])
-    weight = None if d == proj_dim else projection_matrix(d, proj_dim, gen).to(device)
-    starts = torch.randperm(n, generator=gen)[: min(n_starts, n)].to(device)
+    if rng == "original":
+        from filo.memory.original_rng import original_draws
+
+        weight, starts = original_draws(seed, n, d, proj_dim, n_starts, arch)
+    elif rng == "filo":
+        gen = torch.Generator().manual_seed(int(seed))
+        weight = None if d == proj_dim else projection_matrix(d, proj_dim, gen)
+        starts = torch.randperm(n, generator=gen)[: min(n_starts, n)]
+    else:
+        raise FiloError(f"coreset random numbers {rng!r}: use original or filo")
+    weight = weight.to(device) if weight is not None else None
+    starts = starts.to(device)
     if n_pick == 0:
         return torch.zeros(0, dtype=torch.long)
 

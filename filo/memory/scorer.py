@@ -92,6 +92,26 @@ class MemoryInputs:
                                 mean=tuple(p["mean"]), std=tuple(p["std"]))
 
 
+class MemoryMasks:
+    """(bool mask [H, W] or None, class name) -> that class's ground truth on the bank's input
+    geometry (:func:`~filo.memory.transforms.patchcore_mask`: the original's truncation), for
+    ``--protocol crop`` (picklable: it holds only numbers)."""
+
+    def __init__(self, params: dict[str, dict[str, Any]]) -> None:
+        self.params = params
+
+    def __call__(self, mask, cls_name: str) -> torch.Tensor:
+        from PIL import Image
+
+        from filo.memory.transforms import patchcore_mask
+
+        p = self.params.get(cls_name) or next(iter(self.params.values()))
+        if mask is None:
+            return torch.zeros((p["imagesize"], p["imagesize"]), dtype=torch.bool)
+        img = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
+        return patchcore_mask(img, p["resize"], p["imagesize"], crop=p["crop"])
+
+
 class MemoryScorer:
     """The banks of one folder, their feature extractors and per-class NN scorers."""
 
@@ -149,6 +169,12 @@ class MemoryScorer:
     def config(self, cls_name: str) -> MemoryConfig:
         return self._cfgs[cls_name]
 
+    def _embedder(self, cls_name: str):
+        """The class's feature extractor, with the BatchNorm probe size its bank was built with
+        (224 for banks that recorded none)."""
+        probe = self._metas[cls_name].extra.get("bn_quirk_size", 224)
+        return self._embedders.get(self._cfgs[cls_name], quirk_size=probe)
+
     def _scorer(self, cls_name: str):
         if cls_name not in self._banks:
             from filo.memory.patchcore import NearestNeighbourScorer
@@ -166,10 +192,34 @@ class MemoryScorer:
         """(PIL image, class name) -> memory-bank input, per class's settings."""
         params = {}
         for c, cfg in self._cfgs.items():
-            emb = self._embedders.get(cfg)
+            emb = self._embedder(c)
             params[c] = {"resize": cfg.resize, "imagesize": cfg.imagesize, "crop": cfg.crop,
                          "mean": list(emb.mean), "std": list(emb.std)}
         return MemoryInputs(params)
+
+    def mask_transform(self) -> MemoryMasks:
+        """(mask, class name) -> ground truth on each class's bank input (``--protocol crop``)."""
+        return MemoryMasks({c: {"resize": cfg.resize, "imagesize": cfg.imagesize,
+                                "crop": cfg.crop} for c, cfg in self._cfgs.items()})
+
+    def score_on_input(self, images, classes: list[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        """(maps at each bank's input geometry -- the centre crop at its imagesize, as the
+        original evaluates --, image scores [B])."""
+        maps: list[np.ndarray] = [np.zeros((0, 0), dtype=np.float32)] * len(classes)
+        scores = np.zeros(len(classes), dtype=np.float64)
+        for cls_name in dict.fromkeys(classes):
+            idx = [i for i, c in enumerate(classes) if c == cls_name]
+            res = self._score_class(images, idx, cls_name)
+            for j, i in enumerate(idx):
+                maps[i] = res.maps[j]
+                scores[i] = res.scores[j]
+        return maps, scores
+
+    def _score_class(self, images, idx: list[int], cls_name: str):
+        embedder = self._embedder(cls_name)
+        rows, grid = embedder.embed(torch.stack([images[i] for i in idx]))
+        patches = rows.reshape(len(idx), -1, rows.shape[-1])
+        return score_features(patches, self._scorer(cls_name), grid, self._cfgs[cls_name])
 
     def score(self, images, classes: list[str], orig_sizes, size: int
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -180,10 +230,7 @@ class MemoryScorer:
         for cls_name in dict.fromkeys(classes):
             idx = [i for i, c in enumerate(classes) if c == cls_name]
             cfg = self._cfgs[cls_name]
-            embedder = self._embedders.get(cfg)
-            rows, grid = embedder.embed(torch.stack([images[i] for i in idx]))
-            patches = rows.reshape(len(idx), -1, rows.shape[-1])
-            res = score_features(patches, self._scorer(cls_name), grid, cfg)
+            res = self._score_class(images, idx, cls_name)
             fill = float(self._metas[cls_name].calibration.get("pixel_mean",
                                                                float(res.maps.min())))
             for j, i in enumerate(idx):

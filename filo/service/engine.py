@@ -148,7 +148,7 @@ class Engine:
         cfg = self._base_config
         out = []
         for name in self.class_names():
-            cal = p.calibration(name) if p.memory is not None else None
+            cal = p.calibration(name)
             entry: dict[str, Any] = {"name": name, "calibrated": cal is not None,
                                      "map_range": list(p.map_range(name))}
             if p.model is not None or p.detector is not None:
@@ -283,7 +283,7 @@ class Engine:
                              title=f"{req.filename}  score {pred.image_score:.3f}")
         write_panel(folder / "overlay.png", panel)
 
-        cal = self.pipeline.calibration(s.class_name) if self.pipeline.memory is not None else None
+        cal = self.pipeline.calibration(s.class_name)
         verdict = note = None
         threshold = None
         if cal is not None:
@@ -294,7 +294,8 @@ class Engine:
                 threshold = cal["image_threshold"]
                 verdict = "anomalous" if pred.image_score >= threshold else "normal"
         else:
-            note = "no verdict: the class has no calibrated memory bank"
+            note = ("no verdict: the class has no calibrated memory bank and the service has no "
+                    "--calib_dir")
         mask_threshold, mask_source = s.mask_threshold, "request"
         if mask_threshold is None and cal is not None and cal.get("pixel_threshold") is not None \
                 and not (s.changes_model and self.pipeline.config.fusion_mode != "memory"):
