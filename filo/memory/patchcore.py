@@ -81,36 +81,19 @@ def patchify(feat: torch.Tensor, patchsize: int = 3, stride: int = 1) -> torch.T
 
 
 def aggregate(features: Sequence[torch.Tensor], patchsize: int = 3, pretrain_dim: int = 1024,
-              target_dim: int = 1024, stride: int = 1
+              target_dim: int = 1024, stride: int = 1, *, out: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Locally aware patch features ``[B*H0*W0, target_dim]`` and the grid ``(H0, W0)``.
 
-    ``features``: per layer ``[B, C_l, H_l, W_l]``, the first layer defines the grid. See the
-    module docstring, step 1. Computed in the features' dtype and device.
+    ``features``: per layer ``[B, C_l, H_l, W_l]``, the first layer defines the grid. The result
+    is the module docstring's step 1, computed as grouped convolutions at each layer's own grid
+    followed by the upsampling (:mod:`filo.memory.aggregation`, docs/design.md §13.1), in the
+    features' dtype and device. ``out``: optional ``[B*H0*W0, target_dim]`` tensor written in
+    place (and returned).
     """
-    if not features:
-        raise ValueError("aggregate: no feature maps")
-    pooled: list[torch.Tensor] = []
-    ref: tuple[int, int] | None = None
-    batch = features[0].shape[0]
-    for feat in features:
-        if feat.shape[0] != batch:
-            raise ValueError("aggregate: the layers disagree on the batch size")
-        cols = _unfold(feat, patchsize, stride)  # [B, C*p*p, gh*gw] at the layer's own grid
-        grid = patch_grid(feat.shape[-2], feat.shape[-1], patchsize, stride)
-        width = cols.shape[1]
-        if ref is None:
-            ref = grid
-        elif grid != ref:
-            planes = cols.reshape(batch, width, *grid)
-            planes = F.interpolate(planes, size=ref, mode="bilinear", align_corners=False)
-            cols = planes.reshape(batch, width, ref[0] * ref[1])
-        rows = cols.transpose(1, 2).reshape(-1, 1, width)  # [B*P, 1, C*p*p]
-        pooled.append(F.adaptive_avg_pool1d(rows, pretrain_dim).squeeze(1))
-        del cols, rows
-    stacked = torch.stack(pooled, dim=1).reshape(len(pooled[0]), 1, -1)  # layer after layer
-    assert ref is not None
-    return F.adaptive_avg_pool1d(stacked, target_dim).squeeze(1), ref
+    from filo.memory.aggregation import fast_aggregate
+
+    return fast_aggregate(features, patchsize, pretrain_dim, target_dim, stride, out=out)
 
 
 # --------------------------------------------------------------------------------------------
