@@ -291,6 +291,26 @@ def knn_data():
     return bank, queries
 
 
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_knn_near_ties_are_ranked_by_exact_distances(backend, k):
+    # queries far from the origin with bank rows 0.01 apart from them: |q|^2 ~ 6e7, so the
+    # expansion |q|^2 - 2 q.b + |b|^2 cannot tell the candidates apart in float32
+    rng = np.random.default_rng(5)
+    centre = np.full(64, 1000.0)
+    queries = (centre + rng.standard_normal((24, 64))).astype(np.float32)
+    near = [queries + s * rng.standard_normal(queries.shape).astype(np.float32)
+            for s in (0.01, 0.013, 0.016)]
+    far = (centre + 20 * rng.standard_normal((40, 64))).astype(np.float32)
+    bank = np.concatenate([*near, far])
+    scorer = NearestNeighbourScorer(bank, k=k, backend=backend, device="cpu")
+    dist, idx = scorer.search(queries)
+    d64 = ((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1)
+    want_idx = np.argsort(d64, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(dist, np.take_along_axis(d64, want_idx, 1), rtol=1e-4)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_knn_scores_match_loops(knn_data, backend, k):
