@@ -73,34 +73,66 @@ class LayerKernel:
     groups: int
 
 
-@lru_cache(maxsize=16)  # a pure function of its arguments; building it takes ~0.1 s
+def _windows(n_in: int, n_out: int) -> list[tuple[int, int]]:
+    """``adaptive_avg_pool1d(n_in -> n_out)`` windows ``[lo, hi)`` (PyTorch's)."""
+    return [((i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)) for i in range(n_out)]
+
+
+def _sparse_rows(channels: Sequence[int], patchsize: int, pretrain_dim: int, target_dim: int
+                 ) -> list[dict[int, tuple[int, np.ndarray]]]:
+    """Per layer: output row -> (first flat index, weights over the following flat indices)
+    of that row of :func:`pooling_weights` (every row's support is contiguous)."""
+    p2 = patchsize * patchsize
+    firsts = [_windows(c * p2, pretrain_dim) for c in channels]
+    layers: list[dict[int, tuple[int, np.ndarray]]] = [{} for _ in channels]
+    for j, (a, b) in enumerate(_windows(len(channels) * pretrain_dim, target_dim)):
+        wf = 1.0 / (b - a)
+        for li in range(a // pretrain_dim, (b - 1) // pretrain_dim + 1):
+            idx = range(max(a, li * pretrain_dim) - li * pretrain_dim,
+                        min(b, (li + 1) * pretrain_dim) - li * pretrain_dim)
+            lo, hi = firsts[li][idx[0]][0], firsts[li][idx[-1]][1]
+            vals = np.zeros(hi - lo)
+            for i in idx:
+                s, e = firsts[li][i]
+                vals[s - lo:e - lo] += wf / (e - s)
+            layers[li][j] = (lo, vals)
+    return layers
+
+
+@lru_cache(maxsize=16)  # a pure function of its arguments
 def grouped_kernels(channels: tuple[int, ...], patchsize: int, pretrain_dim: int,
                     target_dim: int) -> list[LayerKernel] | None:
     """Grouped-conv form of :func:`pooling_weights`, or None when some layer needs more than
     ``_MAX_CHANNELS_PER_GROUP`` input channels per output plane (the general path is then
-    cheaper)."""
+    cheaper). The groups are the largest ``g`` for which output block ``i`` of ``g`` reads
+    only channel block ``i``."""
     p2 = patchsize * patchsize
     kernels = []
-    for c, w in zip(channels, pooling_weights(channels, patchsize, pretrain_dim, target_dim),
-                    strict=True):
-        rows = np.flatnonzero(np.abs(w).sum(1) > 0)
-        wr = w[rows].reshape(len(rows), c, p2)
+    for c, layer in zip(channels, _sparse_rows(channels, patchsize, pretrain_dim, target_dim),
+                        strict=True):
+        rows = np.array(sorted(layer), dtype=np.int64)
         n = len(rows)
-        best = None
+        lo = np.array([layer[r][0] for r in rows]) // p2
+        hi = np.array([layer[r][0] + len(layer[r][1]) - 1 for r in rows]) // p2
+        found = None
         for g in range(math.gcd(c, n), 0, -1):
-            if c % g or n % g or c // g > _MAX_CHANNELS_PER_GROUP:
+            cg = c // g
+            if c % g or n % g or cg > _MAX_CHANNELS_PER_GROUP:
                 continue
-            blocks = wr.reshape(g, n // g, g, c // g, p2)
-            off = blocks.copy()
-            off[np.arange(g), :, np.arange(g)] = 0.0
-            if not off.any():
-                best = (g, blocks[np.arange(g), :, np.arange(g)])  # [g, n/g, c/g, p2]
+            block = np.arange(n) // (n // g)
+            if (lo >= block * cg).all() and (hi < (block + 1) * cg).all():
+                found = g
                 break
-        if best is None:
+        if found is None:
             return None
-        g, diag = best
-        weight = torch.from_numpy(diag.reshape(n, c // g, patchsize, patchsize).copy())
-        kernels.append(LayerKernel(rows, weight, g))
+        cg = c // found
+        weight = np.zeros((n, cg * p2))
+        for k, r in enumerate(rows):
+            start, vals = layer[r]
+            off = start - (k // (n // found)) * cg * p2
+            weight[k, off:off + len(vals)] = vals
+        kernels.append(LayerKernel(rows, torch.from_numpy(
+            weight.reshape(n, cg, patchsize, patchsize)), found))
     return kernels
 
 
