@@ -288,7 +288,7 @@ def rss_child(impl: str, size: int, n: int, src: str | None, fraction: float) ->
                 emb.embed(x, out=buf.slot(len(x), p, d))
         t_feat = time.perf_counter() - start
         feat_rss = peak_rss_mb()
-        bank = build._staged_coreset(buf.result(), cfg, torch.device("cpu"))
+        bank = build._coreset(buf.result().reshape(-1, d), cfg, torch.device("cpu"))
         rows_n = int(bank.shape[0])
     else:
         pc = load_original(src)

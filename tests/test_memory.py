@@ -451,3 +451,23 @@ def test_tiled_bank_builds_and_scores_end_to_end(tmp_path, tiny_filo_ckpt, synth
                   "--prompts", str(synthetic_prompts))
     assert rc == 0, capsys.readouterr().err
     assert len(_maps(tmp_path / "run" / "maps")) == 2
+
+
+def test_bank_beyond_the_feature_budget_is_chosen_in_stages(data, tiny_filo_ckpt):
+    from filo.data.layouts import load_split
+    from filo.memory.build import PatchEmbedder, _streamed_bank, embed_units
+    from filo.memory.config import MemoryConfig
+
+    cfg = MemoryConfig(backbone="clip", layers="2,3", resize=40, imagesize=32, coreset=0.25)
+    emb = PatchEmbedder(cfg, ckpt_path=tiny_filo_ckpt[0])
+    imgs = [s for s in load_split(data, "mvtec", "train", ["tex_a"])["tex_a"] if not s.anomaly]
+    assert _streamed_bank(data, imgs, emb, cfg, 4, None) is None  # fits: one-stage coreset
+    cfg.feature_memory_mb = 0  # (below the flag's minimum) every image is its own block
+    bank, grid = _streamed_bank(data, imgs, emb, cfg, 4, None)
+    feats, grid1, _ = embed_units(data, imgs, emb, 4)
+    rows = feats.reshape(-1, feats.shape[-1])
+    assert grid == grid1 and bank.shape == (int(len(rows) * 0.25), rows.shape[1])
+    # every bank row is one of the images' patch features
+    d = torch.cdist(bank.double(), rows.double()).min(1).values
+    assert float(d.max()) < 1e-4
+    assert len({tuple(r.tolist()) for r in bank}) == len(bank)  # no row twice

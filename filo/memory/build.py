@@ -362,29 +362,46 @@ def _coreset(rows: torch.Tensor, cfg: MemoryConfig, device) -> torch.Tensor:
     return rows[idx]
 
 
-def _staged_coreset(units: torch.Tensor, cfg: MemoryConfig, device) -> torch.Tensor:
-    """The coreset of ``units`` [U, P, D]; when they exceed ``--feature_memory_mb`` it is
-    chosen in stages (docs/design.md §13.2): each block of units that fits half the budget
-    keeps its own coreset of ``sqrt(fraction)``, the union then its coreset of the rest, so the
-    bank has the same size as a one-stage coreset."""
-    rows = units.reshape(-1, units.shape[-1])
-    frac = cfg.coreset_fraction()
-    budget = (cfg.feature_memory_mb << 20) // 2
-    if frac >= 1 or rows.numel() * rows.element_size() <= budget:
-        return _coreset(rows, cfg, device)
+def _streamed_bank(root: Path, imgs: Sequence[Sample], embedder: PatchEmbedder,
+                   cfg: MemoryConfig, batch_size: int, desc: str | None
+                   ) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """The bank chosen in stages when the images' patch features would exceed
+    ``--feature_memory_mb`` (docs/design.md §13.2), else None (one coreset of all features).
+
+    Blocks of images whose features fit half the budget are embedded one after another; each
+    keeps its own coreset (fraction ``sqrt(p)``, lowered so that what all blocks keep fits the
+    other half, never below ``p``) and is freed; the union's coreset then has the size of a
+    one-stage coreset, ``int(N * p)`` rows.
+    """
     from filo.memory.patchcore import approximate_greedy_coreset
 
-    per_unit = units[0].numel() * units.element_size()
-    block = max(1, budget // per_unit)
-    first = frac ** 0.5
-    kept = [units[i:i + block].reshape(-1, units.shape[-1])[approximate_greedy_coreset(
-        units[i:i + block].reshape(-1, units.shape[-1]), first, seed=cfg.seed + i,
-        device=device)] for i in range(0, len(units), block)]
+    frac = cfg.coreset_fraction()
+    if frac >= 1 or len(imgs) < 2:
+        return None
+    probe, _, _ = embed_units(root, imgs[:1], embedder, batch_size)
+    per_image = probe.numel() * probe.element_size()
+    budget = cfg.feature_memory_mb << 20
+    total = per_image * len(imgs)
+    if total <= budget:
+        return None
+    block = max(1, (budget // 2) // per_image)
+    first = max(frac, min(frac ** 0.5, (budget / 2) / total))
+    kept, n_rows, grid = [], 0, (0, 0)
+    for i in range(0, len(imgs), block):
+        feats, grid, _ = embed_units(root, imgs[i:i + block], embedder, batch_size, desc)
+        rows = feats.reshape(-1, feats.shape[-1])
+        n_rows += rows.shape[0]
+        kept.append(rows[approximate_greedy_coreset(rows, first, seed=cfg.seed + i,
+                                                    device=embedder.device)].clone())
+        del feats, rows
     union = torch.cat(kept)
-    want = int(rows.shape[0] * frac)
+    del kept
+    want = int(n_rows * frac)
     idx = approximate_greedy_coreset(union, min(1.0, want / max(1, len(union))), seed=cfg.seed,
-                                     device=device)
-    return union[idx]
+                                     device=embedder.device)
+    logger.info("staged coreset: %d rows from %d in %d blocks", len(idx), n_rows,
+                -(-len(imgs) // block))
+    return union[idx], grid
 
 
 def _scorer(bank: torch.Tensor | np.ndarray, cfg: MemoryConfig):
@@ -414,10 +431,15 @@ def build_class_bank(root: Path, cls_name: str, samples: Sequence[Sample], cfg: 
     """(bank rows [M, D] float32, meta fields) of one class."""
     bank_imgs, calib_imgs = choose_images(samples, cfg, cls_name)
     cfg.check_tiles()
-    feats, grid, layouts = embed_units(root, bank_imgs, embedder, batch_size,
-                                       desc=f"{cls_name} features")
-    d = feats.shape[-1]
-    bank = _staged_coreset(feats, cfg, embedder.device)
+    desc = f"{cls_name} features"
+    streamed = (_streamed_bank(root, bank_imgs, embedder, cfg, batch_size, desc)
+                if calib_imgs is not None else None)
+    if streamed is not None:
+        bank, grid = streamed
+    else:
+        feats, grid, layouts = embed_units(root, bank_imgs, embedder, batch_size, desc=desc)
+        d = feats.shape[-1]
+        bank = _coreset(feats.reshape(-1, d), cfg, embedder.device)
     if calib_imgs is None:  # k-shot: leave one shot out
         maps, scores = [], []
         if len(bank_imgs) >= 2:
@@ -439,7 +461,7 @@ def build_class_bank(root: Path, cls_name: str, samples: Sequence[Sample], cfg: 
         cal["method"] = "leave-one-out over the shots"
         used_for_calibration: list[str] = [s.img_path for s in bank_imgs] if maps else []
     else:
-        del feats
+        feats = None  # (freed before the calibration images are embedded)
         if calib_imgs:
             cfeats, _, clayouts = embed_units(root, calib_imgs, embedder, batch_size)
             res = score_units(cfeats, clayouts, _scorer(bank, cfg), grid, cfg)
