@@ -162,8 +162,8 @@ class EmbedderCache:
         return view
 
 
-# working memory of one image in the WideResNet forward up to layer3, per input pixel (bytes;
-# measured peak at 1024 px: docs/design.md §13.1), which sizes the batches
+# working memory of one image in the WideResNet forward up to layer3, per input pixel (bytes,
+# a bound on the activations alive at once: docs/design.md §13.1), which sizes the batches
 ACTIVATION_BYTES_PER_PIXEL = 600
 
 
