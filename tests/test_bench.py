@@ -66,16 +66,22 @@ def test_kernel_benchmark_table(tmp_path):
 
 
 def test_memory_benchmark_table():
-    """benchmarks/bench_memory.py --quick: every row, and faiss / torch scores equal to the
-    straightforward cdist ones (no timing checks)."""
+    """benchmarks/bench_memory.py --quick: every row; the aggregation equals the former one and
+    faiss / torch scores equal the straightforward cdist ones (no timing checks)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"),
-                           "--quick", "--n", "1000", "--bank", "500"],
+                           "--quick", "--images", "2", "--size", "64", "--repeats", "1",
+                           "--n", "1000", "--bank", "500", "--queries", "300"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines()
             if line.startswith("| ") and "---" not in line][1:]
-    steps = [r.strip("|").split("|")[0].strip() for r in rows]
-    assert [s.split(" ")[0] for s in steps] == ["features", "coreset", "kNN", "kNN", "bank"]
-    for r in rows[2:4]:
-        assert float(r.strip("|").split("|")[4]) < 1e-3
+    cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+    steps = [c[0].split(" ")[0] for c in cells]
+    assert steps.count("features") == 6 and steps[-1] == "coreset"
+    assert "original PatchCore" in " ".join(c[0] for c in cells)  # measured or skipped
+    for c in cells:
+        if c[0].startswith("features filo, batch"):
+            assert float(c[4]) <= 1e-6  # against the former unfold aggregation
+        if c[0].startswith("kNN"):
+            assert float(c[4]) < 1e-3

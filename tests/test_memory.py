@@ -452,3 +452,101 @@ def test_fused_verdicts_use_the_calibration_images_fused_scores(tmp_path, data, 
         assert rec["image_threshold"] == pytest.approx(want, rel=1e-9)
         assert rec["verdict"] == ("anomalous" if rec["image_score"] >= want else "normal")
         assert "mask" not in rec  # no calibrated pixel threshold for fused maps
+
+
+# --------------------------------------------------------------------------------------------
+# tiled banks
+
+
+@pytest.mark.parametrize("h,w,tile,overlap", [(150, 200, 64, 16), (64, 64, 64, 8),
+                                              (40, 130, 64, 0), (1200, 1600, 512, 64)])
+def test_tile_grid_covers_the_image_with_equal_tiles(h, w, tile, overlap):
+    from filo.memory.tiles import tile_boxes
+
+    boxes = tile_boxes(max(h, tile), max(w, tile), tile, overlap)
+    cover = np.zeros((max(h, tile), max(w, tile)), dtype=int)
+    for y, x in boxes:
+        assert 0 <= y and 0 <= x and y + tile <= cover.shape[0] and x + tile <= cover.shape[1]
+        cover[y:y + tile, x:x + tile] += 1
+    assert (cover[:h, :w] >= 1).all()
+    ys = sorted({y for y, _ in boxes})
+    assert all(b - a <= tile - overlap for a, b in zip(ys, ys[1:]))  # at least the overlap
+
+
+def test_stitched_map_averages_overlaps():
+    from filo.memory.tiles import split_tiles, stitch
+
+    x = torch.arange(3 * 50 * 70, dtype=torch.float32).reshape(3, 50, 70)
+    tiles, boxes = split_tiles(x, 32, 8)
+    # the tiles' own pixels stitch back to the image exactly (every tile agrees)
+    np.testing.assert_allclose(stitch(tiles[:, 0].numpy(), boxes, (50, 70)), x[0].numpy(),
+                               rtol=1e-6)
+    # tile i constant i: each pixel is the mean of the indices of the tiles covering it
+    const = np.stack([np.full((32, 32), float(i)) for i in range(len(boxes))])
+    got = stitch(const, boxes, (50, 70))
+    want = np.zeros((50, 70))
+    count = np.zeros((50, 70))
+    for i, (y, x0) in enumerate(boxes):
+        want[y:y + 32, x0:x0 + 32] += i
+        count[y:y + 32, x0:x0 + 32] += 1
+    np.testing.assert_allclose(got, want / count, rtol=1e-6)
+    # an image smaller than the tile: padded, then cropped back
+    small = torch.ones(3, 20, 25)
+    tiles, boxes = split_tiles(small, 32, 8)
+    assert tiles.shape == (1, 3, 32, 32) and boxes == [(0, 0)]
+    assert stitch(tiles[:, 0].numpy(), boxes, (20, 25)).shape == (20, 25)
+
+
+def test_tiled_bank_builds_and_scores_end_to_end(tmp_path, tiny_filo_ckpt, synthetic_prompts,
+                                                 capsys):
+    from filo.memory.bank import load_bank
+    from filo.memory.scorer import MemoryScorer
+
+    data = tmp_path / "wide"
+    make_mvtec_like(data, classes=("tex_a",), n_train_good=3, n_test_good=1, n_test_defect=1,
+                    size=(100, 75), seed=3)
+    rc, out = _build(tmp_path, data, tiny_filo_ckpt[0], synthetic_prompts, "--tile", "32",
+                     "--tile_overlap", "8", "--shots", "2", "--classes", "tex_a")
+    assert rc == 0, capsys.readouterr().err
+    bank, meta = load_bank(out, "tex_a")
+    n_tiles = 3 * 4  # 75 -> rows at 0, 24, 43; 100 -> columns at 0, 24, 48, 68
+    p = meta.grid[0] * meta.grid[1]
+    assert meta.tile == 32 and meta.tile_overlap == 8
+    assert bank.shape[0] == 2 * n_tiles * p  # --shots: every patch kept
+    assert meta.calibration["n_images"] == 2  # leave-one-out over whole images
+    # a bank image scored against its own bank: every patch is in the bank, the map is zero
+    scorer = MemoryScorer(out, ckpt_path=tiny_filo_ckpt[0])
+    from filo.data.transforms import decode_image
+
+    img = decode_image(data / meta.image_paths[0])
+    x = scorer.transform()(img, "tex_a")
+    assert tuple(x.shape) == (3, 75, 100)  # native resolution, no resize
+    maps, scores = scorer.score([x], ["tex_a"], [img.size], 48)
+    assert maps.shape == (1, 48, 48) and float(np.abs(maps).max()) < 1e-3
+    assert abs(float(scores[0])) < 1e-3
+    # test.py with the bank tiles the same way from the meta
+    rc = _test_py(data, tmp_path / "run", "--memory_bank", str(out), "--fusion", "memory",
+                  "--classes", "tex_a", "--ckpt_path", str(tiny_filo_ckpt[0]),
+                  "--prompts", str(synthetic_prompts))
+    assert rc == 0, capsys.readouterr().err
+    assert len(_maps(tmp_path / "run" / "maps")) == 2
+
+
+def test_bank_beyond_the_feature_budget_is_chosen_in_stages(data, tiny_filo_ckpt):
+    from filo.data.layouts import load_split
+    from filo.memory.build import PatchEmbedder, _streamed_bank, embed_units
+    from filo.memory.config import MemoryConfig
+
+    cfg = MemoryConfig(backbone="clip", layers="2,3", resize=40, imagesize=32, coreset=0.25)
+    emb = PatchEmbedder(cfg, ckpt_path=tiny_filo_ckpt[0])
+    imgs = [s for s in load_split(data, "mvtec", "train", ["tex_a"])["tex_a"] if not s.anomaly]
+    assert _streamed_bank(data, imgs, emb, cfg, 4, None) is None  # fits: one-stage coreset
+    cfg.feature_memory_mb = 0  # (below the flag's minimum) every image is its own block
+    bank, grid = _streamed_bank(data, imgs, emb, cfg, 4, None)
+    feats, grid1, _ = embed_units(data, imgs, emb, 4)
+    rows = feats.reshape(-1, feats.shape[-1])
+    assert grid == grid1 and bank.shape == (int(len(rows) * 0.25), rows.shape[1])
+    # every bank row is one of the images' patch features
+    d = torch.cdist(bank.double(), rows.double()).min(1).values
+    assert float(d.max()) < 1e-4
+    assert len({tuple(r.tolist()) for r in bank}) == len(bank)  # no row twice

@@ -156,6 +156,70 @@ def test_aggregate_reference_dims_pooling():
     np.testing.assert_allclose(got.numpy(), slow_adaptive_avg(x, 1024), rtol=1e-12)
 
 
+def reference_aggregate(features, patchsize=3, pretrain_dim=1024, target_dim=1024):
+    """filo's former aggregation, kept as the slow reference: unfold every layer into C*p*p
+    planes, upsample the deeper layers' planes, pool each position's vector twice."""
+    from filo.memory.patchcore import patch_grid
+
+    pooled, ref = [], None
+    batch = features[0].shape[0]
+    for feat in features:
+        cols = torch.nn.functional.unfold(feat, patchsize, padding=(patchsize - 1) // 2)
+        grid = patch_grid(feat.shape[-2], feat.shape[-1], patchsize)
+        width = cols.shape[1]
+        if ref is None:
+            ref = grid
+        elif grid != ref:
+            planes = torch.nn.functional.interpolate(cols.reshape(batch, width, *grid), size=ref,
+                                                     mode="bilinear", align_corners=False)
+            cols = planes.reshape(batch, width, ref[0] * ref[1])
+        rows = cols.transpose(1, 2).reshape(-1, 1, width)
+        pooled.append(torch.nn.functional.adaptive_avg_pool1d(rows, pretrain_dim).squeeze(1))
+    stacked = torch.stack(pooled, dim=1).reshape(len(pooled[0]), 1, -1)
+    return torch.nn.functional.adaptive_avg_pool1d(stacked, target_dim).squeeze(1), ref
+
+
+@pytest.mark.parametrize("channels,sizes,pre,target,grouped", [
+    ((512, 1024), ((12, 10), (6, 5)), 1024, 1024, True),   # the reference run's dimensions
+    ((64, 96), ((8, 8), (4, 4)), 576, 576, True),          # other grouped structure
+    ((2, 3), ((5, 4), (3, 2)), 8, 5, True),                # a final window across both layers
+    ((64, 96), ((8, 8), (4, 4)), 1000, 700, False),        # general pool-then-upsample path
+    ((16, 24, 8), ((9, 7), (5, 4), (3, 2)), 100, 64, False),
+])
+def test_aggregate_equals_the_former_unfold_implementation(channels, sizes, pre, target,
+                                                           grouped):
+    from filo.memory.aggregation import grouped_kernels
+
+    assert (grouped_kernels(channels, 3, pre, target) is not None) == grouped
+    gen = torch.Generator().manual_seed(1)
+    feats = [torch.randn(2, c, *hw, generator=gen).relu() for c, hw in zip(channels, sizes)]
+    want, want_grid = reference_aggregate(feats, 3, pre, target)
+    got, grid = aggregate(feats, 3, pre, target)
+    assert grid == want_grid and got.shape == want.shape
+    rel = float((got - want).abs().max() / want.abs().max())
+    assert rel <= 1e-6, rel
+    buf = torch.empty(got.shape, dtype=torch.float16)  # written in place, converted
+    out, _ = aggregate(feats, 3, pre, target, out=buf)
+    assert out is buf
+    torch.testing.assert_close(buf.float(), want, rtol=2e-3, atol=1e-3)
+
+
+def test_reference_dims_reduce_to_small_kernels():
+    from filo.memory.aggregation import grouped_kernels
+
+    layer2, layer3 = grouped_kernels((512, 1024), 3, 1024, 1024)
+    # layer2: output j (< 512) is one depthwise 3x3 kernel of channel j: (all 9 + centre) / 10
+    assert layer2.groups == 512 and tuple(layer2.weight.shape) == (512, 1, 3, 3)
+    want = torch.full((3, 3), 0.1, dtype=torch.float64)
+    want[1, 1] = 0.2
+    torch.testing.assert_close(layer2.weight[7, 0], want)
+    # layer3: output 512 + j averages channels 2j, 2j+1 over 3x3
+    assert layer3.groups == 512 and tuple(layer3.weight.shape) == (512, 2, 3, 3)
+    torch.testing.assert_close(layer3.weight[3], torch.full((2, 3, 3), 1 / 18,
+                                                            dtype=torch.float64))
+    assert list(layer3.rows) == list(range(512, 1024))
+
+
 # --------------------------------------------------------------------------------------------
 # coreset
 
@@ -225,6 +289,26 @@ def knn_data():
     queries = (rng.standard_normal((30, 16)) * 3 + 1).astype(np.float32)
     queries[:5] = bank[:5] + 0.01 * rng.standard_normal((5, 16)).astype(np.float32)
     return bank, queries
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_knn_near_ties_are_ranked_by_exact_distances(backend, k):
+    # queries far from the origin with bank rows 0.01 apart from them: |q|^2 ~ 6e7, so the
+    # expansion |q|^2 - 2 q.b + |b|^2 cannot tell the candidates apart in float32
+    rng = np.random.default_rng(5)
+    centre = np.full(64, 1000.0)
+    queries = (centre + rng.standard_normal((24, 64))).astype(np.float32)
+    near = [queries + s * rng.standard_normal(queries.shape).astype(np.float32)
+            for s in (0.01, 0.013, 0.016)]
+    far = (centre + 20 * rng.standard_normal((40, 64))).astype(np.float32)
+    bank = np.concatenate([*near, far])
+    scorer = NearestNeighbourScorer(bank, k=k, backend=backend, device="cpu")
+    dist, idx = scorer.search(queries)
+    d64 = ((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1)
+    want_idx = np.argsort(d64, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(dist, np.take_along_axis(d64, want_idx, 1), rtol=1e-4)
 
 
 @pytest.mark.parametrize("k", [1, 3])

@@ -53,7 +53,9 @@ class BankMeta:
     num_nn: int = 1
     n_images: int = 0
     n_patches: int = 0  # bank rows (save_bank sets it from the bank)
-    grid: list[int] = field(default_factory=lambda: [28, 28])
+    grid: list[int] = field(default_factory=lambda: [28, 28])  # of one tile when tiled
+    tile: int | None = None  # tiled bank: native-resolution tiles of this size (§13.2)
+    tile_overlap: int = 0
     shots: int | None = None
     image_paths: list[str] = field(default_factory=list)
     filo_version: str = filo.__version__
@@ -67,7 +69,8 @@ class BankMeta:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "meta.json") -> BankMeta:
         known = {f.name for f in fields(cls)}
-        required = known - {"calibration", "extra", "bank_format", "filo_version"}
+        required = known - {"calibration", "extra", "bank_format", "filo_version", "tile",
+                             "tile_overlap"}
         missing = sorted(required - set(d))
         if missing:
             raise FiloError(f"{source}: memory-bank meta lacks {', '.join(missing)}; the file "

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 # meta fields that must agree between a bank and the run that uses it
 USAGE_FIELDS = ("backbone", "layers", "patchsize", "pretrain_dim", "target_dim", "resize",
-                "imagesize", "crop")
+                "imagesize", "crop", "tile", "tile_overlap")
 
 
 def class_rng(seed: int, cls_name: str) -> np.random.Generator:
@@ -153,19 +153,32 @@ class PatchEmbedder:
         self.net = self.net.to(self.device).eval()
 
     def preprocess(self, img) -> torch.Tensor:
+        """The network input of one image: ``[3, imagesize, imagesize]``, or with ``--tile``
+        the whole image at its native resolution ``[3, H, W]`` (cut into tiles later)."""
+        if self.cfg.tile:
+            from filo.memory.tiles import tile_tensor
+
+            return tile_tensor(img, self.mean, self.std)
         from filo.memory.transforms import patchcore_tensor
 
         return patchcore_tensor(img, self.cfg.resize, self.cfg.imagesize, crop=self.cfg.crop,
                                 mean=self.mean, std=self.std)
 
     @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def embed(self, images: torch.Tensor, out: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch features ``[B * P, D]`` (float32 on the CPU, or written into ``out``)."""
         from filo.memory.patchcore import aggregate
 
         feats = self.net(images.to(self.device))
+        if out is not None and out.device != self.device:
+            rows, grid = aggregate(list(feats), self.cfg.patchsize, self.cfg.pretrain_dim,
+                                   self.cfg.target_dim)
+            out.copy_(rows)
+            return out, tuple(grid)
         rows, grid = aggregate(list(feats), self.cfg.patchsize, self.cfg.pretrain_dim,
-                               self.cfg.target_dim)
-        return rows.float().cpu(), tuple(grid)
+                               self.cfg.target_dim, out=out)
+        return (rows if out is not None else rows.float().cpu()), tuple(grid)
 
 
 class EmbedderCache:
@@ -190,24 +203,140 @@ class EmbedderCache:
         return view
 
 
+# working memory of one image in the WideResNet forward up to layer3, per input pixel (bytes,
+# a bound on the activations alive at once: docs/design.md §13.4), which sizes the batches
+ACTIVATION_BYTES_PER_PIXEL = 600
+
+
+def feature_dtype(cfg: MemoryConfig) -> torch.dtype:
+    return torch.float16 if cfg.feature_dtype == "float16" else torch.float32
+
+
+def images_per_batch(cfg: MemoryConfig, batch_size: int) -> int:
+    """``batch_size``, lowered so that one batch's activations stay within
+    ``--batch_memory_mb`` (at least 1)."""
+    side = cfg.tile or cfg.imagesize
+    per_image = side * side * ACTIVATION_BYTES_PER_PIXEL
+    return max(1, min(int(batch_size), (cfg.batch_memory_mb << 20) // per_image))
+
+
 def _load_images(root: Path, samples: Sequence[Sample], embedder: PatchEmbedder) -> torch.Tensor:
     from filo.data.transforms import decode_image
 
     return torch.stack([embedder.preprocess(decode_image(root / s.img_path)) for s in samples])
 
 
+@dataclass
+class TileLayout:
+    """Where one image's tiles lie: units ``first .. first + len(boxes)`` of the features."""
+
+    first: int
+    boxes: list[tuple[int, int]]
+    size: tuple[int, int]  # (H, W) of the image
+
+
+def _units(root: Path, samples: Sequence[Sample], embedder: PatchEmbedder):
+    """Network inputs one by one: images, or with ``--tile`` every image's tiles (with each
+    image's layout)."""
+    from filo.data.transforms import decode_image
+
+    cfg = embedder.cfg
+    for s in samples:
+        x = embedder.preprocess(decode_image(root / s.img_path))
+        if not cfg.tile:
+            yield x, None
+            continue
+        from filo.memory.tiles import split_tiles
+
+        tiles, boxes = split_tiles(x, cfg.tile, cfg.tile_overlap)
+        for j, t in enumerate(tiles):
+            yield t, ((boxes, tuple(x.shape[-2:])) if j == 0 else None)
+
+
+class FeatureBuffer:
+    """Patch features stored as they arrive: ``[units, P, D]`` preallocated for ``capacity``
+    units in ``dtype`` (grown only if images hold more tiles than the first one)."""
+
+    def __init__(self, capacity: int, dtype: torch.dtype) -> None:
+        self.capacity, self.dtype = max(1, capacity), dtype
+        self.data: torch.Tensor | None = None
+        self.n = 0
+
+    def slot(self, count: int, p: int, d: int) -> torch.Tensor:
+        if self.data is None:
+            self.data = torch.empty(self.capacity, p, d, dtype=self.dtype)
+        if self.n + count > self.data.shape[0]:
+            grown = torch.empty(max(self.n + count, 2 * self.data.shape[0]), p, d,
+                                dtype=self.dtype)
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+        view = self.data[self.n:self.n + count].view(count * p, d)
+        self.n += count
+        return view
+
+    def result(self) -> torch.Tensor:
+        return self.data[: self.n] if self.data is not None else torch.zeros(0, 0, 0)
+
+
+def embed_units(root: Path, samples: Sequence[Sample], embedder: PatchEmbedder,
+                batch_size: int = 8, desc: str | None = None, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, tuple[int, int], list[TileLayout] | None]:
+    """Patch features of every image (or tile), ``[units, P, D]``, the grid, and with ``--tile``
+    each image's :class:`TileLayout`.
+
+    Features go straight into one preallocated array (``dtype``, default ``--feature_dtype``);
+    batches hold at most :func:`images_per_batch` units.
+    """
+    cfg = embedder.cfg
+    dtype = dtype or feature_dtype(cfg)
+    per_batch = images_per_batch(cfg, batch_size)
+    layouts: list[TileLayout] | None = [] if cfg.tile else None
+    buf: FeatureBuffer | None = None
+    grid = (0, 0)
+    bar = tqdm(total=len(samples), desc=desc, unit="img", leave=False, disable=desc is None)
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        nonlocal buf, grid
+        if not pending:
+            return
+        x = torch.stack(pending)
+        pending.clear()
+        if buf is None:  # the first batch gives the grid and dimension
+            rows, grid = embedder.embed(x[:1])
+            p, d = rows.shape[0], rows.shape[1]
+            units_per_image = len(layouts[0].boxes) if layouts else 1
+            buf = FeatureBuffer(len(samples) * units_per_image, dtype)
+            buf.slot(1, p, d).copy_(rows)
+            x = x[1:]
+            if not len(x):
+                return
+        p, d = buf.data.shape[1:]
+        embedder.embed(x, out=buf.slot(len(x), p, d))
+
+    for x, layout in _units(root, samples, embedder):
+        if layout is not None:
+            done = (buf.n if buf is not None else 0) + len(pending)
+            layouts.append(TileLayout(done, layout[0], layout[1]))
+            if len(layouts) > 1:
+                bar.update(1)
+        elif layouts is None:
+            bar.update(1)
+        pending.append(x)
+        if len(pending) == per_batch:
+            flush()
+    flush()
+    if layouts:
+        bar.update(1)
+    bar.close()
+    return (buf.result() if buf is not None else torch.zeros(0, 0, cfg.target_dim)), grid, layouts
+
+
 def embed_images(root: Path, samples: Sequence[Sample], embedder: PatchEmbedder,
                  batch_size: int = 8, desc: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Patch features of every image, [len(samples), P, D], and the patch grid."""
-    out, grid = [], (0, 0)
-    bar = tqdm(total=len(samples), desc=desc, unit="img", leave=False, disable=desc is None)
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        rows, grid = embedder.embed(_load_images(root, chunk, embedder))
-        out.append(rows.reshape(len(chunk), -1, rows.shape[-1]))
-        bar.update(len(chunk))
-    bar.close()
-    return torch.cat(out), grid
+    """Patch features of every image, [len(samples), P, D], and the patch grid (not tiled)."""
+    feats, grid, _ = embed_units(root, samples, embedder, batch_size, desc)
+    return feats, grid
 
 
 @dataclass
@@ -228,6 +357,45 @@ def score_features(patches: torch.Tensor, scorer, grid: tuple[int, int], cfg: Me
                         np.asarray(image_scores(grid_scores, cfg.score_rule, cfg.topk)))
 
 
+def score_tiles(patches: torch.Tensor, layouts: Sequence[TileLayout], scorer,
+                grid: tuple[int, int], cfg: MemoryConfig) -> list[ScoredImages]:
+    """Tiled features [units, P, D] -> per image a stitched map at its native size [1, H, W]
+    (tile maps upsampled, overlaps averaged, then the Gaussian over the whole image) and its
+    image score over all its tiles' patches (docs/design.md §13.5)."""
+    from scipy import ndimage
+
+    from filo.memory.patchcore import image_scores, score_map
+    from filo.memory.tiles import stitch
+
+    out = []
+    for lay in layouts:
+        units = patches[lay.first:lay.first + len(lay.boxes)]
+        t, p, d = units.shape
+        patch_scores = np.asarray(scorer.scores(units.reshape(t * p, d))).reshape(t, p)
+        tile_maps, grid_scores = score_map(patch_scores, grid, cfg.tile, sigma=0)
+        full = ndimage.gaussian_filter(stitch(tile_maps, lay.boxes, lay.size), sigma=4.0)
+        out.append(ScoredImages(full[None].astype(np.float32),
+                                image_scores(grid_scores.reshape(1, -1), cfg.score_rule,
+                                             cfg.topk)))
+    return out
+
+
+def score_units(patches: torch.Tensor, layouts, scorer, grid, cfg: MemoryConfig
+                ) -> ScoredImages:
+    """:func:`score_features` or, tiled, :func:`score_tiles` with the maps' pixels flattened
+    per image (images may differ in size)."""
+    if layouts is None:
+        return score_features(patches, scorer, grid, cfg)
+    res = score_tiles(patches, layouts, scorer, grid, cfg)
+    if not res:
+        return ScoredImages(np.zeros((0,), np.float32), np.zeros((0,), np.float32))
+    maps = [r.maps for r in res]
+    same = all(m.shape == maps[0].shape for m in maps)
+    return ScoredImages(np.concatenate(maps) if same else
+                        np.concatenate([m.reshape(-1) for m in maps]),
+                        np.concatenate([r.scores for r in res]))
+
+
 def _coreset(rows: torch.Tensor, cfg: MemoryConfig, device) -> torch.Tensor:
     """Indices of the bank rows among ``rows`` (pick order)."""
     from filo.memory.patchcore import approximate_greedy_coreset
@@ -235,6 +403,48 @@ def _coreset(rows: torch.Tensor, cfg: MemoryConfig, device) -> torch.Tensor:
     idx = approximate_greedy_coreset(rows, cfg.coreset_fraction(), seed=cfg.seed, device=device,
                                      rng=cfg.coreset_rng_name(), arch=cfg.backbone)
     return idx
+
+
+def _streamed_bank(root: Path, imgs: Sequence[Sample], embedder: PatchEmbedder,
+                   cfg: MemoryConfig, batch_size: int, desc: str | None
+                   ) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """The bank chosen in stages when the images' patch features would exceed
+    ``--feature_memory_mb`` (docs/design.md §13.5), else None (one coreset of all features).
+
+    Blocks of images whose features fit half the budget are embedded one after another; each
+    keeps its own coreset (fraction ``sqrt(p)``, lowered so that what all blocks keep fits the
+    other half, never below ``p``) and is freed; the union's coreset then has the size of a
+    one-stage coreset, ``int(N * p)`` rows.
+    """
+    from filo.memory.patchcore import approximate_greedy_coreset
+
+    frac = cfg.coreset_fraction()
+    if frac >= 1 or len(imgs) < 2:
+        return None
+    probe, _, _ = embed_units(root, imgs[:1], embedder, batch_size)
+    per_image = probe.numel() * probe.element_size()
+    budget = cfg.feature_memory_mb << 20
+    total = per_image * len(imgs)
+    if total <= budget:
+        return None
+    block = max(1, (budget // 2) // per_image)
+    first = max(frac, min(frac ** 0.5, (budget / 2) / total))
+    kept, n_rows, grid = [], 0, (0, 0)
+    for i in range(0, len(imgs), block):
+        feats, grid, _ = embed_units(root, imgs[i:i + block], embedder, batch_size, desc)
+        rows = feats.reshape(-1, feats.shape[-1])
+        n_rows += rows.shape[0]
+        kept.append(rows[approximate_greedy_coreset(rows, first, seed=cfg.seed + i,
+                                                    device=embedder.device)].clone())
+        del feats, rows
+    union = torch.cat(kept)
+    del kept
+    want = int(n_rows * frac)
+    idx = approximate_greedy_coreset(union, min(1.0, want / max(1, len(union))), seed=cfg.seed,
+                                     device=embedder.device)
+    logger.info("staged coreset: %d rows from %d in %d blocks", len(idx), n_rows,
+                -(-len(imgs) // block))
+    return union[idx], grid
 
 
 def _scorer(bank: torch.Tensor | np.ndarray, cfg: MemoryConfig):
@@ -256,17 +466,26 @@ def calibration(maps: np.ndarray, scores: np.ndarray, cfg: MemoryConfig,
 
 
 def leave_one_out(feats: torch.Tensor, bank_idx: torch.Tensor, grid: tuple[int, int],
-                  cfg: MemoryConfig) -> ScoredImages:
-    """Each image of ``feats`` [B, P, D] scored against the bank rows (``bank_idx`` into the
-    flattened features) that did not come from its own patches."""
-    b, p, d = feats.shape
+                  cfg: MemoryConfig, layouts: Sequence[TileLayout] | None = None
+                  ) -> ScoredImages:
+    """Each image of ``feats`` [units, P, D] (one unit per image, or its tiles when
+    ``layouts`` is given) scored against the bank rows (``bank_idx`` into the flattened
+    features) that did not come from its own patches. Maps are flattened per image when the
+    images are tiled (they may differ in size)."""
+    units, p, d = feats.shape
     flat = feats.reshape(-1, d)
-    source = bank_idx // p  # the image each bank row came from
+    spans = ([(lay.first, lay.first + len(lay.boxes)) for lay in layouts]
+             if layouts is not None else [(i, i + 1) for i in range(units)])
+    owner = torch.empty(units, dtype=torch.long)
+    for i, (lo, hi) in enumerate(spans):
+        owner[lo:hi] = i
+    source = owner[bank_idx // p]  # the image each bank row came from
     maps, scores = [], []
-    for i in range(b):
+    for i, (lo, hi) in enumerate(spans):
         keep = bank_idx[source != i]
-        res = score_features(feats[i:i + 1], _scorer(flat[keep], cfg), grid, cfg)
-        maps.append(res.maps)
+        lay = None if layouts is None else [TileLayout(0, layouts[i].boxes, layouts[i].size)]
+        res = score_units(feats[lo:hi], lay, _scorer(flat[keep], cfg), grid, cfg)
+        maps.append(res.maps if layouts is None else res.maps.reshape(-1))
         scores.append(res.scores)
     return ScoredImages(np.concatenate(maps), np.concatenate(scores))
 
@@ -277,13 +496,23 @@ def build_class_bank(root: Path, cls_name: str, samples: Sequence[Sample], cfg: 
     bank_imgs, calib_imgs = choose_images(samples, cfg, cls_name)
     if cfg.calib_dir is not None and cfg.shots is None:
         calib_imgs = calibration_images(cfg.calib_dir, cls_name, n_classes)
-    feats, grid = embed_images(root, bank_imgs, embedder, batch_size, desc=f"{cls_name} features")
-    d = feats.shape[-1]
-    bank_idx = _coreset(feats.reshape(-1, d), cfg, embedder.device)
-    bank = feats.reshape(-1, d)[bank_idx]
+    cfg.check_tiles()
+    desc = f"{cls_name} features"
+    # staged coreset (features beyond --feature_memory_mb) only with separate calibration
+    # images: leave-one-out needs every image's features
+    streamed = (_streamed_bank(root, bank_imgs, embedder, cfg, batch_size, desc)
+                if calib_imgs is not None else None)
+    feats, layouts = None, None
+    if streamed is not None:
+        bank, grid = streamed
+    else:
+        feats, grid, layouts = embed_units(root, bank_imgs, embedder, batch_size, desc=desc)
+        d = feats.shape[-1]
+        bank_idx = _coreset(feats.reshape(-1, d), cfg, embedder.device)
+        bank = feats.reshape(-1, d)[bank_idx]
     if calib_imgs is None:  # leave one out: each image against the others' bank rows
         if len(bank_imgs) >= 2:
-            res = leave_one_out(feats, bank_idx, grid, cfg)
+            res = leave_one_out(feats, bank_idx, grid, cfg, layouts)
             cal = calibration(res.maps, res.scores, cfg, cls_name)
             used_for_calibration: list[str] = [s.img_path for s in bank_imgs]
         else:
@@ -293,15 +522,19 @@ def build_class_bank(root: Path, cls_name: str, samples: Sequence[Sample], cfg: 
         cal["method"] = ("leave-one-out over the shots" if cfg.shots is not None else
                          "leave-one-out over the train images")
     else:
-        cfeats, _ = embed_images(root, calib_imgs, embedder, batch_size)
-        res = score_features(cfeats, _scorer(bank, cfg), grid, cfg)
-        cal = calibration(res.maps, res.scores, cfg, cls_name)
+        feats = None  # (freed before the calibration images are embedded)
+        if calib_imgs:
+            cfeats, _, clayouts = embed_units(root, calib_imgs, embedder, batch_size)
+            res = score_units(cfeats, clayouts, _scorer(bank, cfg), grid, cfg)
+            cal = calibration(res.maps, res.scores, cfg, cls_name)
+        else:
+            cal = calibration(np.zeros((0,)), np.zeros((0,)), cfg)
         cal["method"] = (f"--calib_dir {cfg.calib_dir}" if cfg.calib_dir is not None else
                          f"held-out {cfg.calib_fraction:g} of the normal train images")
         used_for_calibration = [s.img_path for s in calib_imgs]
     meta = {"n_images": len(bank_imgs), "image_paths": [s.img_path for s in bank_imgs],
             "grid": list(grid), "calibration": {**cal, "images": used_for_calibration}}
-    return bank.numpy().astype(np.float32), meta
+    return bank.float().numpy(), meta
 
 
 def bank_meta(cfg: MemoryConfig, embedder: PatchEmbedder, bank: np.ndarray, fields: dict):
@@ -315,6 +548,7 @@ def bank_meta(cfg: MemoryConfig, embedder: PatchEmbedder, bank: np.ndarray, fiel
         target_dim=cfg.target_dim, resize=cfg.resize, imagesize=cfg.imagesize, crop=cfg.crop,
         coreset_percentage=cfg.coreset_fraction(), coreset_seed=cfg.seed, num_nn=cfg.num_nn,
         n_images=fields["n_images"], n_patches=int(bank.shape[0]), grid=fields["grid"],
+        tile=cfg.tile, tile_overlap=cfg.tile_overlap if cfg.tile else 0,
         shots=cfg.shots, image_paths=fields["image_paths"], filo_version=__version__,
         calibration=fields["calibration"],
         extra={"score_rule": cfg.score_rule, "topk": cfg.topk, "settings": cfg.to_dict(),
@@ -327,7 +561,8 @@ def build_settings(cfg: MemoryConfig, embedder: PatchEmbedder) -> dict[str, Any]
             "patchsize": cfg.patchsize, "pretrain_dim": cfg.pretrain_dim,
             "target_dim": cfg.target_dim, "resize": cfg.resize, "imagesize": cfg.imagesize,
             "crop": cfg.crop, "coreset_percentage": cfg.coreset_fraction(),
-            "coreset_seed": cfg.seed, "num_nn": cfg.num_nn, "shots": cfg.shots}
+            "coreset_seed": cfg.seed, "num_nn": cfg.num_nn, "shots": cfg.shots,
+            "tile": cfg.tile, "tile_overlap": cfg.tile_overlap if cfg.tile else 0}
 
 
 # settings recorded in meta.json's extra.settings that change the rows or the calibration

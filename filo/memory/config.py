@@ -21,6 +21,7 @@ SCORE_RULES = ("max", "topk_mean", "mean", "var")
 NN_BACKENDS = ("auto", "faiss", "torch")
 CORESET_RNGS = ("original", "filo")
 INDEXES = ("flat", "ivf", "hnsw")
+FEATURE_DTYPES = ("float32", "float16")
 WEIGHT_FILES = {"wrn50": "wide_resnet50_2-95faca4d.pth",
                 "wrn101": "wide_resnet101_2-32ee1156.pth"}
 DEFAULT_LAYERS = {"wrn50": "layer2,layer3", "wrn101": "layer2,layer3"}
@@ -83,6 +84,23 @@ class MemoryConfig:
         "PatchCore run's sequence for --seed, so banks pick its patches) or filo (filo's own "
         "seeded generator)", choices=CORESET_RNGS,
         default_help="original; filo with --backbone clip")
+    feature_dtype: str = setting(
+        "float32", "precision of the bank images' patch features held while the coreset is "
+        "chosen: float16 halves that memory (the bank rows are float16-rounded)",
+        choices=FEATURE_DTYPES)
+    batch_memory_mb: int = setting(
+        1024, "working memory of one feature-extraction batch (MB): fewer images per batch "
+        "than --batch_size when the images are large", check=at_least(64))
+    feature_memory_mb: int = setting(
+        16384, "most memory (MB) the bank images' patch features may take; beyond it the "
+        "coreset is chosen in stages (a coreset of each block of images, then of their union)",
+        check=at_least(64))
+    tile: int | None = setting(
+        None, "tiled bank: cut each image at its native resolution into SIZE x SIZE tiles "
+        "(no resize or crop); scoring tiles the same way and stitches the maps",
+        metavar="SIZE", check=at_least(32), default_help="off (resize + crop)")
+    tile_overlap: int = setting(32, "pixels shared by neighbouring tiles (--tile)",
+                                metavar="PX", check=at_least(0))
     no_bn_quirk: bool = setting(False, "skip the original's one train-mode forward of a ones "
                                 "image at --imagesize before inference (its BatchNorm statistics "
                                 "quirk)")
@@ -113,6 +131,11 @@ class MemoryConfig:
         if self.weights is not None:
             return Path(self.weights)
         return Path(os.environ.get("CKPT_DIR") or "ckpt") / WEIGHT_FILES[self.backbone]
+
+    def check_tiles(self) -> None:
+        if self.tile is not None and self.tile_overlap >= self.tile:
+            raise FiloError(f"--tile_overlap {self.tile_overlap} must be smaller than --tile "
+                            f"{self.tile}")
 
     @property
     def crop(self) -> bool:

@@ -29,6 +29,7 @@ import io
 import logging
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,9 @@ NN_INDEXES = ("flat", "ivf", "hnsw")
 
 # working-memory budget (bytes) of one chunk of a distance computation
 _CHUNK_BYTES = 1 << 27
+# relative rounding bound of |q|^2 - 2 q.b + |b|^2 in float32 (of |q|^2 + |b|^2): candidates
+# closer than this are near-ties and re-ranked by exactly computed distances
+_TIE_RTOL = 1e-5
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,36 +86,19 @@ def patchify(feat: torch.Tensor, patchsize: int = 3, stride: int = 1) -> torch.T
 
 
 def aggregate(features: Sequence[torch.Tensor], patchsize: int = 3, pretrain_dim: int = 1024,
-              target_dim: int = 1024, stride: int = 1
+              target_dim: int = 1024, stride: int = 1, *, out: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Locally aware patch features ``[B*H0*W0, target_dim]`` and the grid ``(H0, W0)``.
 
-    ``features``: per layer ``[B, C_l, H_l, W_l]``, the first layer defines the grid. See the
-    module docstring, step 1. Computed in the features' dtype and device.
+    ``features``: per layer ``[B, C_l, H_l, W_l]``, the first layer defines the grid. The result
+    is the module docstring's step 1, computed as grouped convolutions at each layer's own grid
+    followed by the upsampling (:mod:`filo.memory.aggregation`, docs/design.md §13.4), in the
+    features' dtype and device. ``out``: optional ``[B*H0*W0, target_dim]`` tensor written in
+    place (and returned).
     """
-    if not features:
-        raise ValueError("aggregate: no feature maps")
-    pooled: list[torch.Tensor] = []
-    ref: tuple[int, int] | None = None
-    batch = features[0].shape[0]
-    for feat in features:
-        if feat.shape[0] != batch:
-            raise ValueError("aggregate: the layers disagree on the batch size")
-        cols = _unfold(feat, patchsize, stride)  # [B, C*p*p, gh*gw] at the layer's own grid
-        grid = patch_grid(feat.shape[-2], feat.shape[-1], patchsize, stride)
-        width = cols.shape[1]
-        if ref is None:
-            ref = grid
-        elif grid != ref:
-            planes = cols.reshape(batch, width, *grid)
-            planes = F.interpolate(planes, size=ref, mode="bilinear", align_corners=False)
-            cols = planes.reshape(batch, width, ref[0] * ref[1])
-        rows = cols.transpose(1, 2).reshape(-1, 1, width)  # [B*P, 1, C*p*p]
-        pooled.append(F.adaptive_avg_pool1d(rows, pretrain_dim).squeeze(1))
-        del cols, rows
-    stacked = torch.stack(pooled, dim=1).reshape(len(pooled[0]), 1, -1)  # layer after layer
-    assert ref is not None
-    return F.adaptive_avg_pool1d(stacked, target_dim).squeeze(1), ref
+    from filo.memory.aggregation import fast_aggregate
+
+    return fast_aggregate(features, patchsize, pretrain_dim, target_dim, stride, out=out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,12 +188,31 @@ def approximate_greedy_coreset(features: torch.Tensor | np.ndarray, percentage: 
             from tqdm import tqdm
 
             steps = tqdm(steps, desc="coreset", unit="pick", leave=False)
-        for t in steps:
-            i = torch.argmax(min_dist)  # stays on the device: no synchronisation per pick
-            picks[t] = i
-            dist = (-2 * (proj @ proj[i]) + sq + sq[i]).clamp_(min=0).sqrt_()
-            torch.minimum(min_dist, dist, out=min_dist)
+        dist = torch.empty_like(min_dist)
+        with _pick_threads(device):
+            for t in steps:
+                i = torch.argmax(min_dist)  # stays on the device: no synchronisation per pick
+                picks[t] = i
+                torch.mv(proj, proj[i], out=dist)  # the same arithmetic, into one buffer
+                dist.mul_(-2).add_(sq).add_(sq[i]).clamp_(min=0).sqrt_()
+                torch.minimum(min_dist, dist, out=min_dist)
     return picks.cpu()
+
+
+@contextmanager
+def _pick_threads(device: torch.device):
+    """The CPU pick loop runs on one thread: each pick is one pass over ``N x 128`` floats,
+    which more threads do not speed up and a busy machine slows down 5-25x (measured on 2
+    cores: docs/design.md §13.4). The caller's thread count is restored afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,8 +255,9 @@ class NearestNeighbourScorer:
     (``IndexHNSWFlat``, ``hnsw_m`` links, ``ef_search``), approximate, for very large banks.
 
     ``refine`` (default True): the returned neighbours' squared distances are recomputed as
-    sums of squared differences (float32), and for exact search the ``k + 8`` best candidates
-    are re-ranked by them, so every backend and device gives the same scores for exact search.
+    sums of squared differences (float32), and for exact search the queries whose ``k``-th and
+    ``(k+1)``-th candidates are near-ties are re-ranked over ``k + 8`` candidates by them
+    (:meth:`search`), so every backend and device gives the same scores for exact search.
     faiss's BLAS route computes ``|q|^2 - 2 q.b + |b|^2``, which loses precision for near
     neighbours (up to ~6e-5 of a map's maximum); ``refine=False`` returns faiss's raw values as
     the original PatchCore did (the torch backend is always exact).
@@ -342,20 +349,40 @@ class NearestNeighbourScorer:
         return self._bank_t, self._bank_sq
 
     # ---- search ------------------------------------------------------------------------------
-    def _candidates(self) -> int:
-        exact = self.index_kind == "flat"
-        return min(len(self), self.k + 8) if (exact and (self.refine or self.backend == "torch")
-                                              ) else self.k
-
-    def _torch_candidates(self, q: torch.Tensor, kc: int) -> torch.Tensor:
+    def _torch_nearest(self, q: torch.Tensor, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Approximate squared distances ``[N, kc]`` (ascending) and rows: one ``addmm``
+        ``|b|^2 - 2 q.b`` per chunk into a reused buffer, ``|q|^2`` added after the selection."""
         bank, bank_sq = self._bank_on_device()
+        n, m = q.shape[0], len(self)
+        vals = torch.empty(n, kc, dtype=torch.float32, device=q.device)
+        idx = torch.empty(n, kc, dtype=torch.long, device=q.device)
+        step = max(1, min(n, _CHUNK_BYTES // (4 * m)))
+        buf = torch.empty(step, m, dtype=torch.float32, device=q.device)
+        bank_t = bank.T
         q_sq = (q * q).sum(1)
-        out = torch.empty(q.shape[0], kc, dtype=torch.long, device=q.device)
-        step = max(1, _CHUNK_BYTES // (4 * len(self)))
-        for i in range(0, q.shape[0], step):
-            d2 = (-2 * (q[i:i + step] @ bank.T) + q_sq[i:i + step, None]) + bank_sq[None]
-            out[i:i + step] = torch.topk(d2, kc, dim=1, largest=False).indices
-        return out
+        for i in range(0, n, step):
+            qc = q[i:i + step]
+            b = buf[: qc.shape[0]]
+            torch.addmm(bank_sq[None], qc, bank_t, alpha=-2, out=b)
+            if kc == 1:
+                v, ix = torch.min(b, dim=1, keepdim=True)
+            else:
+                v, ix = torch.topk(b, kc, dim=1, largest=False)
+            vals[i:i + step] = v + q_sq[i:i + step, None]
+            idx[i:i + step] = ix
+        return vals, idx
+
+    def _approximate(self, q: torch.Tensor, q_np: np.ndarray, kc: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.backend == "faiss":
+            dist, idx = self._faiss_index.search(q_np, kc)
+            if (idx[:, : self.k] < 0).any():
+                raise FiloError(f"the {self.index_kind} index found fewer than {self.k} "
+                                "neighbours for some patches; raise nprobe / ef_search or use "
+                                "the flat index")
+            return (torch.from_numpy(dist).to(self.device),
+                    torch.from_numpy(idx.astype(np.int64)).to(self.device))
+        return self._torch_nearest(q, kc)
 
     def _exact_rerank(self, q: torch.Tensor, idx: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,32 +394,47 @@ class NearestNeighbourScorer:
         for i in range(0, q.shape[0], step):
             diff = q[i:i + step, None, :] - bank[idx[i:i + step]]
             dist[i:i + step] = (diff * diff).sum(-1)
+        if kc == 1:
+            return dist, idx
         dist, order = torch.sort(dist, dim=1, stable=True)
         return dist[:, : self.k], torch.gather(idx, 1, order[:, : self.k])
 
     def search(self, queries: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(squared distances [N, k] float32, bank rows [N, k] int64)``, nearest first."""
+        """``(squared distances [N, k] float32, bank rows [N, k] int64)``, nearest first.
+
+        Exact search (flat index; faiss with ``refine``): the approximate ``k + 1`` nearest rows
+        come from one matrix product (torch) or faiss; rows whose ``k``-th and ``(k+1)``-th
+        approximate distances lie closer than the expansion's rounding bound (``_TIE_RTOL`` of
+        ``|q|^2 + max |b|^2``) are searched again with ``k + 8`` candidates; the returned
+        distances are recomputed as sums of squared differences and ranked by them.
+        """
         q_np = _as_float32_matrix(queries, "queries")
         if q_np.shape[1] != self.dim:
             raise FiloError(f"patch features of dimension {q_np.shape[1]} do not fit the memory "
                             f"bank's {self.dim}; rebuild the bank with the same feature settings")
-        kc = self._candidates()
-        if self.backend == "faiss":
-            dist, idx = self._faiss_index.search(q_np, kc)
-            if (idx[:, : self.k] < 0).any():
+        if self.backend == "faiss" and not self.refine:
+            dist, idx = self._faiss_index.search(q_np, self.k)
+            if (idx < 0).any():
                 raise FiloError(f"the {self.index_kind} index found fewer than {self.k} "
                                 "neighbours for some patches; raise nprobe / ef_search or use "
                                 "the flat index")
-            if not self.refine:
-                return dist[:, : self.k], idx[:, : self.k].astype(np.int64)
-            idx_t = torch.from_numpy(idx.astype(np.int64)).to(self.device)
-        else:
-            idx_t = None
+            return dist, idx.astype(np.int64)
+        exact = self.index_kind == "flat"
         q = torch.from_numpy(q_np).to(self.device)
-        if idx_t is None:
-            idx_t = self._torch_candidates(q, kc)
-        dist_t, idx_t = self._exact_rerank(q, idx_t)
-        return dist_t.cpu().numpy(), idx_t.cpu().numpy()
+        m = len(self)
+        kc = min(m, self.k + 1) if exact else self.k
+        approx, idx = self._approximate(q, q_np, kc)
+        dist, best = self._exact_rerank(q, idx[:, : self.k].contiguous())
+        if exact and kc > self.k:
+            _, bank_sq = self._bank_on_device()
+            tol = _TIE_RTOL * ((q * q).sum(1) + bank_sq.max())
+            ties = torch.nonzero(approx[:, self.k] - approx[:, self.k - 1] <= tol).flatten()
+            if len(ties):
+                qt = q[ties]
+                _, tidx = self._approximate(qt, np.ascontiguousarray(q_np[ties.cpu().numpy()]),
+                                            min(m, self.k + 8))
+                dist[ties], best[ties] = self._exact_rerank(qt, tidx)
+        return dist.cpu().numpy(), best.cpu().numpy()
 
     def scores(self, queries: torch.Tensor | np.ndarray) -> np.ndarray:
         """Patch scores ``[N]`` float32: mean squared L2 distance to the ``k`` nearest rows."""

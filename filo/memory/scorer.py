@@ -88,6 +88,10 @@ class MemoryInputs:
         from filo.memory.transforms import patchcore_tensor
 
         p = self.params.get(cls_name) or next(iter(self.params.values()))
+        if p.get("tile"):
+            from filo.memory.tiles import tile_tensor
+
+            return tile_tensor(img, tuple(p["mean"]), tuple(p["std"]))
         return patchcore_tensor(img, p["resize"], p["imagesize"], crop=p["crop"],
                                 mean=tuple(p["mean"]), std=tuple(p["std"]))
 
@@ -194,7 +198,7 @@ class MemoryScorer:
         for c, cfg in self._cfgs.items():
             emb = self._embedder(c)
             params[c] = {"resize": cfg.resize, "imagesize": cfg.imagesize, "crop": cfg.crop,
-                         "mean": list(emb.mean), "std": list(emb.std)}
+                         "tile": cfg.tile, "mean": list(emb.mean), "std": list(emb.std)}
         return MemoryInputs(params)
 
     def mask_transform(self) -> MemoryMasks:
@@ -230,6 +234,9 @@ class MemoryScorer:
         for cls_name in dict.fromkeys(classes):
             idx = [i for i, c in enumerate(classes) if c == cls_name]
             cfg = self._cfgs[cls_name]
+            if cfg.tile:
+                self._score_tiled(images, idx, cls_name, size, maps, scores)
+                continue
             res = self._score_class(images, idx, cls_name)
             fill = float(self._metas[cls_name].calibration.get("pixel_mean",
                                                                float(res.maps.min())))
@@ -238,6 +245,28 @@ class MemoryScorer:
                 maps[i] = to_full_geometry(res.maps[j], size, crop, fill)
                 scores[i] = res.scores[j]
         return maps, scores
+
+    def _score_tiled(self, images, idx: list[int], cls_name: str, size: int,
+                     maps: np.ndarray, scores: np.ndarray) -> None:
+        """Tiled bank: each image's native-resolution tiles, maps stitched at the image's size,
+        then resized to the run's ``size x size`` (docs/design.md §13.5)."""
+        from filo.memory.build import TileLayout, images_per_batch, score_tiles
+        from filo.memory.tiles import split_tiles
+
+        cfg = self._cfgs[cls_name]
+        embedder = self._embedder(cls_name)
+        per_batch = images_per_batch(cfg, 8)
+        for i in idx:
+            x = images[i]
+            tiles, boxes = split_tiles(x, cfg.tile, cfg.tile_overlap)
+            parts, grid = [], (0, 0)
+            for start in range(0, len(tiles), per_batch):
+                rows, grid = embedder.embed(tiles[start:start + per_batch])
+                parts.append(rows.reshape(-1, grid[0] * grid[1], rows.shape[-1]))
+            res = score_tiles(torch.cat(parts), [TileLayout(0, boxes, tuple(x.shape[-2:]))],
+                              self._scorer(cls_name), grid, cfg)[0]
+            maps[i] = to_full_geometry(res.maps[0], size, None, 0.0)
+            scores[i] = res.scores[0]
 
 
 def _read_meta(directory: Path, cls_name: str):
