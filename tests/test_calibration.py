@@ -107,11 +107,18 @@ def test_a_four_image_class_keeps_every_patch_and_calibrates_with_spread(tmp_pat
         def preprocess(self, img):
             return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
 
-        def embed(self, x):
-            return x.permute(0, 2, 3, 1).reshape(-1, 3), (4, 4)
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+        def embed(self, x, out=None):
+            rows = x.permute(0, 2, 3, 1).reshape(-1, 3)
+            if out is not None:
+                out.copy_(rows)
+                rows = out
+            return rows, (4, 4)
 
     cfg = MemoryConfig(coreset=1.0, imagesize=4, nn_backend="torch")
-    bank, meta = build_class_bank(tmp_path, "c", samples, cfg, PixelEmbedder())
+    bank, meta = build_class_bank(tmp_path, "c", samples, cfg, PixelEmbedder(cfg))
     assert bank.shape == (4 * 16, 3) and meta["n_images"] == 4
     cal = meta["calibration"]
     assert cal["n_images"] == 4 and "leave-one-out" in cal["method"] and cal["image_std"] > 0
@@ -145,15 +152,22 @@ def test_calib_dir_images_are_scored_against_the_whole_bank(tmp_path):
         def preprocess(self, img):
             return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
 
-        def embed(self, x):
-            return x.permute(0, 2, 3, 1).reshape(-1, 3), (2, 2)
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+        def embed(self, x, out=None):
+            rows = x.permute(0, 2, 3, 1).reshape(-1, 3)
+            if out is not None:
+                out.copy_(rows)
+                rows = out
+            return rows, (2, 2)
 
     cfg = MemoryConfig(coreset=1.0, imagesize=2, nn_backend="torch",
                        calib_dir=tmp_path / "normal")
     with pytest.raises(FiloError, match="holds 2 image"):  # fewer than 3: one clear line
-        build_class_bank(tmp_path, "c", samples, cfg, PixelEmbedder())
+        build_class_bank(tmp_path, "c", samples, cfg, PixelEmbedder(cfg))
     Image.fromarray(rng.integers(0, 255, (2, 2, 3), dtype=np.uint8)).save(cal_dir / "2.png")
-    bank, meta = build_class_bank(tmp_path, "c", samples, cfg, PixelEmbedder())
+    bank, meta = build_class_bank(tmp_path, "c", samples, cfg, PixelEmbedder(cfg))
     assert bank.shape == (3 * 4, 3) and meta["n_images"] == 3  # every train image in the bank
     cal = meta["calibration"]
     assert cal["n_images"] == 3 and "--calib_dir" in cal["method"]
