@@ -41,6 +41,7 @@ from filo.evaluation.report import (
     COLUMNS,
     EXTRA_COLUMNS,
     IMAGE_COLUMNS,
+    MAD_COLUMNS,
     SAMPLE_COLUMNS,
     ClassResult,
     class_metrics,
@@ -55,6 +56,7 @@ from filo.pipeline import Pipeline, PipelineConfig, build_pipeline
 from filo.settings import as_dict, at_least, setting
 
 logger = logging.getLogger(__name__)
+PIXEL_COLUMNS = ("auroc_px", "f1_px", "ap_px", "aupro", "aupro_exact")
 
 DATASETS = ("mvtec", "visa", "folder", "meta", "mpdd", "btad", "mvtec_ad2", "realiad", "auto")
 DATA_ENV = {"mvtec": "MVTEC_ROOT", "visa": "VISA_ROOT", "mpdd": "MPDD_ROOT",
@@ -106,6 +108,28 @@ class RunConfig:
         "(realiad_jsons_sv, realiad_jsons_fuiad_0.2, ...) or one multi-class JSON file; "
         "relative to --data_path or its realiad_jsons/, or absolute",
         default_help="the multi-view realiad_jsons")
+
+    normal_dir: str | None = setting(
+        None, "--dataset folder, a tree in no layout (anomalib's Folder names): folder of normal "
+        "training images, relative to --data_path (its last fifth is tested unless "
+        "--normal_test_dir is given)", metavar="DIR")
+    abnormal_dir: str | None = setting(
+        None, "--dataset folder: a folder of anomalous test images, one defect type (repeat the "
+        "flag for several)", metavar="DIR", repeatable=True)
+    mask_dir: str | None = setting(
+        None, "--dataset folder: masks of the --abnormal_dir images ({name}_mask.png or "
+        "{name}.png, in DIR/<defect>/ or DIR/)", metavar="DIR", default_help="no masks")
+    normal_test_dir: str | None = setting(
+        None, "--dataset folder: folder of normal test images", metavar="DIR",
+        default_help="the last fifth of --normal_dir")
+
+    def folder_spec(self):
+        """The named folders of ``--normal_dir`` ... (:class:`~filo.data.layouts.FolderSpec`)."""
+        from filo.data.layouts import FolderSpec
+
+        dirs = tuple(d.strip() for d in (self.abnormal_dir or "").split(",") if d.strip())
+        return FolderSpec(normal_dir=self.normal_dir, abnormal_dirs=dirs, mask_dir=self.mask_dir,
+                          normal_test_dir=self.normal_test_dir)
 
     def class_list(self) -> list[str] | None:
         if not self.classes:
@@ -177,7 +201,7 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
     check_outputs_writable(run)
     split = load_split(run.data_path, run.dataset, "test", run.class_list(),
                        source="--data_path", allow_outside_root=run.allow_outside_root,
-                       realiad_split=run.realiad_split)
+                       realiad_split=run.realiad_split, folders=run.folder_spec())
     coco_classes = coco_eval_classes(run, pipeline, split, log) if run.coco_eval else []
     empty = [c for c, group in split.items() if not group]
     for cls_name in empty:
@@ -191,14 +215,14 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
     samples = [s for group in split.values() for s in group]
     prompts = None
     if not run.from_cache and pipeline_factory is None:
-        from filo.pipeline import load_pipeline_prompts
+        from filo.pipeline import generic_prompts_note, load_pipeline_prompts
 
         prompts = load_pipeline_prompts(pipeline)
-        unknown = [c for c in split if not prompts.has_class(c)]
-        if unknown and (pipeline.uses_filo or pipeline.grounding):
-            raise FiloError(f"class {unknown[0]!r} of {run.data_path} has no prompts in "
-                            f"{prompts.source}; add it to a prompt file and pass --prompts "
-                            f"(see prompts/README.md)")
+        if pipeline.uses_filo or pipeline.grounding:
+            covered, added = prompts.covering(list(split))
+            if added:
+                log(f"[filo] warning: {generic_prompts_note(added, prompts.source, str(run.data_path))}")
+                prompts = covered
     out_dir = Path(run.save_path or "outputs/results/test")
     cache = PredictionCache(out_dir / "cache", cache_key(run, pipeline))
     sources = {s.img_path: input_identity(run.data_path, s.img_path, s.mask_path)
@@ -289,6 +313,8 @@ def cache_key(run: RunConfig, pipeline: PipelineConfig) -> dict[str, Any]:
     key = {**pipeline.cache_key(), "data_root": str(Path(run.data_path).resolve())}
     if run.realiad_split is not None:  # a variant may label an image differently
         key["realiad_split"] = str(run.realiad_split)
+    if run.folder_spec().given():  # named folders decide the labels
+        key["folders"] = [run.normal_dir, run.abnormal_dir, run.mask_dir, run.normal_test_dir]
     return key
 
 
@@ -330,16 +356,25 @@ def _evaluate_classes(split: dict[str, list[Sample]], cache: PredictionCache,
         if labels_set == {0}:
             logger.warning("class %s has no anomalous test images: scores only, its metrics "
                            "are not available", cls_name)
-        elif pixel and not has_masks(group):
-            logger.warning("class %s has anomalous images without masks: image-level metrics "
-                           "only", cls_name)
         preds = [_must_get(cache, s) for s in group]
         maps = np.stack([p.anomaly_map for p in preds])
         masks = np.stack([p.mask for p in preds])
         labels = np.array([p.label for p in preds])
         scores = np.array([p.image_score for p in preds])
+        partial = pixel and not has_masks(group) and any(s.mask_path for s in group if s.anomaly)
+        if labels_set != {0} and pixel and not has_masks(group):
+            logger.warning("class %s has anomalous images without masks: %s", cls_name,
+                           "pixel metrics over the images with ground truth (normal images and "
+                           "masked anomalies)" if partial else "image-level metrics only")
         result = class_metrics(cls_name, masks, maps, labels, scores,
                                pixel=pixel and has_masks(group))
+        if partial:  # pixel columns from the images with ground truth (design.md 3.1)
+            keep = [i for i, s in enumerate(group) if not s.anomaly or s.mask_path]
+            px = class_metrics(cls_name, masks[keep], maps[keep], labels[keep], scores[keep])
+            result.values.update({c: px.values[c] for c in PIXEL_COLUMNS})
+            mad = [result.values[c] for c in MAD_COLUMNS]
+            result.values["mAD"] = (float(np.mean(mad)) if not any(np.isnan(mad))
+                                    else float("nan"))
         if per_sample:  # Real-IAD: also per physical sample (max over its views)
             from filo.data.layouts import realiad_sample_key
 
