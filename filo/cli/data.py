@@ -75,8 +75,14 @@ def summary_lines(root, dataset: str = "auto", split: str | None = None, folders
     classes = list(dict.fromkeys(c for sp in splits for c in found[sp]))
     lines = [f"{root}: {dataset} layout, {len(classes)} class(es)"]
     for cls_name in classes:
-        total = {sp: len(found[sp].get(cls_name, [])) for sp in splits}
-        lines.append(f"{cls_name}: " + ", ".join(f"{sp} {n}" for sp, n in total.items()))
+        main_split = splits[-1]  # test (as before), or the one split asked for
+        group = found[main_split].get(cls_name, [])
+        n_anom = sum(x.anomaly for x in group)
+        line = (f"{cls_name}: {len(group)} images ({len(group) - n_anom} normal, {n_anom} "
+                f"anomalous)")
+        if len(splits) == 2:
+            line += f" in test; {len(found['train'].get(cls_name, []))} images in train"
+        lines.append(line)
         for sp in splits:
             groups: dict[str, list] = {}
             for smp in found[sp].get(cls_name, []):
