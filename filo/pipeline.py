@@ -130,6 +130,28 @@ class PipelineConfig:
         return self.ckpt_path is not None and self.fusion_mode != "memory"
 
     @property
+    def map_name(self) -> str:
+        """What the maps of this pipeline are, in words (titles, log lines, the gallery)."""
+        boxes = " with GroundingDINO boxes" if self.grounding else ""
+        if self.uses_filo and self.uses_memory:
+            return f"fused map (FiLo{boxes} + memory bank, {self.fusion_mode})"
+        if self.uses_memory:
+            return "memory-bank map (PatchCore distances)"
+        if self.uses_filo:
+            return f"FiLo map{boxes}"
+        return "GroundingDINO box map"
+
+    @property
+    def map_label(self) -> str:
+        """:attr:`map_name` in a few words (panel titles)."""
+        boxes = " + boxes" if self.grounding else ""
+        if self.uses_filo and self.uses_memory:
+            return f"fused map ({self.fusion_mode})"
+        if self.uses_memory:
+            return "memory-bank map"
+        return f"FiLo map{boxes}" if self.uses_filo else "box map"
+
+    @property
     def fusion_mode(self) -> str:
         """The effective --fusion (its default depends on what is given)."""
         if self.memory_bank is None:
@@ -331,11 +353,7 @@ class Pipeline:
         so the threshold sits in the middle of the bar (mean + 6 std without a threshold)."""
         if not self.raw_memory_maps:
             return 0.0, 1.0
-        cal = self.memory.meta(cls_name).calibration
-        thr = cal.get("pixel_threshold")
-        hi = 2.0 * float(thr) if thr else float(cal.get("pixel_mean", 0.0)) + 6.0 * float(
-            cal.get("pixel_std", 1.0))
-        return 0.0, hi if hi > 0 else 1.0
+        return memory_map_range(self.memory.meta(cls_name).calibration)
 
     def _fuse_memory(self, batch: ImageBatch, classes: list[str], filo_maps: np.ndarray,
                      filo_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -428,6 +446,16 @@ def detection_record(det) -> dict[str, Any]:
     return {**det.to_json(), "image_size": [int(v) for v in det.image_size]}
 
 
+def memory_map_range(calibration: dict) -> tuple[float, float]:
+    """The colour scale of raw memory-bank distances from a bank's calibration: (0, 2 x the
+    pixel threshold), so the threshold sits in the middle of the bar (mean + 6 std without
+    one)."""
+    thr = calibration.get("pixel_threshold")
+    hi = 2.0 * float(thr) if thr else float(calibration.get("pixel_mean", 0.0)) + 6.0 * float(
+        calibration.get("pixel_std", 1.0))
+    return 0.0, hi if hi > 0 else 1.0
+
+
 def generic_prompts_note(added, source: str, where: str) -> str:
     """The warning line for classes that run on the generic defect phrases."""
     names = ", ".join(repr(c) for c in added)
@@ -482,4 +510,5 @@ def build_pipeline(config: PipelineConfig, *, prompts: PromptTable | None = None
 
 
 __all__ = ["BoxStepResult", "ImagePrediction", "Pipeline", "PipelineConfig", "RESEARCH_RULES",
-           "box_step", "build_pipeline", "generic_prompts_note", "load_pipeline_prompts"]
+           "box_step", "build_pipeline", "generic_prompts_note", "load_pipeline_prompts",
+           "memory_map_range"]

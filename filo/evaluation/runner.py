@@ -426,8 +426,8 @@ def _write_outputs(run: RunConfig, pipeline: PipelineConfig, split: dict[str, li
         atomic_write_text(run.save_coco, json.dumps(coco) + "\n")
     if run.viz_dir is not None:
         index = write_visualisations(run, split, cache, table,
-                                     title=f"filo test: {run.dataset} {run.data_path}"
-                                     + ("" if pipeline.uses_filo else " (GroundingDINO box map)"))
+                                     title=f"filo test: {run.dataset} {run.data_path} "
+                                     f"({pipeline.map_name})", pipeline=pipeline)
         log(f"[filo] visualisations: {index}")
     log("")
     log(table)
@@ -474,10 +474,69 @@ def coco_evaluation(run: RunConfig, split: dict[str, list[Sample]], cache: Predi
                         files={"ground_truth": COCO_GT_FILE, "detections": COCO_DT_FILE})
 
 
+VIZ_QUANTILES = (1.0, 99.5)  # per-run colour scale: these percentiles of a class's maps
+
+
+def visual_scales(pipeline: PipelineConfig | None, split: dict[str, list[Sample]],
+                  cache: PredictionCache) -> tuple[dict[str, tuple[float, float]], str]:
+    """The gallery's colour scale of every class, and how it was chosen (design.md 8.1):
+
+    * raw memory-bank distances: the bank's calibrated range (0 .. 2 x pixel threshold);
+    * fused maps (a logistic of z-scores against the normal calibration images): 0.5 (the
+      normal images' mean) .. logistic(6) (6 standard deviations above it);
+    * a FiLo map with a bank that holds FiLo's normal-image statistics: their mean .. mean +
+      6 std;
+    * otherwise the 1st .. 99.5th percentile of all maps of the class in this run."""
+    import json as _json
+
+    from filo.memory.bank import bank_dir
+    from filo.pipeline import memory_map_range
+
+    def calibration(cls_name: str) -> dict:
+        if pipeline is None or pipeline.memory_bank is None:
+            return {}
+        path = bank_dir(pipeline.memory_bank, cls_name) / "meta.json"
+        try:
+            return dict(_json.loads(path.read_text()).get("calibration") or {})
+        except (OSError, ValueError):
+            return {}
+
+    scales, how = {}, set()
+    for cls_name, group in split.items():
+        cal = calibration(cls_name)
+        filo_cal = cal.get("filo") or {}
+        if pipeline is not None and pipeline.uses_memory and not pipeline.uses_filo and cal:
+            scales[cls_name] = memory_map_range(cal)
+            how.add("the memory bank's calibrated range (0 to twice its pixel threshold)")
+            continue
+        if pipeline is not None and pipeline.uses_memory and pipeline.uses_filo and cal:
+            scales[cls_name] = (0.5, float(1.0 / (1.0 + np.exp(-6.0))))
+            how.add("fused z-scores against the normal calibration images: 0.5 = their mean, "
+                    "top = 6 standard deviations above")
+            continue
+        if filo_cal.get("pixel_std") and pipeline is not None and pipeline.uses_filo:
+            mean, std = float(filo_cal["pixel_mean"]), float(filo_cal["pixel_std"])
+            scales[cls_name] = (mean, mean + 6.0 * std)
+            how.add("FiLo's normal-image statistics from the memory bank (mean to mean + 6 std)")
+            continue
+        values = np.concatenate([np.asarray(_must_get(cache, s).anomaly_map,
+                                            dtype=np.float32).ravel()[::7] for s in group])
+        values = values[np.isfinite(values)]
+        lo, hi = ((float(v) for v in np.percentile(values, VIZ_QUANTILES)) if values.size
+                  else (0.0, 1.0))
+        if not hi > lo:
+            hi = lo + (abs(lo) * 1e-3 or 1e-6)
+        scales[cls_name] = (lo, hi)
+        how.add(f"per class, percentiles {VIZ_QUANTILES[0]:g} to {VIZ_QUANTILES[1]:g} of "
+                f"all its maps in this run")
+    return scales, "; ".join(sorted(how)) or "0 to 1"
+
+
 def write_visualisations(run: RunConfig, split: dict[str, list[Sample]], cache: PredictionCache,
-                         table: str | None, title: str) -> Path:
-    """One panel per image (input, map overlay on a fixed 0..1 scale, GT outline, boxes) and
-    ``index.html``; visual options never touch the cached numbers."""
+                         table: str | None, title: str,
+                         pipeline: PipelineConfig | None = None) -> Path:
+    """One panel per image (input, map overlay on the run's colour scale, GT outline, boxes)
+    and ``index.html``; visual options never touch the cached numbers."""
     from filo.data.transforms import load_rgb
     from filo.viz import VizWriter
 
@@ -486,8 +545,12 @@ def write_visualisations(run: RunConfig, split: dict[str, list[Sample]], cache: 
     def load_image(img_path: str) -> np.ndarray:
         return np.asarray(load_rgb(root / img_path if root is not None else img_path))
 
+    scales, how = visual_scales(pipeline, split, cache)
     writer = VizWriter(run.viz_dir, 0.0, 1.0, run.viz_limit, run.viz_only_errors, None,
-                       run.viz_lift_boxes, load_image=load_image, root=root)
+                       run.viz_lift_boxes, load_image=load_image, root=root, scales=scales,
+                       scale_note=how,
+                       map_name=pipeline.map_name if pipeline is not None else "anomaly map",
+                       map_label=pipeline.map_label if pipeline is not None else None)
     total = sum(len(g) for g in split.values())
     with tqdm(total=total, desc="visualise", unit="img", dynamic_ncols=True) as bar:
         for group in split.values():
