@@ -475,6 +475,7 @@ def coco_evaluation(run: RunConfig, split: dict[str, list[Sample]], cache: Predi
 
 
 VIZ_QUANTILES = (1.0, 99.5)  # per-run colour scale: these percentiles of a class's maps
+VIZ_SAMPLE = 4_000_000  # at most about this many map values per class enter the percentiles
 
 
 def visual_scales(pipeline: PipelineConfig | None, split: dict[str, list[Sample]],
@@ -519,8 +520,10 @@ def visual_scales(pipeline: PipelineConfig | None, split: dict[str, list[Sample]
             scales[cls_name] = (mean, mean + 6.0 * std)
             how.add("FiLo's normal-image statistics from the memory bank (mean to mean + 6 std)")
             continue
-        values = np.concatenate([np.asarray(_must_get(cache, s).anomaly_map,
-                                            dtype=np.float32).ravel()[::7] for s in group])
+        maps = [np.asarray(_must_get(cache, s).anomaly_map, dtype=np.float32).ravel()
+                for s in group]
+        stride = max(1, sum(m.size for m in maps) // VIZ_SAMPLE)  # bounded memory and time
+        values = np.concatenate([m[::stride] for m in maps])
         values = values[np.isfinite(values)]
         lo, hi = ((float(v) for v in np.percentile(values, VIZ_QUANTILES)) if values.size
                   else (0.0, 1.0))
