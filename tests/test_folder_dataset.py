@@ -154,3 +154,31 @@ def test_test_py_on_a_one_class_root_without_a_prompt_entry(part, tmp_path, tiny
     assert "no box step; maps: FiLo map" in out and "generic defect phrases" in out
     row = json.loads((tmp_path / "run" / "results.json").read_text())["classes"]["bracket"]
     assert row["auroc_px"] is not None and row["auroc_sp"] is not None
+
+
+def test_memory_build_on_a_part_folder_and_the_clip_size_flags(part, tmp_path, tiny_filo_ckpt,
+                                                               synthetic_prompts, capsys):
+    """`filo.memory build --backbone clip` at another size names the flags that fix it (with
+    the tower's size); with them the bank of the one-class root is built."""
+    from filo.cli.memory import main
+
+    ckpt, _ = tiny_filo_ckpt  # a 32 px CLIP tower
+    base = ["build", "--dataset", "folder", "--data_path", str(part), "--out",
+            str(tmp_path / "banks"), "--backbone", "clip", "--layers", "2,3", "--ckpt_path",
+            str(ckpt), "--prompts", str(synthetic_prompts), "--device", "cpu"]
+
+    def run(*extra):
+        try:
+            return main([*base, *extra])
+        except SystemExit as exc:
+            return exc.code
+
+    assert run() == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "--resize 32 --imagesize 32 --no_crop" in err[0]
+    assert "Traceback" not in err[0] and "image_size=" not in err[0]
+    assert run("--resize", "32", "--imagesize", "32", "--no_crop") in (0, None)
+    assert (tmp_path / "banks" / "bracket" / "meta.json").is_file()
+    meta = json.loads((tmp_path / "banks" / "bracket" / "meta.json").read_text())
+    assert meta["imagesize"] == 32 and all(p.startswith("train/good/") for p in meta["image_paths"])
+    assert meta["n_images"] + meta["calibration"]["n_images"] == 4  # bank + calibration images
