@@ -182,3 +182,14 @@ def test_memory_build_on_a_part_folder_and_the_clip_size_flags(part, tmp_path, t
     meta = json.loads((tmp_path / "banks" / "bracket" / "meta.json").read_text())
     assert meta["imagesize"] == 32 and all(p.startswith("train/good/") for p in meta["image_paths"])
     assert meta["n_images"] + meta["calibration"]["n_images"] == 4  # bank + calibration images
+
+
+def test_doctor_reports_an_own_dataset(part, tmp_path):
+    from filo.doctor import OK, check_own_dataset
+
+    row = check_own_dataset(part)
+    assert row.status == OK
+    assert "folder layout: 1 class(es), 4 train, 6 test images, 4 anomalous" in row.item
+    (tmp_path / "empty" / "test").mkdir(parents=True)
+    bad = check_own_dataset(tmp_path / "empty")
+    assert bad.status != OK and str(tmp_path / "empty") in bad.fix
