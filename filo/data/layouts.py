@@ -241,7 +241,7 @@ def scan_folder(root: str | os.PathLike, split: str = "test",
                 classes: str | Sequence[str] | None = None, *, source: str = "--root",
                 folders: FolderSpec | None = None, allow_empty: bool = False,
                 ) -> dict[str, list[Sample]]:
-    """Scan a generic folder tree (design.md section 3.1). ``root`` is either one class
+    """Scan a generic folder tree (design.md section 9.1). ``root`` is either one class
     (``train/good``, ``test/good``, ``test/{defect}``, optional ``ground_truth/{defect}`` masks;
     the class is named after the folder) or a folder of such classes (``{cls}/train/good`` ...).
     Masks are ``{name}_mask.<ext>`` or ``{name}.<ext>``; a defect folder without a mask folder

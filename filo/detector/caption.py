@@ -28,7 +28,7 @@ def phrase_from_token_probs(token_probs: torch.Tensor, input_ids: Sequence[int],
     ``0 .. left_idx`` (the ``[CLS]`` token) and ``right_idx ..`` are never selected; the other
     selected token ids ("." included when selected) go through ``tokenizer.decode`` in caption
     order. Positions past the caption's tokens are ignored. Unlike it, tokenizer tokens never
-    reach the phrase (design.md section 6.1): special tokens (``[SEP]``, ``[CLS]``, ``[PAD]``
+    reach the phrase (design.md section 6): special tokens (``[SEP]``, ``[CLS]``, ``[PAD]``
     ...) are dropped before decoding and a word piece selected without its word start loses its
     ``##`` mark. Box matching is unchanged (no word or phrase contains those tokens).
     """

@@ -368,7 +368,7 @@ def _evaluate_classes(split: dict[str, list[Sample]], cache: PredictionCache,
                            "masked anomalies)" if partial else "image-level metrics only")
         result = class_metrics(cls_name, masks, maps, labels, scores,
                                pixel=pixel and has_masks(group))
-        if partial:  # pixel columns from the images with ground truth (design.md 3.1)
+        if partial:  # pixel columns from the images with ground truth (design.md 9.1)
             keep = [i for i, s in enumerate(group) if not s.anomaly or s.mask_path]
             px = class_metrics(cls_name, masks[keep], maps[keep], labels[keep], scores[keep])
             result.values.update({c: px.values[c] for c in PIXEL_COLUMNS})
@@ -480,7 +480,7 @@ VIZ_SAMPLE = 4_000_000  # at most about this many map values per class enter the
 
 def visual_scales(pipeline: PipelineConfig | None, split: dict[str, list[Sample]],
                   cache: PredictionCache) -> tuple[dict[str, tuple[float, float]], str]:
-    """The gallery's colour scale of every class, and how it was chosen (design.md 8.1):
+    """The gallery's colour scale of every class, and how it was chosen (design.md section 8.2):
 
     * raw memory-bank distances: the bank's calibrated range (0 .. 2 x pixel threshold);
     * fused maps (a logistic of z-scores against the normal calibration images): 0.5 (the

@@ -217,7 +217,7 @@ class Engine:
         """Run every model once per class (up to ``max_classes``) on a plain grey image, and
         draw one panel, so that the first real request costs what later ones do (lazy weights,
         prompt encodings, kernels, image code paths); nothing is written. Returns the number of
-        classes warmed. The CLI calls it before the port opens (design.md section 9)."""
+        classes warmed. The CLI calls it before the port opens (design.md section 15.1)."""
         from filo.viz import render_panel
 
         grey = Image.new("RGB", size, (128, 128, 128))

@@ -65,7 +65,7 @@ def f1_optimal_threshold(labels: Sequence[int], scores: Sequence[float]) -> floa
     return float(s[last][int(np.argmax(f1))])
 
 
-def _box_rows(record: "_Record") -> list[tuple[str, float | None, bool]]:
+def _box_rows(record: _Record) -> list[tuple[str, float | None, bool]]:
     """(phrase, score, counted) of each box of a record, for the index page."""
     if not record.boxes:
         return []
