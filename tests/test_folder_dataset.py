@@ -193,3 +193,23 @@ def test_doctor_reports_an_own_dataset(part, tmp_path):
     (tmp_path / "empty" / "test").mkdir(parents=True)
     bad = check_own_dataset(tmp_path / "empty")
     assert bad.status != OK and str(tmp_path / "empty") in bad.fix
+
+
+@pytest.mark.parametrize("module", ["filo.cli.test", "filo.cli.detect", "filo.cli.memory"])
+def test_every_data_cli_takes_the_named_folder_flags(module):
+    """--normal_dir / --abnormal_dir (repeatable) / --mask_dir / --normal_test_dir, as the
+    README shows them, reach RunConfig.folder_spec in test.py, detector-only runs and memory
+    builds."""
+    import importlib
+
+    from filo.evaluation.runner import RunConfig
+    from filo.settings import from_args
+
+    parser = importlib.import_module(module).build_parser()
+    flags = ["--dataset", "folder", "--data_path", "/data/line3", "--normal_dir", "ok",
+             "--abnormal_dir", "scratched", "--abnormal_dir", "dented", "--mask_dir", "masks",
+             "--normal_test_dir", "ok_test"]
+    args = parser.parse_args((["build", "--out", "b"] if module.endswith("memory") else [])
+                             + flags)
+    spec = from_args(RunConfig, args).folder_spec()
+    assert spec == FolderSpec("ok", ("scratched", "dented"), "masks", "ok_test")
