@@ -94,6 +94,10 @@ def test_repeatable_abnormal_dir_flag_and_summary(part, capsys):
                  "test/ng1", "--abnormal_dir", "test/ng2", "--split", "test"]) == 0
     out = capsys.readouterr().out
     assert "test/ng1: 2 anomalous, 0 with masks" in out and "test/ng2: 2 anomalous" in out
+    from filo.cli.main import main as filo_main  # python -m filo data ... is the same tool
+
+    assert filo_main(["data", "summary", "--root", str(part)]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == "  train/good: 4 normal"
 
 
 def test_pixel_metrics_over_the_images_with_ground_truth(part):

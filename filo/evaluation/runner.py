@@ -541,6 +541,7 @@ def write_visualisations(run: RunConfig, split: dict[str, list[Sample]], cache: 
     """One panel per image (input, map overlay on the run's colour scale, GT outline, boxes)
     and ``index.html``; visual options never touch the cached numbers."""
     from filo.data.transforms import load_rgb
+    from filo.detector.caption import clean_phrase
     from filo.viz import VizWriter
 
     root = Path(run.data_path) if run.data_path is not None else None
@@ -563,9 +564,12 @@ def write_visualisations(run: RunConfig, split: dict[str, list[Sample]], cache: 
                 if not writer.wants(s.cls_name, pred.label, pred.image_score):
                     continue
                 det = pred.extras.get("detections") or {}
+                phrases = det.get("phrases")
+                if phrases is not None:  # a cache of an older filo may hold [SEP] and the like
+                    phrases = [clean_phrase(str(p)) for p in phrases]
                 writer.add(s.img_path, s.cls_name, pred.label, pred.image_score, None,
                            pred.anomaly_map, gt_mask=pred.mask if pred.label else None,
-                           boxes=det.get("boxes"), labels=det.get("phrases"),
+                           boxes=det.get("boxes"), labels=phrases,
                            scores=det.get("scores"), matched=det.get("matched"))
     return writer.finish(table, title=title)
 
