@@ -288,7 +288,33 @@ def run_doctor(job_name: str | None = None, *, paths: AssetPaths | None = None,
         if not needed and job is not None:
             row.status, row.fix = (OK if row.status == OK else SKIPPED), ""
         report.rows.append(row)
+    if data_path is not None and (job is None or job.dataset is None or everything):
+        report.rows.append(check_own_dataset(data_path))
     return report
+
+
+def check_own_dataset(root: Path) -> Row:
+    """A dataset of one's own (``--data_path`` without a job that names a dataset): which
+    layout ``--dataset auto`` reads there and its image counts, or the one line saying what is
+    wrong."""
+    from filo.data.layouts import detect_dataset, load_split
+    from filo.errors import FiloError
+
+    item = "dataset at --data_path"
+    try:
+        layout = detect_dataset(root)
+        test = load_split(root, layout, "test", source="--data_path")
+        train = load_split(root, layout, "train", source="--data_path", allow_empty=True)
+    except FiloError as err:
+        return Row(item, MISSING if not Path(root).is_dir() else "incomplete", Path(root),
+                   str(err), True)
+    except (FileNotFoundError, KeyError) as err:  # a layout without a train split listing
+        return Row(item, "incomplete", Path(root), f"{type(err).__name__}: {err}", True)
+    n_test = sum(len(v) for v in test.values())
+    n_anom = sum(s.anomaly for v in test.values() for s in v)
+    n_train = sum(len(v) for v in train.values())
+    return Row(f"{item} ({layout} layout: {len(test)} class(es), {n_train} train, {n_test} test "
+               f"images, {n_anom} anomalous)", OK, Path(root), "", True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

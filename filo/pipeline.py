@@ -35,7 +35,7 @@ from filo.data.transforms import DEFAULT_IMAGE_SIZE
 from filo.device import resolve_device
 from filo.errors import FiloError
 from filo.fusion import box_score_map, fuse_with_boxes, position_from_boxes
-from filo.prompts import PromptTable, load_prompt_table
+from filo.prompts import GENERIC_DEFECT_PHRASES, PromptTable, load_prompt_table
 from filo.settings import at_least, in_range, setting
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,28 @@ class PipelineConfig:
     @property
     def uses_filo(self) -> bool:
         return self.ckpt_path is not None and self.fusion_mode != "memory"
+
+    @property
+    def map_name(self) -> str:
+        """What the maps of this pipeline are, in words (titles, log lines, the gallery)."""
+        boxes = " with GroundingDINO boxes" if self.grounding else ""
+        if self.uses_filo and self.uses_memory:
+            return f"fused map (FiLo{boxes} + memory bank, {self.fusion_mode})"
+        if self.uses_memory:
+            return "memory-bank map (PatchCore distances)"
+        if self.uses_filo:
+            return f"FiLo map{boxes}"
+        return "GroundingDINO box map"
+
+    @property
+    def map_label(self) -> str:
+        """:attr:`map_name` in a few words (panel titles)."""
+        boxes = " + boxes" if self.grounding else ""
+        if self.uses_filo and self.uses_memory:
+            return f"fused map ({self.fusion_mode})"
+        if self.uses_memory:
+            return "memory-bank map"
+        return f"FiLo map{boxes}" if self.uses_filo else "box map"
 
     @property
     def fusion_mode(self) -> str:
@@ -270,12 +292,16 @@ class Pipeline:
         return self.memory.transform() if self.memory is not None else None
 
     def check_classes(self, class_names, where: str) -> None:
-        """Every class must have prompts (before any image is predicted)."""
-        unknown = [c for c in class_names if not self.prompts.has_class(c)]
-        if unknown and (self.model is not None or self.detector is not None):
-            raise FiloError(f"class {unknown[0]!r} of {where} has no prompts in "
-                            f"{self.prompts.source}; add it to a prompt file and pass --prompts "
-                            f"(see prompts/README.md)")
+        """Every class has prompts (before any image is predicted): a class the prompt table has
+        no entry for gets the generic defect phrases (:meth:`PromptTable.covering`), with one
+        warning line naming the class and how to give it its own phrases."""
+        if self.model is not None or self.detector is not None:
+            table, added = self.prompts.covering(class_names)
+            if added:
+                logger.warning(generic_prompts_note(added, self.prompts.source, where))
+                self.prompts = table
+                if self.model is not None and hasattr(self.model, "set_prompt_table"):
+                    self.model.set_prompt_table(table)
         if self.memory is not None:
             self.memory.check_classes(class_names)
             if self.config.fusion_mode in ("mean", "max"):
@@ -384,11 +410,7 @@ class Pipeline:
             rec = None if self.memory is not None else self.zero_shot_calibration(cls_name)
             thr = rec.get("pixel_threshold") if rec else None
             return (0.0, 2.0 * float(thr)) if thr and thr > 0 else (0.0, 1.0)
-        cal = self.memory.meta(cls_name).calibration
-        thr = cal.get("pixel_threshold")
-        hi = 2.0 * float(thr) if thr else float(cal.get("pixel_mean", 0.0)) + 6.0 * float(
-            cal.get("pixel_std", 1.0))
-        return 0.0, hi if hi > 0 else 1.0
+        return memory_map_range(self.memory.meta(cls_name).calibration)
 
     def _fuse_memory(self, batch: ImageBatch, classes: list[str], filo_maps: np.ndarray,
                      filo_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -493,6 +515,26 @@ def detection_record(det) -> dict[str, Any]:
     return {**det.to_json(), "image_size": [int(v) for v in det.image_size]}
 
 
+def memory_map_range(calibration: dict) -> tuple[float, float]:
+    """The colour scale of raw memory-bank distances from a bank's calibration: (0, 2 x the
+    pixel threshold), so the threshold sits in the middle of the bar (mean + 6 std without
+    one)."""
+    thr = calibration.get("pixel_threshold")
+    hi = 2.0 * float(thr) if thr else float(calibration.get("pixel_mean", 0.0)) + 6.0 * float(
+        calibration.get("pixel_std", 1.0))
+    return 0.0, hi if hi > 0 else 1.0
+
+
+def generic_prompts_note(added, source: str, where: str) -> str:
+    """The warning line for classes that run on the generic defect phrases."""
+    names = ", ".join(repr(c) for c in added)
+    first = added[0].replace("_", " ")
+    return (f"class {names} of {where} has no entry in prompt file {source}: using the generic "
+            f"defect phrases ({', '.join(GENERIC_DEFECT_PHRASES)}); for the part's own phrases "
+            f"write a YAML file with `classes: {{{first}: [defect phrase, ...]}}` and pass "
+            f"--prompts FILE (prompts/README.md)")
+
+
 def load_pipeline_prompts(config: PipelineConfig) -> PromptTable:
     """The prompt table of ``--prompts`` (default: the bundled MVTec + VisA tables)."""
     return load_prompt_table(config.prompts, legacy_macaroni=config.legacy_macaroni)
@@ -537,4 +579,5 @@ def build_pipeline(config: PipelineConfig, *, prompts: PromptTable | None = None
 
 
 __all__ = ["BoxStepResult", "ImagePrediction", "Pipeline", "PipelineConfig", "RESEARCH_RULES",
-           "box_step", "build_pipeline", "load_pipeline_prompts"]
+           "box_step", "build_pipeline", "generic_prompts_note", "load_pipeline_prompts",
+           "memory_map_range"]

@@ -26,6 +26,10 @@ DATASET_FILES = {"mvtec": "filo_mvtec.yaml", "visa": "filo_visa.yaml",
                  "mpdd": "filo_mpdd.yaml", "btad": "filo_btad.yaml",
                  "mvtec_ad2": "filo_mvtec_ad2.yaml", "realiad": "filo_realiad.yaml"}
 DEFAULTS_FILE = "filo_mvtec.yaml"  # source of the template/position defaults for user files
+# defect phrases of a class that has no entry in the table (a user's own part, see
+# PromptTable.covering): common surface defects of manufactured parts
+GENERIC_DEFECT_PHRASES = ("scratch", "crack", "dent", "hole", "stain", "contamination",
+                          "missing part", "deformation")
 
 _LIST_FIELDS = (
     "normal_templates",
@@ -164,6 +168,18 @@ class PromptTable:
                 f"{', '.join(self.positions)}"
             )
         return position
+
+    def covering(self, class_names) -> tuple[PromptTable, list[str]]:
+        """This table plus an entry of :data:`GENERIC_DEFECT_PHRASES` for every class of
+        ``class_names`` it has no entry for (object word: the class name with spaces); returns
+        (table, the dataset names of the classes added). The table itself is unchanged."""
+        added = [c for c in dict.fromkeys(class_names) if not self.has_class(c)]
+        if not added:
+            return self, []
+        classes = dict(self.classes)
+        for c in added:
+            classes[c.replace("_", " ")] = list(GENERIC_DEFECT_PHRASES)
+        return replace(self, classes=classes), added
 
     def with_legacy_macaroni(self, enabled: bool) -> PromptTable:
         return self if enabled == self.legacy_macaroni else replace(self, legacy_macaroni=enabled)

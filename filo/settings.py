@@ -29,15 +29,18 @@ Check = Callable[[Any], str | None]  # value -> problem (None when fine)
 
 def setting(default: Any = None, help: str = "", *, aliases: Sequence[str] = (),
             choices: Sequence[Any] | None = None, check: Check | None = None,
-            metavar: str | None = None, default_help: str | None = None) -> Any:
+            metavar: str | None = None, default_help: str | None = None,
+            repeatable: bool = False) -> Any:
     """A dataclass field that is also a command-line flag ``--<field name>``.
 
     ``aliases``: further accepted flag names (an old name stays valid after a rename);
     ``check``: returns a problem description for a bad value; ``default_help``: how ``--help``
-    shows a ``None`` default (e.g. "the checkpoint's size").
+    shows a ``None`` default (e.g. "the checkpoint's size"); ``repeatable`` (a ``str`` field):
+    the flag may be given several times, the values are kept comma-joined in order.
     """
     meta = {"help": help, "aliases": tuple(aliases), "choices": tuple(choices) if choices else None,
-            "check": check, "metavar": metavar, "default_help": default_help}
+            "check": check, "metavar": metavar, "default_help": default_help,
+            "repeatable": repeatable}
     return dataclasses.field(default=default, metadata={"flag": meta})
 
 
@@ -64,6 +67,15 @@ def at_least(lo: int) -> Check:
 
 
 # ---- argparse -------------------------------------------------------------------------------
+
+class _JoinAppend(argparse.Action):
+    """A repeatable string flag: every value (itself maybe comma-separated) is appended to the
+    comma-joined value of the flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        old = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{old},{values}" if old else values)
+
 
 def _base_type(tp: Any) -> tuple[type, bool]:
     """(base type, optional) of ``X`` or ``X | None``."""
@@ -113,6 +125,8 @@ def add_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: typ
             kwargs["choices"] = meta["choices"]
         if meta["metavar"]:
             kwargs["metavar"] = meta["metavar"]
+        if meta.get("repeatable"):
+            kwargs["action"] = _JoinAppend
         parser.add_argument(*names, **kwargs)
 
 

@@ -84,6 +84,32 @@ def test_phrase_from_token_probs(tok):
     assert phrase_from_token_probs(probs(5, 6, value=0.3), ids, tok, 0.35) == ""
 
 
+def test_phrases_never_hold_tokenizer_tokens(tok):
+    """[SEP] (the caption's last token), [PAD] (batched captions) and bare ## word pieces are
+    not words of the caption: they never reach a phrase."""
+    from filo.detector.caption import clean_phrase
+
+    caption = "anomaly . dented thread."
+    ids = tok(caption)["input_ids"]
+    tokens = tok.convert_ids_to_tokens(ids)
+    assert tokens[-1] == "[SEP]" and any(t.startswith("##") for t in tokens)
+    piece = next(i for i, t in enumerate(tokens) if t.startswith("##"))
+    padded = [*ids, tok.pad_token_id, tok.pad_token_id]
+    p = torch.full((len(padded),), 0.1)
+    p[1] = p[len(ids) - 1] = p[len(ids)] = 0.9  # anomaly, [SEP], [PAD]
+    assert phrase_from_token_probs(p, padded, tok, 0.25) == "anomaly"
+    p = torch.full((len(padded),), 0.1)
+    p[len(ids) - 1] = 0.9  # [SEP] alone
+    assert phrase_from_token_probs(p, padded, tok, 0.25) == ""
+    p = torch.full((len(padded),), 0.1)
+    p[piece] = 0.9  # a word piece without its word start ("##ed")
+    assert phrase_from_token_probs(p, padded, tok, 0.25) == "ed"
+    p[piece - 1] = 0.9  # with its word start: the whole word
+    assert phrase_from_token_probs(p, padded, tok, 0.25) == "dented"
+    assert clean_phrase("damage [SEP]") == "damage"
+    assert clean_phrase("[CLS] dent [PAD] [pad] ##ed") == "dented"
+
+
 def test_phrase_matching():
     words = ["cracked large", "Uneven coating", *GENERAL]
     assert phrase_matches("cracked large", words)

@@ -23,8 +23,8 @@ def make_images(folder: Path) -> dict[str, tuple[int, int]]:
     Image.fromarray(rgb).convert("P").save(folder / "sub" / "d_palette.png")
     Image.fromarray(rng.integers(0, 65535, (30, 20), dtype=np.uint16)).save(folder / "e_16bit.png")
     Image.fromarray(rgb).save(folder / "f.jpg", quality=90)
-    return {"a_rgb": (56, 40), "b_gray": (56, 40), "c_rgba": (56, 40), "sub/d_palette": (56, 40),
-            "e_16bit": (20, 30), "f": (56, 40)}
+    return {"a_rgb.png": (56, 40), "b_gray.png": (56, 40), "c_rgba.png": (56, 40),
+            "sub/d_palette.png": (56, 40), "e_16bit.png": (20, 30), "f.jpg": (56, 40)}
 
 
 def run(args):
@@ -52,6 +52,8 @@ def test_predict_folder_of_mixed_modes(tmp_path, tiny_filo_ckpt, synthetic_promp
         # the binary mask is the map, resized to the image, thresholded
         full = np.asarray(Image.fromarray(amap, mode="F").resize((w, h), Image.BILINEAR))
         assert np.array_equal(np.asarray(mask) > 0, full >= 0.5)
+        # the map at the image's own size is written too
+        np.testing.assert_allclose(np.load(out / f"{stem}.full.npy"), full)
         panel = Image.open(out / f"{stem}.png")
         assert panel.size[0] > 2 * w and panel.size[1] >= h
         record = json.loads((out / f"{stem}.json").read_text())
@@ -60,13 +62,19 @@ def test_predict_folder_of_mixed_modes(tmp_path, tiny_filo_ckpt, synthetic_promp
     assert len(scores) == 6
 
 
-def test_predict_unknown_class_and_missing_input(tmp_path, tiny_filo_ckpt, synthetic_prompts, capsys):
+def test_predict_unknown_class_and_missing_input(tmp_path, tiny_filo_ckpt, synthetic_prompts,
+                                                 capsys, caplog):
     ckpt, _ = tiny_filo_ckpt
-    make_images(tmp_path / "imgs")
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "imgs" / "a.png")
+    # a class the prompt file lacks runs on the generic defect phrases, with one warning
     rc = run(["--images", str(tmp_path / "imgs"), "--class", "gearbox", "--ckpt_path", str(ckpt),
-              "--prompts", str(synthetic_prompts), "--image_size", "32"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "gearbox" in err[0]
+              "--prompts", str(synthetic_prompts), "--image_size", "32", "--device", "cpu",
+              "--num_workers", "0", "--out", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    warned = [r.getMessage() for r in caplog.records if "gearbox" in r.getMessage()]
+    assert len(warned) == 1 and "generic defect phrases" in warned[0] and "--prompts" in warned[0]
+    capsys.readouterr()
     rc = run(["--images", str(tmp_path / "nothing"), "--class", "tex_a", "--ckpt_path", str(ckpt)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "nothing" in err[0]
@@ -163,9 +171,37 @@ def test_predict_and_test_py_give_the_same_maps_with_research_rules(
     image = data / "tex_a" / "test" / "good" / "000.png"
     assert run(["--images", str(image), "--class", "tex_a", "--out", str(tmp_path / "pred"),
                 *flags]) == 0, capsys.readouterr().err
-    np.testing.assert_array_equal(np.load(tmp_path / "pred" / "000.npy"),
+    np.testing.assert_array_equal(np.load(tmp_path / "pred" / "000.png.npy"),
                                   np.load(tmp_path / "maps" / "tex_a" / "test" / "good" / "000.npy"))
     scores = (tmp_path / "maps" / "scores.csv").read_text().splitlines()
     row = next(r for r in scores if r.startswith("tex_a/test/good/000.png"))
     summary = json.loads((tmp_path / "pred" / "summary.json").read_text())
     assert summary["images"][0]["image_score"] == float(row.split(",")[-1])
+
+
+def test_predict_outputs_keep_names_and_run_each_image_once(tmp_path, tiny_filo_ckpt,
+                                                           synthetic_prompts, capsys):
+    """Same-stem files get their own outputs; a file named and inside a named folder runs once;
+    two same-name files from different places do not overwrite each other."""
+    ckpt, _ = tiny_filo_ckpt
+    imgs, other = tmp_path / "imgs", tmp_path / "other"
+    (imgs / "sub").mkdir(parents=True)
+    other.mkdir()
+    rng = np.random.default_rng(1)
+    for path in (imgs / "x.jpg", imgs / "x.png", imgs / "sub" / "x.png", other / "x.png"):
+        Image.fromarray(rng.integers(0, 255, (24, 36, 3), dtype=np.uint8)).save(path)
+    out = tmp_path / "out"
+    rc = run(["--images", str(imgs), str(imgs / "x.png"), str(other / "x.png"), "--class", "tex_a",
+              "--ckpt_path", str(ckpt), "--prompts", str(synthetic_prompts), "--image_size", "32",
+              "--device", "cpu", "--num_workers", "0", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    images = [r["image"] for r in summary["images"]]
+    assert len(images) == len(set(images)) == 4
+    maps = [r["map"] for r in summary["images"]]
+    assert len(set(maps)) == 4
+    assert {Path(m).relative_to(out).as_posix() for m in maps} == {
+        "x.jpg.npy", "x.png.npy", "sub/x.png.npy", "x~2.png.npy"}
+    for r in summary["images"]:
+        assert np.load(r["map_full"]).shape == (24, 36) == tuple(r["image_size"])
+        assert np.load(r["map"]).shape == (32, 32)

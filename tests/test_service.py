@@ -366,8 +366,13 @@ def test_calibrated_verdicts_and_masks_from_the_memory_bank(pipeline_config, ban
             assert res["image_threshold"] == pytest.approx(cal["image_threshold"])
             assert res["verdict"] == ("anomalous" if res["image_score"] >= cal["image_threshold"]
                                       else "normal")
-            assert res["mask_threshold_source"] == "calibrated"
-            assert res["mask_threshold"] == pytest.approx(cal["pixel_threshold"])
+            # verdict, mask and colour scale from the one calibrated (image) threshold: an
+            # anomalous verdict always shows a region, a normal one never does
+            assert res["mask_threshold_source"] == "calibrated image threshold"
+            assert (res["anomalous_fraction"] > 0) == (res["verdict"] == "anomalous")
+            t = cal["image_threshold"] * res["map_max"] / res["image_score"]
+            assert res["mask_threshold"] == pytest.approx(t, rel=0.05)
+            assert res["color_scale"] == pytest.approx([0.0, 2 * res["mask_threshold"]])
             verdicts.add(res["verdict"])
         r = post(client, phrases="hole")
         assert r.status_code == 422 and "memory bank alone" in r.json()["detail"]
@@ -385,9 +390,37 @@ def test_calibrated_verdicts_and_masks_from_the_memory_bank(pipeline_config, ban
         assert post(client, mask_threshold=1.5).status_code == 422  # fused maps are in [0, 1]
         plain = post(client, png_bytes(size=(64, 64))).json()
         assert plain["verdict"] in ("normal", "anomalous")
-        assert plain["mask_threshold_source"] == "service default"  # no fused pixel threshold
+        assert plain["mask_threshold_source"] == "calibrated image threshold"
+        assert (plain["anomalous_fraction"] > 0) == (plain["verdict"] == "anomalous")
         edited = post(client, png_bytes(size=(64, 64)), phrases="hole").json()
         assert edited["verdict"] is None and "calibrated" in edited["verdict_note"]
+        assert edited["mask_threshold_source"] == "service default"
+
+
+def test_warm_up_makes_the_first_request_as_fast_as_later_ones(pipeline_config, banks,
+                                                               tmp_path):
+    """Each model's own input size is stated; after Engine.warmup (what the CLI runs before
+    the port opens) the first request takes at most twice the later ones."""
+    import time
+    from dataclasses import replace
+
+    from filo.pipeline import build_pipeline
+
+    fused = build_pipeline(replace(pipeline_config, memory_bank=banks, fusion="mean"))
+    client, engine = make_client(fused, tmp_path)
+    assert engine.warmup() == 1
+    assert not any((tmp_path / "out").iterdir())  # warming writes no result
+    with client:
+        sizes = client.get("/v1/classes").json()["input_sizes"]
+        assert sizes["filo"] == 32 and sizes["memory_bank"] == {CLASS: 32}
+        assert sizes["grounding"]["short_side"] > 32
+        walls = []
+        for seed in range(5):
+            t0 = time.perf_counter()
+            assert post(client, png_bytes(seed=seed, size=(64, 64))).status_code == 200
+            walls.append(time.perf_counter() - t0)
+    later = float(np.median(walls[1:]))
+    assert walls[0] <= 2 * later + 0.05, walls
 
 
 # --------------------------------------------------------------------------- CLI
@@ -441,7 +474,7 @@ def test_cli_serves_over_a_real_socket(tmp_path, pipeline_config):
                             cwd=Path(__file__).resolve().parents[1])
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # model load and warm-up come before the port
         while True:
             try:
                 if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:

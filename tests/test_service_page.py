@@ -190,6 +190,11 @@ def test_page_scores_edits_phrases_and_shows_errors(service, driver, tmp_path):
     assert driver.find_element(By.ID, "phrases").get_property("value") == "\n".join(own)
     for name, value in classes["defaults"].items():
         assert float(driver.find_element(By.ID, name).get_property("value")) == value, name
+    # the header states each model's own input size (not one size for all)
+    header = _text(driver, "models")
+    sizes = classes["input_sizes"]
+    assert f"FiLo input {sizes['filo']} px" in header
+    assert f"short side {sizes['grounding']['short_side']} px" in header
 
     # 1. an image picked with the file input: the page shows the API's answer
     image = png_bytes(seed=3, size=(56, 40))

@@ -88,9 +88,12 @@ def test_errors_are_one_line(setup, tmp_path, capsys) -> None:
 
     rc, lines = err_of([*common, "--ckpt_path", str(tmp_path / "nope.pth"), "--prompts", str(prompts)])
     assert rc == 2 and len(lines) == 1 and "nope.pth" in lines[0]
-    # classes the prompt file does not know
-    rc, lines = err_of([*common, "--ckpt_path", str(ckpt)])
-    assert rc == 2 and len(lines) == 1 and "tex_a" in lines[0] and "--prompts" in lines[0]
+    # classes the prompt file does not know run on the generic defect phrases, with a warning
+    # that says how to give them their own
+    rc = run_main([*common, "--ckpt_path", str(ckpt), "--classes", "tex_a"])
+    out = capsys.readouterr().out
+    warned = [ln for ln in out.splitlines() if "generic defect phrases" in ln]
+    assert rc == 0 and len(warned) == 1 and "'tex_a'" in warned[0] and "--prompts" in warned[0]
     # a GroundingDINO checkpoint given as --ckpt_path
     wrong = tmp_path / "gdino.pth"
     torch.save({"model": {"backbone.0.patch_embed.proj.weight": torch.zeros(1),

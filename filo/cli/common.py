@@ -9,6 +9,7 @@ from filo.evaluation.runner import RunConfig
 from filo.pipeline import PipelineConfig
 from filo.settings import add_args
 
+FOLDER_FLAGS = ("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir")
 # pipeline flags, grouped for --help (every CLI takes the groups or subsets it needs)
 FILO_FLAGS = ("ckpt_path", "prompts", "image_size", "device", "position", "score_mode",
               "clip_act", "autocast", "kernels", "exact", "legacy_macaroni", "memory_bank",
@@ -17,7 +18,7 @@ DETECTOR_FLAGS = ("grounded_checkpoint", "no_grounding", "box_threshold", "text_
                   "area_threshold", "outside_box_factor", "bert_dir", "legacy_phrase_case",
                   "legacy_text_threshold", "legacy_grid", "legacy_box_slices")
 DATA_FLAGS = ("dataset", "data_path", "classes", "batch_size", "num_workers",
-              "allow_outside_root", "realiad_split")
+              "allow_outside_root", "realiad_split", *FOLDER_FLAGS)
 OUTPUT_FLAGS = ("save_path", "save_maps", "save_boxes", "coco_eval", "viz_dir", "viz_limit",
                 "viz_only_errors", "viz_lift_boxes", "from_cache", "protocol")
 

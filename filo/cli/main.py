@@ -1,4 +1,5 @@
-"""``python -m filo`` — project-level commands: ``doctor``, ``download`` and ``serve``."""
+"""``python -m filo`` — project-level commands: ``doctor``, ``download``, ``serve`` and ``data``
+(the same as ``python -m filo.data``)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", add_help=False,
                    help="run the inspection service (REST API and a page); `python -m filo serve "
                         "--help` lists its flags")
+    sub.add_parser("data", add_help=False,
+                   help="dataset tools (summary, build-meta, synth); the same as `python -m "
+                        "filo.data`")
     return parser
 
 
@@ -78,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         from filo.cli.serve import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["data"]:  # python -m filo data summary ... = python -m filo.data summary ...
+        from filo.cli.data import main as data_main
+
+        return data_main(argv[1:])
     args = _build_parser().parse_args(argv)
     if args.command == "doctor":
         from filo.doctor import main_doctor

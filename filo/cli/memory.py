@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build memory banks from normal train images")
     data = b.add_argument_group("data")
     add_args(data, RunConfig, ("dataset", "data_path", "classes", "batch_size",
-                               "realiad_split"))
+                               "realiad_split", "normal_dir", "abnormal_dir", "mask_dir",
+                               "normal_test_dir"))
     data.add_argument("--out", type=Path, required=True, help="bank folder (one subfolder per class)")
     add_args(b.add_argument_group("memory bank"), MemoryConfig)
     add_args(b.add_argument_group("FiLo (clip backbone source; normal statistics for fusion)"),
@@ -67,23 +68,20 @@ def main(argv: list[str] | None = None) -> int:
                             f" on a machine with internet) or pass --weights")
     split = load_split(run.data_path, run.dataset, "train", run.class_list(),
                        source="--data_path", allow_outside_root=run.allow_outside_root,
-                       realiad_split=run.realiad_split)
+                       realiad_split=run.realiad_split, folders=run.folder_spec())
     from filo import distributed
 
     dist = distributed.init_from_env(pipe.device)
     filo = None
     if pipe.ckpt_path is not None:
         from filo.checkpoint import build_filo_from_checkpoint
-        from filo.pipeline import load_pipeline_prompts
+        from filo.pipeline import generic_prompts_note, load_pipeline_prompts
 
-        prompts = load_pipeline_prompts(pipe)
-        known = [c for c in split if prompts.has_class(c)]
-        if known:
-            filo = build_filo_from_checkpoint(pipe.ckpt_path, prompts=prompts,
-                                              device=dist.device(pipe.device))
-        if len(known) < len(split):
-            print(f"[filo] no prompts for {', '.join(c for c in split if c not in known)}: no "
-                  f"FiLo statistics for those banks (--fusion memory only)")
+        prompts, added = load_pipeline_prompts(pipe).covering(list(split))
+        if added:
+            print(f"[filo] warning: {generic_prompts_note(added, prompts.source, str(run.data_path))}")
+        filo = build_filo_from_checkpoint(pipe.ckpt_path, prompts=prompts,
+                                          device=dist.device(pipe.device))
     clean = False
     try:
         built = build_banks(Path(run.data_path), split, cfg, out, ckpt_path=pipe.ckpt_path,

@@ -4,11 +4,13 @@
         --ckpt_path ckpt/filo_train_on_visa.pth --grounded_checkpoint ckpt/grounding_train_on_visa.pth \\
         --out outputs/predict
 
-For each image (files, or folders searched recursively; any image mode): ``{name}.npy`` (the
-float32 map at the evaluation size), ``{name}.png`` (input | overlay with the detector boxes |
-colour bar), ``{name}.json`` (image score, boxes, optional mask statistics) and, with
-``--threshold``, ``{name}_mask.png`` (the binary map at the original image size). A
-``summary.json`` lists every image with its score. Any class the prompt file knows can be used.
+For each image (files, or folders searched recursively; each file once; any image mode), named
+after the input with its suffix kept and its path below the folder it was found in
+(``photos/sub/x.jpg`` -> ``OUT/sub/x.jpg.npy``): ``{name}.npy`` (the float32 map at the model's
+input size), ``{name}.full.npy`` (the same map resized to the image's own size),
+``{name}.png`` (input | overlay with the detector boxes | colour bar), ``{name}.json`` (image
+score, boxes, optional mask statistics) and, with ``--threshold``, ``{name}_mask.png`` (the
+binary map at the image's size). A ``summary.json`` lists every image with its score. Any class the prompt file knows can be used.
 Every pipeline flag of test.py applies (the same :class:`~filo.pipeline.PipelineConfig`).
 """
 
@@ -28,11 +30,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
-    """Image files named directly or found (recursively, sorted) in the given folders."""
+    """Image files named directly or found (recursively, sorted) in the given folders, each once
+    (by resolved path; the first mention keeps its place)."""
     found: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                           and p.is_file())
             if not files:
                 raise FiloError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {item}")
             found += files
@@ -42,17 +46,46 @@ def collect_images(inputs: list[Path]) -> list[Path]:
             raise FiloError(f"--images: {item} does not exist")
     if not found:
         raise FiloError("--images: give at least one image file or folder")
-    return found
+    seen: set[Path] = set()
+    unique = []
+    for path in found:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
 
 
 def output_stem(path: Path, inputs: list[Path]) -> Path:
-    """Output name: the path below the folder it was found in (or the file name)."""
+    """Output base name of one image: its path below the folder it was found in (or its file
+    name), suffix kept (``sub/x.jpg``: outputs ``sub/x.jpg.npy``, ``sub/x.jpg.png``, ...)."""
     resolved = path.resolve()
     for item in inputs:
         base = item.resolve()
         if item.is_dir() and base in resolved.parents:
-            return resolved.relative_to(base).with_suffix("")
-    return Path(path.stem)
+            return resolved.relative_to(base)
+    return Path(path.name)
+
+
+def output_stems(images: list[Path], inputs: list[Path]) -> list[Path]:
+    """:func:`output_stem` of every image, made unique: a name another image already has (two
+    files ``x.jpg`` named from different folders) gets ``~2``, ``~3`` ... before its suffix."""
+    used: set[str] = set()
+    out = []
+    for path in images:
+        stem = output_stem(path, inputs)
+        cand, k = stem, 1
+        while cand.as_posix().lower() in used:  # case-insensitive file systems too
+            k += 1
+            cand = stem.with_name(f"{Path(stem.name).stem}~{k}{Path(stem.name).suffix}")
+        used.add(cand.as_posix().lower())
+        out.append(cand)
+    return out
+
+
+def with_ext(stem: Path, ext: str) -> Path:
+    """``x.jpg`` + ``.npy`` -> ``x.jpg.npy`` (the input's suffix stays in the name)."""
+    return stem.with_name(stem.name + ext)
 
 
 class _SkipUnreadable:
@@ -133,8 +166,8 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None, dist=None) -> d
     pipeline.check_classes([args.cls_name], "--class")
 
     all_samples = [Sample(str(p.resolve()), "", args.cls_name, "", 0) for p in images]
-    stems = {s.img_path: output_stem(p, list(args.images))
-             for s, p in zip(all_samples, images, strict=True)}
+    stems = {s.img_path: stem for s, stem in
+             zip(all_samples, output_stems(images, list(args.images)), strict=True)}
     samples = dist.shard(all_samples)  # under torchrun: this process's share
     loader = DataLoader(_SkipUnreadable(EvalDataset(
                             samples, "/", pipeline.image_size,
@@ -156,20 +189,27 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None, dist=None) -> d
                 stem = ensure_inside(out_dir, out_dir / stems[img_path])
                 stem.parent.mkdir(parents=True, exist_ok=True)
                 amap = pred.anomaly_map
-                atomic_save_npy(stem.with_suffix(".npy"), amap.astype(np.float32))
+                atomic_save_npy(with_ext(stem, ".npy"), amap.astype(np.float32))
                 det = pred.detection or {}
                 rgb = np.asarray(load_rgb(img_path))
+                h, w = rgb.shape[:2]
+                full = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(
+                    (w, h), Image.BILINEAR))
+                atomic_save_npy(with_ext(stem, ".full.npy"), full.astype(np.float32))
                 vmin, vmax = pipeline.map_range(args.cls_name)
                 panel = render_panel(
                     rgb, amap, vmin=vmin, vmax=vmax, boxes=det.get("boxes"),
                     box_labels=det.get("phrases"), box_scores=det.get("scores"),
                     box_matched=det.get("matched"), lift_boxes=batching.viz_lift_boxes,
                     title=f"{Path(img_path).name}  score {pred.image_score:.3f}")
-                write_panel(stem.with_suffix(".png"), panel)
+                write_panel(with_ext(stem, ".png"), panel)
                 record = {"image": img_path, "class": args.cls_name,
                           "image_score": float(pred.image_score), "position": pred.position,
-                          "map": str(stem.with_suffix(".npy")),
-                          "overlay": str(stem.with_suffix(".png")),
+                          "map": str(with_ext(stem, ".npy")),
+                          "map_size": list(amap.shape[-2:]),
+                          "map_full": str(with_ext(stem, ".full.npy")),
+                          "image_size": [h, w],
+                          "overlay": str(with_ext(stem, ".png")),
                           "detections": det or None}
                 cal = pipeline.calibration(args.cls_name)
                 if cal is not None:
@@ -179,15 +219,12 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None, dist=None) -> d
                 if threshold is None and cal is not None:
                     threshold = cal["pixel_threshold"]  # None for fused scores
                 if threshold is not None:
-                    h, w = rgb.shape[:2]
-                    full = np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize(
-                        (w, h), Image.BILINEAR))
                     binary = full >= threshold
-                    mask_path = stem.with_name(stem.name + "_mask.png")
+                    mask_path = with_ext(stem, "_mask.png")
                     Image.fromarray((binary * 255).astype(np.uint8)).save(mask_path)
                     record.update(mask=str(mask_path), threshold=threshold,
                                   anomalous_fraction=float(binary.mean()))
-                atomic_write_text(stem.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
+                atomic_write_text(with_ext(stem, ".json"), json.dumps(record, indent=1) + "\n")
                 summary.append(record)
             bar.update(len(batch))
     from filo.settings import as_dict

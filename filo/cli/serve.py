@@ -104,6 +104,12 @@ def prepare(args: argparse.Namespace, pipeline_factory=None):
     if not engine.class_names():
         raise FiloError("no class can be served: the prompt file and the memory bank share no "
                         "class name")
+    import time
+
+    t0 = time.perf_counter()
+    n = engine.warmup()  # before the port opens: the first request costs what later ones do
+    print(f"[filo] models warmed up on {n} class(es) in {time.perf_counter() - t0:.1f} s",
+          flush=True)
     return create_app(engine, service, token), service
 
 

@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     run, pipeline = configs_from_args(args)
     if pipeline.grounded_checkpoint is None and not pipeline.no_grounding:
-        print("[filo] no --grounded_checkpoint: FiLo maps alone (same as --no_grounding)")
         pipeline.no_grounding = True
+        print(f"[filo] no --grounded_checkpoint: no box step; maps: {pipeline.map_name}")
     run_evaluation_cli(run, pipeline)
     return 0
 

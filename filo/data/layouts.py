@@ -148,6 +148,8 @@ class TreeLayout:
     split_dirs: tuple[tuple[str, str], ...] = (("train", "train"), ("test", "test"))
     gt_dir: str = "ground_truth/{defect}"
     strict_masks: bool = False
+    masks_per_defect: bool = False  # a defect folder without a mask folder: image level only
+
 
     def split_dir(self, split: str) -> str:
         return dict(self.split_dirs)[split]
@@ -155,7 +157,7 @@ class TreeLayout:
 
 TREE_LAYOUTS = {
     "mvtec": TreeLayout("MVTec", MVTEC_CLASSES, strict_masks=True),
-    "folder": TreeLayout("folder"),
+    "folder": TreeLayout("folder", masks_per_defect=True),
     "mpdd": TreeLayout("MPDD", MPDD_CLASSES),
     "btad": TreeLayout("BTAD", BTAD_CLASSES, normal=("ok",)),
     # MVTec AD 2: ground truth is public for test_public only (test_private*: scores only)
@@ -199,10 +201,14 @@ def _scan_class_dir(root: Path, cls_dir: Path, split: str, layout: TreeLayout) -
             continue
         images = sorted((p for p in specie_dir.iterdir() if _is_image(p)), key=lambda p: p.name)
         abnormal = specie not in layout.normal
+        gt_dir = cls_dir / layout.gt_dir.format(split_dir=split_dir, defect=specie)
+        no_masks = maskless or (layout.masks_per_defect and not gt_dir.is_dir())
+        if abnormal and images and no_masks and not maskless:
+            logger.warning("class %s: defect folder %s has no mask folder (%s): its images count "
+                           "at image level only", cls_name, specie_dir, gt_dir)
         for img in images:
             mask_rel = ""
-            if abnormal and not maskless:
-                gt_dir = cls_dir / layout.gt_dir.format(split_dir=split_dir, defect=specie)
+            if abnormal and not no_masks:
                 mask = _find_mask(gt_dir, img.stem, layout.strict_masks)
                 if mask is None:
                     expected = _mask_candidates(gt_dir, img.stem, layout.strict_masks)[0]
@@ -233,11 +239,130 @@ def scan_mvtec(root: str | os.PathLike, split: str = "test",
 
 def scan_folder(root: str | os.PathLike, split: str = "test",
                 classes: str | Sequence[str] | None = None, *, source: str = "--root",
+                folders: FolderSpec | None = None, allow_empty: bool = False,
                 ) -> dict[str, list[Sample]]:
-    """Scan a generic folder tree: ``{cls}/train/good``, ``{cls}/test/{defect}``, masks in
-    ``{cls}/ground_truth/{defect}/{name}_mask.<ext>`` (or ``{name}.<ext>``); any of
-    png/jpg/jpeg/bmp/tif; classes with only normal images are allowed."""
-    return _scan_tree(root, split, classes, source=source, layout=TREE_LAYOUTS["folder"])
+    """Scan a generic folder tree (design.md section 9.1). ``root`` is either one class
+    (``train/good``, ``test/good``, ``test/{defect}``, optional ``ground_truth/{defect}`` masks;
+    the class is named after the folder) or a folder of such classes (``{cls}/train/good`` ...).
+    Masks are ``{name}_mask.<ext>`` or ``{name}.<ext>``; a defect folder without a mask folder
+    counts at image level only; any of png/jpg/jpeg/bmp/tif; classes with only normal images are
+    allowed. ``folders`` (anomalib's Folder names: ``--normal_dir`` ...) reads named folders
+    instead."""
+    if folders is not None and folders.given():
+        return scan_named_folders(root, split, classes, folders, source=source,
+                                  allow_empty=allow_empty)
+    root_path = _check_root(root, source)
+    _check_split(split)
+    if is_single_class(root_path):
+        name = class_name_of(root_path)
+        out = {name: _scan_class_dir(root_path, root_path, split, TREE_LAYOUTS["folder"])}
+        out = _select(out, classes, f"{root_path} (one class, folder layout)")
+        if not any(out.values()) and not allow_empty:
+            raise FiloError(f"no {split} images found under {root_path / split}: expected "
+                            f"train/good/<images>, test/good/<images> and test/<defect>/<images> "
+                            f"with extensions "
+                            f"{', '.join(IMAGE_EXTENSIONS)}")
+        return out
+    return _scan_tree(root, split, classes, source=source, layout=TREE_LAYOUTS["folder"],
+                      allow_empty=allow_empty)
+
+
+def is_single_class(root: Path) -> bool:
+    """``root`` is one class of the folder layout: it holds ``train/`` or ``test/`` with image
+    folders, and none of its folders is a class itself."""
+    has_split = any(any(_is_image(p) for d in _subdirs(root / sd) for p in d.iterdir())
+                    for sd in SPLITS)
+    return has_split and not _class_dirs(root)
+
+
+def class_name_of(root: Path) -> str:
+    """The class name of a one-class folder: the folder's own name."""
+    return root.resolve().name or "part"
+
+
+@dataclass(frozen=True)
+class FolderSpec:
+    """Named folders of a tree that follows no layout (anomalib's Folder dataset): paths
+    relative to the dataset root (or absolute inside it). ``normal_dir``: normal images for
+    training (and the last fifth, at least one, for testing when there is no
+    ``normal_test_dir``); ``abnormal_dirs``: anomalous test images, one defect type per folder
+    (named after it); ``mask_dir``: their masks, ``{mask_dir}/{defect}/`` when it has
+    subfolders (a defect without one: image level only), else ``{mask_dir}/`` itself, matched by ``{name}_mask.<ext>`` or ``{name}.<ext>``."""
+
+    normal_dir: str | None = None
+    abnormal_dirs: tuple[str, ...] = ()
+    mask_dir: str | None = None
+    normal_test_dir: str | None = None
+    class_name: str | None = None
+
+    def given(self) -> bool:
+        return bool(self.normal_dir or self.abnormal_dirs or self.mask_dir or
+                    self.normal_test_dir)
+
+
+def _named_dir(root: Path, rel: str, flag: str) -> Path:
+    path = Path(rel) if Path(rel).is_absolute() else root / rel
+    if not path.is_dir():
+        raise FiloError(f"{flag} {rel}: folder {path} does not exist (paths are relative to the "
+                        f"dataset root {root})")
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise FiloError(f"{flag} {rel}: {path} is outside the dataset root {root}; pass a root "
+                        f"that holds every folder") from None
+    return path
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
+
+
+def scan_named_folders(root: str | os.PathLike, split: str, classes: str | Sequence[str] | None,
+                       spec: FolderSpec, *, source: str = "--root", allow_empty: bool = False,
+                       ) -> dict[str, list[Sample]]:
+    """One class from the named folders of :class:`FolderSpec` (see there)."""
+    root_path = _check_root(root, source)
+    _check_split(split)
+    if not spec.normal_dir:
+        raise FiloError("--normal_dir is required with --abnormal_dir / --mask_dir / "
+                        "--normal_test_dir: the folder of normal images")
+    name = spec.class_name or class_name_of(root_path)
+    normal = _images_in(_named_dir(root_path, spec.normal_dir, "--normal_dir"))
+    if spec.normal_test_dir:
+        train_normal = normal
+        test_normal = _images_in(_named_dir(root_path, spec.normal_test_dir, "--normal_test_dir"))
+    else:
+        n_test = max(1, len(normal) // 5) if len(normal) > 1 else 0
+        train_normal, test_normal = normal[:len(normal) - n_test], normal[len(normal) - n_test:]
+    def sample(img: Path, specie: str, anomaly: int, mask: str = "") -> Sample:
+        return Sample(img_path=_rel(img, root_path), mask_path=mask, cls_name=name,
+                      specie_name=specie, anomaly=anomaly)
+    if split == "train":
+        out = [sample(p, GOOD, 0) for p in train_normal]
+    else:
+        out = [sample(p, GOOD, 0) for p in test_normal]
+        mask_root = _named_dir(root_path, spec.mask_dir, "--mask_dir") if spec.mask_dir else None
+        for rel in spec.abnormal_dirs:
+            folder = _named_dir(root_path, rel, "--abnormal_dir")
+            specie = folder.name
+            gt = None
+            if mask_root is not None:  # per-defect mask folders, or all masks in one
+                gt = mask_root / specie if _subdirs(mask_root) else mask_root
+                if not gt.is_dir():
+                    logger.warning("--abnormal_dir %s has no mask folder %s: its images count at "
+                                   "image level only", folder, gt)
+                    gt = None
+            for img in _images_in(folder):
+                mask = _find_mask(gt, img.stem, False) if gt is not None else None
+                if gt is not None and mask is None:
+                    raise FiloError(f"anomalous image {img} has no mask in {gt}: expected "
+                                    f"{img.stem}_mask.png or {img.stem}.png (or drop --mask_dir)")
+                out.append(sample(img, specie, 1, _rel(mask, root_path) if mask else ""))
+    found = _select({name: out}, classes, f"{root_path} (named folders)")
+    if split == "test" and not any(found.values()) and not allow_empty:
+        raise FiloError(f"no test images in the named folders under {root_path}: pass "
+                        f"--abnormal_dir and --normal_test_dir (or more --normal_dir images)")
+    return found
 
 
 def scan_tree(root: str | os.PathLike, dataset: str, split: str = "test",
@@ -255,6 +380,9 @@ def _scan_tree(root: str | os.PathLike, split: str, classes: str | Sequence[str]
     split_dir = layout.split_dir(split)
     dirs = _class_dirs(root_path, layout)
     if not dirs:
+        if is_single_class(root_path):
+            raise FiloError(f"{root_path} is one class (it holds {split_dir}/ itself), not a "
+                            f"{layout.name} tree of classes: pass --dataset folder (or auto)")
         raise FiloError(f"no classes found under {root_path}: expected {layout.name} layout "
                         f"{{class}}/{split_dir}/{{defect}}/<images> (and {{class}}/train/"
                         f"{layout.normal[0]})")
@@ -654,7 +782,7 @@ def meta_to_json(meta: dict[str, dict[str, list[Sample]]]) -> dict:
 
 
 def build_meta(root: str | os.PathLike, dataset: str, *, source: str = "--root",
-               ) -> dict[str, dict[str, list[Sample]]]:
+               folders: FolderSpec | None = None) -> dict[str, dict[str, list[Sample]]]:
     """Both splits of a scanned dataset: ``{"train": {...}, "test": {...}}``.
 
     Classes follow the test split's order; a class without train images gets an empty list.
@@ -669,6 +797,9 @@ def build_meta(root: str | os.PathLike, dataset: str, *, source: str = "--root",
     elif dataset == "realiad":
         test = scan_realiad(root_path, "test", source=source)
         train = scan_realiad(root_path, "train", source=source)
+    elif dataset == "folder":
+        test = scan_folder(root_path, "test", source=source, folders=folders)
+        train = scan_folder(root_path, "train", source=source, folders=folders, allow_empty=True)
     else:
         layout = TREE_LAYOUTS[dataset]
         test = _scan_tree(root_path, "test", None, source=source, layout=layout)
@@ -680,9 +811,9 @@ def build_meta(root: str | os.PathLike, dataset: str, *, source: str = "--root",
 
 
 def write_meta(root: str | os.PathLike, dataset: str, out: str | os.PathLike | None = None,
-               *, source: str = "--root") -> Path:
+               *, source: str = "--root", folders: FolderSpec | None = None) -> Path:
     """Scan ``root`` and write the research-code ``meta.json`` (default ``{root}/meta.json``)."""
-    meta = build_meta(root, dataset, source=source)
+    meta = build_meta(root, dataset, source=source, folders=folders)
     out_path = Path(out) if out is not None else Path(root) / META_NAME
     atomic_write_text(out_path, json.dumps(meta_to_json(meta), indent=4) + "\n")
     n = sum(len(v) for split in meta.values() for v in split.values())
@@ -695,7 +826,8 @@ def write_meta(root: str | os.PathLike, dataset: str, out: str | os.PathLike | N
 # --------------------------------------------------------------------------------------------
 
 def detect_dataset(root: str | os.PathLike) -> str:
-    """Guess the layout of ``root``: meta, visa, mvtec or folder."""
+    """Guess the layout of ``root``: meta, visa, mvtec or folder (a tree of classes, or a
+    folder that is one class: ``train/good``, ``test/...``)."""
     root_path = Path(root)
     if (root_path / META_NAME).is_file():
         return "meta"
@@ -726,7 +858,9 @@ def check_files_exist(root: Path, split: dict[str, list[Sample]], limit: int = 3
 def load_split(root: str | os.PathLike, dataset: str = "auto", split: str = "test",
                classes: str | Sequence[str] | None = None, *, source: str = "--root",
                check_files: bool = True, allow_outside_root: bool = False,
-               realiad_split: str | os.PathLike | None = None) -> dict[str, list[Sample]]:
+               realiad_split: str | os.PathLike | None = None,
+               folders: FolderSpec | None = None, allow_empty: bool = False,
+               ) -> dict[str, list[Sample]]:
     """The samples of one split, ``{cls_name: [Sample, ...]}`` in dataset order.
 
     ``dataset`` is ``mvtec``, ``visa``, ``folder``, ``meta`` (read ``{root}/meta.json``) or
@@ -734,10 +868,18 @@ def load_split(root: str | os.PathLike, dataset: str = "auto", split: str = "tes
     MVTec class -> mvtec, else folder). ``classes`` (list or comma-separated string) keeps those
     classes, in dataset order. ``source`` names the flag or variable that set ``root``, for error
     messages. ``realiad_split``: Real-IAD's split variant (:func:`scan_realiad`'s
-    ``split_path``); an error with any other layout.
+    ``split_path``); an error with any other layout. ``folders``: the named folders of
+    :class:`FolderSpec` (the folder layout; ``auto`` then means folder). ``allow_empty``: the
+    folder layout may have no image in this split (a train split of a test-only tree).
     """
     root_path = _check_root(root, source)
     _check_split(split)
+    if folders is not None and folders.given():
+        if dataset not in ("auto", "folder"):
+            raise FiloError(f"--normal_dir / --abnormal_dir / --mask_dir / --normal_test_dir "
+                            f"name the folders of --dataset folder (this run reads {dataset}); "
+                            f"pass --dataset folder")
+        dataset = "folder"
     if dataset == "auto":
         dataset = detect_dataset(root_path)
         logger.info("dataset layout of %s: %s", root_path, dataset)
@@ -752,7 +894,8 @@ def load_split(root: str | os.PathLike, dataset: str = "auto", split: str = "tes
         return scan_realiad(root_path, split, classes, source=source, check_files=check_files,
                             allow_outside_root=allow_outside_root, split_path=realiad_split)
     if dataset == "folder":
-        return scan_folder(root_path, split, classes, source=source)
+        return scan_folder(root_path, split, classes, source=source, folders=folders,
+                           allow_empty=allow_empty)
     if dataset == "visa":
         return scan_visa(root_path, split, classes, source=source, check_files=check_files,
                          allow_outside_root=allow_outside_root)

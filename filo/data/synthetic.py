@@ -504,6 +504,49 @@ def make_folder_like(root: str | os.PathLike, classes: Sequence[str] | None = No
     return SyntheticInfo(root, "folder", names + extra, n_images, n_anom, counts)
 
 
+def make_part_folder(root: str | os.PathLike, n_train_good: int = 10, n_test_good: int = 3,
+                     n_test_defect: int = 3, defect_dirs: Sequence[str] = ("ng1", "ng2"),
+                     masked: Sequence[str] | None = None, size: int | Sequence[int] = (1600, 1200),
+                     seed: int = 0, style: str = "object", image_ext: str = "png",
+                     ) -> SyntheticInfo:
+    """One part the way a user photographs it, the root *is* the class: ``train/good``,
+    ``test/good``, ``test/<defect dir>`` (``n_test_defect`` images each) and masks
+    ``ground_truth/<defect dir>/NNN_mask.png`` for the folders in ``masked`` (default: the first
+    half of ``defect_dirs``, rounded up). Default size: camera resolution 1600x1200. The class
+    is named after ``root``."""
+    _check_args(style, "RGB", DEFAULT_DEFECTS, (n_train_good, n_test_good, n_test_defect))
+    if not defect_dirs or len(set(defect_dirs)) != len(defect_dirs):
+        raise ValueError("defect_dirs must be a non-empty list of distinct folder names")
+    w, h = _size_wh(size)
+    root = Path(root)
+    masked = tuple(defect_dirs[:(len(defect_dirs) + 1) // 2] if masked is None else masked)
+    sources = _Sources()
+    name = root.resolve().name
+    counts: dict[str, int] = {}
+    n_images = n_anom = 0
+    plan = [_Planned("train", "good", i) for i in range(n_train_good)]
+    plan += [_Planned("test", "good", i) for i in range(n_test_good)]
+    folder_of: dict[int, str] = {}
+    for d, folder in enumerate(defect_dirs):
+        for i in range(n_test_defect):
+            folder_of[len(plan)] = folder
+            plan.append(_Planned("test", DEFAULT_DEFECTS[(d + i) % len(DEFAULT_DEFECTS)],
+                                 d * n_test_defect + i))
+    for k, p in enumerate(plan):
+        rgb, mask = _render(p, style, name, 0, w, h, seed, sources)
+        folder = folder_of.get(k, "good")
+        index = p.index - defect_dirs.index(folder) * n_test_defect if folder != "good" else p.index
+        stem = f"{index:03d}"
+        _save_image(rgb, root / p.split / folder / f"{stem}.{image_ext}", "RGB")
+        if mask is not None and folder in masked:
+            _save_mask(mask, root / "ground_truth" / folder / f"{stem}_mask.png")
+        key = f"{p.split}/{folder}"
+        counts[key] = counts.get(key, 0) + 1
+        n_images += 1
+        n_anom += folder != "good"
+    return SyntheticInfo(root, "folder", (name,), n_images, n_anom, {name: counts})
+
+
 # folder that holds the anomalous images of a layout (None: one folder per defect type)
 _DEFECT_FOLDER = {"btad": "ko", "mvtec_ad2": "bad"}
 

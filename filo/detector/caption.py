@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -23,18 +24,36 @@ def phrase_from_token_probs(token_probs: torch.Tensor, input_ids: Sequence[int],
                             right_idx: int = 255) -> str:
     """Decode the caption tokens whose probability exceeds ``text_threshold``.
 
-    Same as GroundingDINO's ``get_phrases_from_posmap`` (the version FiLo vendors): positions
+    As GroundingDINO's ``get_phrases_from_posmap`` (the version FiLo vendors): positions
     ``0 .. left_idx`` (the ``[CLS]`` token) and ``right_idx ..`` are never selected; the other
-    selected token ids ("." and ``[SEP]`` included when selected) go through
-    ``tokenizer.decode`` in caption order. Positions past the caption's tokens are ignored.
+    selected token ids ("." included when selected) go through ``tokenizer.decode`` in caption
+    order. Positions past the caption's tokens are ignored. Unlike it, tokenizer tokens never
+    reach the phrase (design.md section 6): special tokens (``[SEP]``, ``[CLS]``, ``[PAD]``
+    ...) are dropped before decoding and a word piece selected without its word start loses its
+    ``##`` mark. Box matching is unchanged (no word or phrase contains those tokens).
     """
     n = min(len(input_ids), right_idx)
     probs = token_probs[:n].clone()
     probs[: left_idx + 1] = 0.0
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
     picked = [int(input_ids[i]) for i in torch.nonzero(probs > text_threshold).flatten().tolist()]
+    picked = [t for t in picked if t not in special]
     if not picked:
         return ""
-    return tokenizer.decode(picked, clean_up_tokenization_spaces=True)
+    return clean_phrase(tokenizer.decode(picked, clean_up_tokenization_spaces=True,
+                                         skip_special_tokens=True))
+
+
+_SPECIAL_TOKENS = re.compile(r"\[(?:SEP|CLS|PAD|UNK|MASK)\]", re.IGNORECASE)
+
+
+def clean_phrase(text: str) -> str:
+    """A phrase without tokenizer tokens: no ``[SEP]`` / ``[CLS]`` / ``[PAD]`` / ``[UNK]`` /
+    ``[MASK]``, no ``##`` word-piece marks, single spaces. Also for phrases read back from
+    older caches and box files."""
+    text = _SPECIAL_TOKENS.sub(" ", text)
+    text = re.sub(r"\s*##", "", text)
+    return " ".join(text.split())
 
 
 def phrase_matches(phrase: str, words: Sequence[str], case_sensitive: bool = False) -> bool:

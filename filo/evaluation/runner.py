@@ -41,6 +41,7 @@ from filo.evaluation.report import (
     COLUMNS,
     EXTRA_COLUMNS,
     IMAGE_COLUMNS,
+    MAD_COLUMNS,
     SAMPLE_COLUMNS,
     ClassResult,
     class_metrics,
@@ -55,6 +56,7 @@ from filo.pipeline import Pipeline, PipelineConfig, build_pipeline
 from filo.settings import as_dict, at_least, setting
 
 logger = logging.getLogger(__name__)
+PIXEL_COLUMNS = ("auroc_px", "f1_px", "ap_px", "aupro", "aupro_exact")
 
 DATASETS = ("mvtec", "visa", "folder", "meta", "mpdd", "btad", "mvtec_ad2", "realiad", "auto")
 DATA_ENV = {"mvtec": "MVTEC_ROOT", "visa": "VISA_ROOT", "mpdd": "MPDD_ROOT",
@@ -110,11 +112,27 @@ class RunConfig:
         "relative to --data_path or its realiad_jsons/, or absolute",
         default_help="the multi-view realiad_jsons")
 
-    protocol: str = setting(
-        "image", "map geometry of the metrics: image (maps and masks over the whole image) or "
-        "crop (the PatchCore paper's protocol, memory bank alone: maps and masks on the bank's "
-        "centre crop at its --imagesize, masks defective only where they stay 255 after "
-        "resizing)", choices=PROTOCOLS)
+    normal_dir: str | None = setting(
+        None, "--dataset folder, a tree in no layout (anomalib's Folder names): folder of normal "
+        "training images, relative to --data_path (its last fifth is tested unless "
+        "--normal_test_dir is given)", metavar="DIR")
+    abnormal_dir: str | None = setting(
+        None, "--dataset folder: a folder of anomalous test images, one defect type (repeat the "
+        "flag for several)", metavar="DIR", repeatable=True)
+    mask_dir: str | None = setting(
+        None, "--dataset folder: masks of the --abnormal_dir images ({name}_mask.png or "
+        "{name}.png, in DIR/<defect>/ or DIR/)", metavar="DIR", default_help="no masks")
+    normal_test_dir: str | None = setting(
+        None, "--dataset folder: folder of normal test images", metavar="DIR",
+        default_help="the last fifth of --normal_dir")
+
+    def folder_spec(self):
+        """The named folders of ``--normal_dir`` ... (:class:`~filo.data.layouts.FolderSpec`)."""
+        from filo.data.layouts import FolderSpec
+
+        dirs = tuple(d.strip() for d in (self.abnormal_dir or "").split(",") if d.strip())
+        return FolderSpec(normal_dir=self.normal_dir, abnormal_dirs=dirs, mask_dir=self.mask_dir,
+                          normal_test_dir=self.normal_test_dir)
 
     def class_list(self) -> list[str] | None:
         if not self.classes:
@@ -186,7 +204,7 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
     check_outputs_writable(run)
     split = load_split(run.data_path, run.dataset, "test", run.class_list(),
                        source="--data_path", allow_outside_root=run.allow_outside_root,
-                       realiad_split=run.realiad_split)
+                       realiad_split=run.realiad_split, folders=run.folder_spec())
     coco_classes = coco_eval_classes(run, pipeline, split, log) if run.coco_eval else []
     empty = [c for c, group in split.items() if not group]
     for cls_name in empty:
@@ -203,14 +221,14 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
                         "--memory_bank with --fusion memory (no FiLo or fused maps)")
     prompts = None
     if not run.from_cache and pipeline_factory is None:
-        from filo.pipeline import load_pipeline_prompts
+        from filo.pipeline import generic_prompts_note, load_pipeline_prompts
 
         prompts = load_pipeline_prompts(pipeline)
-        unknown = [c for c in split if not prompts.has_class(c)]
-        if unknown and (pipeline.uses_filo or pipeline.grounding):
-            raise FiloError(f"class {unknown[0]!r} of {run.data_path} has no prompts in "
-                            f"{prompts.source}; add it to a prompt file and pass --prompts "
-                            f"(see prompts/README.md)")
+        if pipeline.uses_filo or pipeline.grounding:
+            covered, added = prompts.covering(list(split))
+            if added:
+                log(f"[filo] warning: {generic_prompts_note(added, prompts.source, str(run.data_path))}")
+                prompts = covered
     out_dir = Path(run.save_path or "outputs/results/test")
     cache = PredictionCache(out_dir / "cache", cache_key(run, pipeline))
     sources = {s.img_path: input_identity(run.data_path, s.img_path, s.mask_path)
@@ -303,6 +321,8 @@ def cache_key(run: RunConfig, pipeline: PipelineConfig) -> dict[str, Any]:
         key["protocol"] = run.protocol
     if run.realiad_split is not None:  # a variant may label an image differently
         key["realiad_split"] = str(run.realiad_split)
+    if run.folder_spec().given():  # named folders decide the labels
+        key["folders"] = [run.normal_dir, run.abnormal_dir, run.mask_dir, run.normal_test_dir]
     return key
 
 
@@ -355,16 +375,25 @@ def _evaluate_classes(split: dict[str, list[Sample]], cache: PredictionCache,
         if labels_set == {0}:
             logger.warning("class %s has no anomalous test images: scores only, its metrics "
                            "are not available", cls_name)
-        elif pixel and not has_masks(group):
-            logger.warning("class %s has anomalous images without masks: image-level metrics "
-                           "only", cls_name)
         preds = [_must_get(cache, s) for s in group]
         maps = np.stack([p.anomaly_map for p in preds])
         masks = np.stack([p.mask for p in preds])
         labels = np.array([p.label for p in preds])
         scores = np.array([p.image_score for p in preds])
+        partial = pixel and not has_masks(group) and any(s.mask_path for s in group if s.anomaly)
+        if labels_set != {0} and pixel and not has_masks(group):
+            logger.warning("class %s has anomalous images without masks: %s", cls_name,
+                           "pixel metrics over the images with ground truth (normal images and "
+                           "masked anomalies)" if partial else "image-level metrics only")
         result = class_metrics(cls_name, masks, maps, labels, scores,
                                pixel=pixel and has_masks(group))
+        if partial:  # pixel columns from the images with ground truth (design.md 9.1)
+            keep = [i for i, s in enumerate(group) if not s.anomaly or s.mask_path]
+            px = class_metrics(cls_name, masks[keep], maps[keep], labels[keep], scores[keep])
+            result.values.update({c: px.values[c] for c in PIXEL_COLUMNS})
+            mad = [result.values[c] for c in MAD_COLUMNS]
+            result.values["mAD"] = (float(np.mean(mad)) if not any(np.isnan(mad))
+                                    else float("nan"))
         if per_sample:  # Real-IAD: also per physical sample (max over its views)
             from filo.data.layouts import realiad_sample_key
 
@@ -416,8 +445,8 @@ def _write_outputs(run: RunConfig, pipeline: PipelineConfig, split: dict[str, li
         atomic_write_text(run.save_coco, json.dumps(coco) + "\n")
     if run.viz_dir is not None:
         index = write_visualisations(run, split, cache, table,
-                                     title=f"filo test: {run.dataset} {run.data_path}"
-                                     + ("" if pipeline.uses_filo else " (GroundingDINO box map)"))
+                                     title=f"filo test: {run.dataset} {run.data_path} "
+                                     f"({pipeline.map_name})", pipeline=pipeline)
         log(f"[filo] visualisations: {index}")
     log("")
     log(table)
@@ -464,11 +493,74 @@ def coco_evaluation(run: RunConfig, split: dict[str, list[Sample]], cache: Predi
                         files={"ground_truth": COCO_GT_FILE, "detections": COCO_DT_FILE})
 
 
+VIZ_QUANTILES = (1.0, 99.5)  # per-run colour scale: these percentiles of a class's maps
+VIZ_SAMPLE = 4_000_000  # at most about this many map values per class enter the percentiles
+
+
+def visual_scales(pipeline: PipelineConfig | None, split: dict[str, list[Sample]],
+                  cache: PredictionCache) -> tuple[dict[str, tuple[float, float]], str]:
+    """The gallery's colour scale of every class, and how it was chosen (design.md section 8.2):
+
+    * raw memory-bank distances: the bank's calibrated range (0 .. 2 x pixel threshold);
+    * fused maps (a logistic of z-scores against the normal calibration images): 0.5 (the
+      normal images' mean) .. logistic(6) (6 standard deviations above it);
+    * a FiLo map with a bank that holds FiLo's normal-image statistics: their mean .. mean +
+      6 std;
+    * otherwise the 1st .. 99.5th percentile of all maps of the class in this run."""
+    import json as _json
+
+    from filo.memory.bank import bank_dir
+    from filo.pipeline import memory_map_range
+
+    def calibration(cls_name: str) -> dict:
+        if pipeline is None or pipeline.memory_bank is None:
+            return {}
+        path = bank_dir(pipeline.memory_bank, cls_name) / "meta.json"
+        try:
+            return dict(_json.loads(path.read_text()).get("calibration") or {})
+        except (OSError, ValueError):
+            return {}
+
+    scales, how = {}, set()
+    for cls_name, group in split.items():
+        cal = calibration(cls_name)
+        filo_cal = cal.get("filo") or {}
+        if pipeline is not None and pipeline.uses_memory and not pipeline.uses_filo and cal:
+            scales[cls_name] = memory_map_range(cal)
+            how.add("the memory bank's calibrated range (0 to twice its pixel threshold)")
+            continue
+        if pipeline is not None and pipeline.uses_memory and pipeline.uses_filo and cal:
+            scales[cls_name] = (0.5, float(1.0 / (1.0 + np.exp(-6.0))))
+            how.add("fused z-scores against the normal calibration images: 0.5 = their mean, "
+                    "top = 6 standard deviations above")
+            continue
+        if filo_cal.get("pixel_std") and pipeline is not None and pipeline.uses_filo:
+            mean, std = float(filo_cal["pixel_mean"]), float(filo_cal["pixel_std"])
+            scales[cls_name] = (mean, mean + 6.0 * std)
+            how.add("FiLo's normal-image statistics from the memory bank (mean to mean + 6 std)")
+            continue
+        maps = [np.asarray(_must_get(cache, s).anomaly_map, dtype=np.float32).ravel()
+                for s in group]
+        stride = max(1, sum(m.size for m in maps) // VIZ_SAMPLE)  # bounded memory and time
+        values = np.concatenate([m[::stride] for m in maps])
+        values = values[np.isfinite(values)]
+        lo, hi = ((float(v) for v in np.percentile(values, VIZ_QUANTILES)) if values.size
+                  else (0.0, 1.0))
+        if not hi > lo:
+            hi = lo + (abs(lo) * 1e-3 or 1e-6)
+        scales[cls_name] = (lo, hi)
+        how.add(f"per class, percentiles {VIZ_QUANTILES[0]:g} to {VIZ_QUANTILES[1]:g} of "
+                f"all its maps in this run")
+    return scales, "; ".join(sorted(how)) or "0 to 1"
+
+
 def write_visualisations(run: RunConfig, split: dict[str, list[Sample]], cache: PredictionCache,
-                         table: str | None, title: str) -> Path:
-    """One panel per image (input, map overlay on a fixed 0..1 scale, GT outline, boxes) and
-    ``index.html``; visual options never touch the cached numbers."""
+                         table: str | None, title: str,
+                         pipeline: PipelineConfig | None = None) -> Path:
+    """One panel per image (input, map overlay on the run's colour scale, GT outline, boxes)
+    and ``index.html``; visual options never touch the cached numbers."""
     from filo.data.transforms import load_rgb
+    from filo.detector.caption import clean_phrase
     from filo.viz import VizWriter
 
     root = Path(run.data_path) if run.data_path is not None else None
@@ -476,8 +568,12 @@ def write_visualisations(run: RunConfig, split: dict[str, list[Sample]], cache: 
     def load_image(img_path: str) -> np.ndarray:
         return np.asarray(load_rgb(root / img_path if root is not None else img_path))
 
+    scales, how = visual_scales(pipeline, split, cache)
     writer = VizWriter(run.viz_dir, 0.0, 1.0, run.viz_limit, run.viz_only_errors, None,
-                       run.viz_lift_boxes, load_image=load_image, root=root)
+                       run.viz_lift_boxes, load_image=load_image, root=root, scales=scales,
+                       scale_note=how,
+                       map_name=pipeline.map_name if pipeline is not None else "anomaly map",
+                       map_label=pipeline.map_label if pipeline is not None else None)
     total = sum(len(g) for g in split.values())
     with tqdm(total=total, desc="visualise", unit="img", dynamic_ncols=True) as bar:
         for group in split.values():
@@ -487,9 +583,12 @@ def write_visualisations(run: RunConfig, split: dict[str, list[Sample]], cache: 
                 if not writer.wants(s.cls_name, pred.label, pred.image_score):
                     continue
                 det = pred.extras.get("detections") or {}
+                phrases = det.get("phrases")
+                if phrases is not None:  # a cache of an older filo may hold [SEP] and the like
+                    phrases = [clean_phrase(str(p)) for p in phrases]
                 writer.add(s.img_path, s.cls_name, pred.label, pred.image_score, None,
                            pred.anomaly_map, gt_mask=pred.mask if pred.label else None,
-                           boxes=det.get("boxes"), labels=det.get("phrases"),
+                           boxes=det.get("boxes"), labels=phrases,
                            scores=det.get("scores"), matched=det.get("matched"))
     return writer.finish(table, title=title)
 

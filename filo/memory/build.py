@@ -134,6 +134,13 @@ class PatchEmbedder:
                 raise FiloError(f"--layers {cfg.layers}: CLIP layers are block numbers "
                                 f"1..{n_blocks}") from None
             self.net = ClipTowerFeatures(visual, blocks)
+            side = self.net.image_size
+            if cfg.imagesize != side:  # the tower's position embedding fixes its input size
+                raise FiloError(
+                    f"--backbone clip: the CLIP tower of {ckpt_path} takes {side} px inputs but "
+                    f"this build crops to --imagesize {cfg.imagesize}; pass --resize {side} "
+                    f"--imagesize {side} --no_crop (the whole image at {side} px), or "
+                    f"--resize R --imagesize {side} with R > {side} for a centre crop")
             self.mean, self.std = self.net.mean, self.net.std
             self.weights_id = str(Path(ckpt_path).resolve())
             self.weights_sha256 = None  # the checkpoint is identified by its path

@@ -18,6 +18,7 @@ for (phrases or box thresholds while FiLo counts), the verdict is withheld and s
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import threading
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from filo.data.dataset import collate, image_inputs
 from filo.data.transforms import decode_image_bytes
@@ -173,6 +175,7 @@ class Engine:
             "prompt_file": {"source": self._base_prompts.source,
                             "grounding_words": self._base_prompts.grounding_words},
             "image_size": p.image_size,
+            "input_sizes": self.input_sizes(),
             "limits": {"max_upload_mb": self.config.max_upload_mb,
                        "max_image_pixels": self.config.max_image_pixels,
                        "formats": list(IMAGE_FORMATS)},
@@ -209,6 +212,66 @@ class Engine:
                             memory_transform=p.memory_transform)
         rgb = np.asarray(img.convert("RGB"))
         return PreparedRequest(uuid.uuid4().hex, settings, name, rgb, item, time.perf_counter())
+
+    def warmup(self, max_classes: int = 64, size: tuple[int, int] = (128, 96)) -> int:
+        """Run every model once per class (up to ``max_classes``) on a plain grey image, and
+        draw one panel, so that the first real request costs what later ones do (lazy weights,
+        prompt encodings, kernels, image code paths); nothing is written. Returns the number of
+        classes warmed. The CLI calls it before the port opens (design.md section 15.1)."""
+        from filo.viz import render_panel
+
+        grey = Image.new("RGB", size, (128, 128, 128))
+        buf = io.BytesIO()
+        grey.save(buf, format="PNG")
+        names = self.class_names()[:max_classes]
+        for name in names:
+            req = self.prepare(buf.getvalue(), "warmup.png", self.settings(name))
+            outcome = self.run_batch([req])[0]
+            if isinstance(outcome, Exception):
+                raise outcome
+            pred = outcome[0]
+            vmin, vmax = self.view_scale(name, pred, req.rgb.shape[:2])[:2]
+            det = pred.detection or {}
+            render_panel(req.rgb, pred.anomaly_map.astype(np.float32), vmin=vmin, vmax=vmax,
+                         boxes=det.get("boxes"), box_labels=det.get("phrases"),
+                         box_scores=det.get("scores"), box_matched=det.get("matched"),
+                         title="warmup")
+        return len(names)
+
+    def input_sizes(self) -> dict[str, Any]:
+        """Each model's own input size in pixels: FiLo's square side, the detector's short /
+        long side limits, each memory bank's crop side (``{class: side}``)."""
+        from filo.data.transforms import DETECTOR_MAX_SIZE, DETECTOR_SHORT_SIDE
+
+        p = self.pipeline
+        out: dict[str, Any] = {}
+        if p.model is not None:
+            out["filo"] = int(p.image_size)
+        if p.detector is not None:
+            out["grounding"] = {"short_side": DETECTOR_SHORT_SIDE, "max_side": DETECTOR_MAX_SIZE}
+        if p.memory is not None:
+            out["memory_bank"] = {c: int(p.memory.meta(c).imagesize)
+                                  for c in self.class_names()}
+        return out
+
+    def view_scale(self, cls_name: str, pred, hw: tuple[int, int], full: np.ndarray | None = None,
+                   ) -> tuple[float, float, float | None]:
+        """(vmin, vmax, threshold on the map) of one result, from ONE calibrated threshold: the
+        class's image threshold (the verdict's) expressed on this image's map, ``t x map max /
+        image score`` (the image score is the map's peak before its last smoothing), so the
+        verdict is anomalous exactly when some pixel reaches it; the colour scale is 0 .. 2t
+        (the threshold mid-bar). Without a calibrated threshold: the pipeline's map range and
+        no threshold."""
+        vmin, vmax = self.pipeline.map_range(cls_name)
+        cal = self.pipeline.calibration(cls_name) if self.pipeline.memory is not None else None
+        score = float(pred.image_score)
+        if cal is None or not np.isfinite(score) or score <= 0:
+            return vmin, vmax, None
+        peak = float(np.max(full)) if full is not None else float(np.max(pred.anomaly_map))
+        if not np.isfinite(peak) or peak <= 0:
+            return vmin, vmax, None
+        t = float(cal["image_threshold"]) * peak / score
+        return 0.0, 2.0 * t, t
 
     # ---- 2. worker thread: batches -------------------------------------------------------------
     def run_batch(self, requests: list[PreparedRequest]) -> list[Any]:
@@ -276,7 +339,11 @@ class Engine:
         folder.mkdir()
         det = pred.detection or {}
         amap = pred.anomaly_map.astype(np.float32)
-        vmin, vmax = self.pipeline.map_range(s.class_name)
+        full = np.asarray(Image.fromarray(amap, mode="F").resize((w, h), Image.BILINEAR))
+        calibrated_view = not (s.changes_model and self.pipeline.config.fusion_mode != "memory")
+        vmin, vmax, map_threshold = (self.view_scale(s.class_name, pred, (h, w), full)
+                                     if calibrated_view else
+                                     (*self.pipeline.map_range(s.class_name), None))
         panel = render_panel(req.rgb, amap, vmin=vmin, vmax=vmax, boxes=det.get("boxes"),
                              box_labels=det.get("phrases"), box_scores=det.get("scores"),
                              box_matched=det.get("matched"),
@@ -297,12 +364,10 @@ class Engine:
             note = ("no verdict: the class has no calibrated memory bank and the service has no "
                     "--calib_dir")
         mask_threshold, mask_source = s.mask_threshold, "request"
-        if mask_threshold is None and cal is not None and cal.get("pixel_threshold") is not None \
-                and not (s.changes_model and self.pipeline.config.fusion_mode != "memory"):
-            mask_threshold, mask_source = float(cal["pixel_threshold"]), "calibrated"
+        if mask_threshold is None and map_threshold is not None:
+            mask_threshold, mask_source = map_threshold, "calibrated image threshold"
         if mask_threshold is None:
             mask_threshold, mask_source = self.config.mask_threshold, "service default"
-        full = np.asarray(Image.fromarray(amap, mode="F").resize((w, h), Image.BILINEAR))
         binary = full >= mask_threshold
         atomic_write_bytes(folder / "mask.png", _png_bytes((binary * 255).astype(np.uint8)))
 
@@ -327,6 +392,7 @@ class Engine:
             "mask_threshold_source": mask_source,
             "anomalous_fraction": float(binary.mean()),
             "map_max": float(amap.max()),
+            "color_scale": [float(vmin), float(vmax)],
             "overlay_url": f"{base}/overlay.png",
             "mask_url": f"{base}/mask.png",
             "result_url": f"{base}/result.json",

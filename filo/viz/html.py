@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from urllib.parse import quote
 
@@ -18,12 +18,14 @@ table.results { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
 table.results th, table.results td { border: 1px solid #bbb; padding: 3px 8px; }
 table.results th { background: #eee; }
 .note { color: #555; font-size: 0.9em; }
-.grid { display: flex; flex-wrap: wrap; gap: 10px; }
+.grid { display: flex; flex-direction: column; gap: 14px; }
 figure { margin: 0; padding: 4px; background: #fff; border: 4px solid #999; }
 figure.normal { border-color: #2e8b57; } figure.anomalous { border-color: #d62728; }
 figure.error { outline: 3px dashed #ff8c00; outline-offset: 2px; }
-figure img { display: block; max-width: 320px; height: auto; }
-figcaption { font-size: 0.8em; max-width: 320px; word-break: break-all; }
+figure img { display: block; width: 100%; height: auto; cursor: zoom-in; }
+figcaption { font-size: 0.85em; word-break: break-all; }
+table.boxes { border-collapse: collapse; font-size: 0.85em; margin-top: 3px; }
+table.boxes td { border: 1px solid #ddd; padding: 1px 6px; word-break: normal; }
 .tag { font-weight: bold; } .normal .tag { color: #2e8b57; } .anomalous .tag { color: #d62728; }
 .err { color: #ff8c00; font-weight: bold; }
 """
@@ -101,6 +103,7 @@ class IndexEntry:
     label: int
     score: float
     error: bool | None
+    boxes: list = field(default_factory=list)  # (phrase, score or None, counted) per box
 
 
 @dataclass
@@ -110,6 +113,7 @@ class IndexSection:
     threshold: float | None
     threshold_kind: str
     total: int
+    scale: str | None = None  # the class's colour scale, in words
 
 
 def index_html(title: str, results_markdown: str | None, sections: Sequence[IndexSection],
@@ -132,19 +136,27 @@ def index_html(title: str, results_markdown: str | None, sections: Sequence[Inde
         parts.append(f'<h2 id="{html.escape(quote(sec.cls_name))}">{name}</h2>')
         thr = ("none" if sec.threshold is None
                else f"{sec.threshold:.4g} ({sec.threshold_kind})")
+        scale = f"; colour scale {html.escape(sec.scale)}" if sec.scale else ""
         parts.append(f'<p class="note">{len(sec.entries)} of {sec.total} images shown, '
                      f"ordered by image score (highest first); error threshold: "
-                     f"{html.escape(thr)}</p>")
+                     f"{html.escape(thr)}{scale}</p>")
         parts.append('<div class="grid">')
         for e in sec.entries:
             kind = "anomalous" if e.label else "normal"
             cls = kind + (" error" if e.error else "")
             err = ' <span class="err">error</span>' if e.error else ""
+            hover = "; ".join(f"{p} {'' if sc is None else f'{sc:.2f}'}".strip()
+                              for p, sc, _ in e.boxes)
+            rows = "".join(
+                f"<tr><td>{html.escape(p)}</td><td>{'' if sc is None else f'{sc:.2f}'}</td>"
+                f"<td>{'counted' if m else 'not counted'}</td></tr>" for p, sc, m in e.boxes)
+            boxes = f'<table class="boxes">{rows}</table>' if rows else ""
             parts.append(
-                f'<figure class="{cls}"><a href="{href(e.panel)}">'
-                f'<img src="{href(e.thumb)}" alt="{html.escape(e.name)}" loading="lazy"></a>'
+                f'<figure class="{cls}"><a href="{href(e.panel)}" target="_blank">'
+                f'<img src="{href(e.thumb)}" alt="{html.escape(e.name)}" '
+                f'title="{html.escape(hover or e.name)}" loading="lazy"></a>'
                 f'<figcaption><span class="tag">{kind}</span> score {e.score:.4f}{err}<br>'
-                f"{html.escape(e.name)}</figcaption></figure>")
+                f"{html.escape(e.name)}{boxes}</figcaption></figure>")
         parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

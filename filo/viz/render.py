@@ -22,9 +22,10 @@ Panel layout (all sizes in pixels, ``H x W`` is the ORIGINAL image size)::
   ``HEAT_FLOOR`` (2 % of the scale) the opacity is exactly 0, so the overlay there equals the
   input pixel for pixel.
 * Boxes counted by the fusion (``box_matched`` True) are solid magenta; the others are dashed
-  light grey. Each label ("phrase 0.87") sits on a filled background above the box (inside it
-  when there is no room above) and is truncated with "..." so that it is never wider than the
-  image; everything of the overlay is drawn on its own ``H x W`` canvas, so nothing spills into
+  light grey. Each label ("phrase 0.87") sits on a filled background next to its box, outside
+  it, where it covers no other label and no box when there is such a place
+  (:func:`label_rect`), and is shortened with "..." to at most ``LABEL_MAX_FRACTION`` of the
+  image width (the full phrase is in the gallery's box list); everything of the overlay is drawn on its own ``H x W`` canvas, so nothing spills into
   the input or the colour bar.
 * Font scale, text thickness and line width follow the image size (:func:`text_style`), so text
   is legible from 64 px to 2000+ px images.
@@ -113,8 +114,9 @@ def fit_text(text: str, max_width: int, style: TextStyle) -> str:
 
 
 def box_label(phrase: str, score: float | None, max_width: int, style: TextStyle) -> str:
-    """``"phrase 0.87"`` no wider than ``max_width`` px; the phrase is shortened first."""
-    phrase = " ".join(str(phrase).split())
+    """``"phrase 0.87"`` no wider than ``max_width`` px; the phrase is shortened first (caption
+    separators "." at its ends dropped)."""
+    phrase = " ".join(str(phrase).split()).strip(" .")
     if score is None or not np.isfinite(score):
         return fit_text(phrase, max_width, style)
     suffix = f" {float(score):.2f}"
@@ -314,25 +316,52 @@ def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> boo
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
+LABEL_MAX_FRACTION = 0.4  # a box label is at most this fraction of the image width
+
+
+def _overlap_area(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def label_rect(text_wh: tuple[int, int], box: tuple[int, int, int, int], canvas_hw,
+               taken: Sequence[tuple[int, int, int, int]],
+               boxes: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    """Where a label of ``text_wh`` (w, h) goes for ``box``: outside it (above, below, right,
+    left; left- or right-aligned), the first place that covers no label already placed
+    (``taken``) and no box of ``boxes``; when none is free, the place that covers the least
+    (labels weigh more than boxes), inside-the-box places last. Always inside the canvas."""
+    h, w = canvas_hw
+    lw, lh = min(text_wh[0], w), min(text_wh[1], h)
+    x1, y1, x2, y2 = box
+    xs = [x1, x2 - lw + 1]
+    spots = [(x, y1 - lh) for x in xs] + [(x, y2 + 1) for x in xs]
+    spots += [(x2 + 1, y) for y in (y1, y2 - lh + 1)] + [(x1 - lw, y) for y in (y1, y2 - lh + 1)]
+    inside = [(x1, y1), (x1, y2 - lh + 1)]
+    rects = []
+    for x, y in spots + inside:
+        cx, cy = int(np.clip(x, 0, w - lw)), int(np.clip(y, 0, h - lh))
+        rects.append((cx, cy, cx + lw, cy + lh))
+
+    def cost(rect):
+        on_labels = sum(_overlap_area(rect, t) for t in taken)
+        on_boxes = sum(_overlap_area(rect, (b[0], b[1], b[2] + 1, b[3] + 1)) for b in boxes)
+        return (on_labels > 0, on_labels * 4 + on_boxes)
+
+    return min(rects, key=cost)  # min keeps the first of equal cost (the preferred order)
+
+
 def _draw_label(canvas: np.ndarray, text: str, box: tuple[int, int, int, int], color,
-                style: TextStyle, taken: list[tuple[int, int, int, int]]) -> None:
-    """Label on a filled background: above the box, else inside its top, below it, or inside
-    its bottom, whichever first avoids the labels already drawn; always inside the canvas."""
+                style: TextStyle, taken: list[tuple[int, int, int, int]],
+                boxes: Sequence[tuple[int, int, int, int]] = ()) -> None:
+    """Label on a filled background next to its box (:func:`label_rect`)."""
     if not text:
         return
-    h, w = canvas.shape[:2]
     th, base = _text_height(style)
-    lw = min(text_width(text, style) + 2 * style.pad, w)
-    lh = min(th + base + 2 * style.pad, h)
-    x1, y1, _, y2 = box
-    x = int(np.clip(x1, 0, w - lw))
-    candidates = [y1 - lh, y1, y2 + 1, y2 - lh + 1]
-    fits = [y for y in candidates if 0 <= y <= h - lh] or [int(np.clip(y1 - lh, 0, h - lh))]
-    rects = [(x, y, x + lw, y + lh) for y in fits]
-    rect = next((r for r in rects if not any(_overlaps(r, t) for t in taken)), rects[0])
+    size = (text_width(text, style) + 2 * style.pad, th + base + 2 * style.pad)
+    rect = label_rect(size, box, canvas.shape[:2], taken, boxes)
     taken.append(rect)
-    x, y = rect[0], rect[1]
-    cv2.rectangle(canvas, (x, y), (x + lw - 1, y + lh - 1), color, thickness=-1)
+    x, y, x2, y2 = rect
+    cv2.rectangle(canvas, (x, y), (x2 - 1, y2 - 1), color, thickness=-1)
     cv2.putText(canvas, text, (x + style.pad, y + style.pad + th), FONT, style.scale, TEXT_RGB,
                 style.thickness, cv2.LINE_AA)
 
@@ -429,9 +458,11 @@ def render_panel(
             _draw_dashed_rect(overlay, (x1, y1), (x2, y2), color, style.line)
         placed.append((i, clipped, color))
     taken: list[tuple[int, int, int, int]] = []
+    all_boxes = [c for _, c, _ in placed]
+    room = max(1, min(w - 2 * style.pad, int(LABEL_MAX_FRACTION * w)))
     for i, clipped, color in reversed(placed):  # after all boxes: no box line crosses a label
-        text = box_label(labels[i], scores[i], w - 2 * style.pad, style)
-        _draw_label(overlay, text, clipped, color, style, taken)
+        text = box_label(labels[i], scores[i], room, style)
+        _draw_label(overlay, text, clipped, color, style, taken, all_boxes)
 
     panel = np.empty((layout.height, layout.width, 3), dtype=np.uint8)
     panel[:] = BACKGROUND_RGB

@@ -65,6 +65,18 @@ def f1_optimal_threshold(labels: Sequence[int], scores: Sequence[float]) -> floa
     return float(s[last][int(np.argmax(f1))])
 
 
+def _box_rows(record: _Record) -> list[tuple[str, float | None, bool]]:
+    """(phrase, score, counted) of each box of a record, for the index page."""
+    if not record.boxes:
+        return []
+    n = len(record.boxes)
+    phrases = record.box_labels or [""] * n
+    scores = record.box_scores or [None] * n
+    matched = record.box_matched or [True] * n
+    return [(str(phrases[i]), None if scores[i] is None else float(scores[i]), bool(matched[i]))
+            for i in range(n)]
+
+
 def is_error(label: int, score: float, threshold: float | None) -> bool | None:
     """Misclassified at ``threshold`` (``None`` when there is no threshold or no finite score)."""
     if threshold is None or not np.isfinite(score):
@@ -117,8 +129,12 @@ class VizWriter:
         *,
         load_image: Callable[[str], np.ndarray] | None = None,
         max_image_side: int | None = 1024,
-        thumb_width: int = 320,
+        thumb_width: int = 1280,
         root: str | Path | None = None,
+        scales: Mapping[str, tuple[float, float]] | None = None,
+        scale_note: str | None = None,
+        map_name: str = "anomaly map",
+        map_label: str | None = None,
     ) -> None:
         if not np.isfinite(vmin) or not np.isfinite(vmax) or vmax <= vmin:
             raise ValueError(f"need finite vmin < vmax, got vmin={vmin}, vmax={vmax}")
@@ -134,8 +150,19 @@ class VizWriter:
         self.max_image_side = max_image_side
         self.thumb_width = int(thumb_width)
         self.root = root
+        self.scales = dict(scales or {})
+        for cls_name, (lo, hi) in self.scales.items():
+            if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+                raise ValueError(f"class {cls_name}: need finite vmin < vmax, got {lo}, {hi}")
+        self.scale_note = scale_note
+        self.map_name = map_name
+        self.map_label = map_label or map_name
         self._classes: dict[str, _ClassState] = {}
         self._n_spilled = 0
+
+    def scale(self, cls_name: str) -> tuple[float, float]:
+        """The colour scale of a class: its entry of ``scales``, else (vmin, vmax)."""
+        return self.scales.get(cls_name, (self.vmin, self.vmax))
 
     # -- decisions ---------------------------------------------------------------------------
     def given_threshold(self, cls_name: str) -> float | None:
@@ -242,9 +269,11 @@ class VizWriter:
             if boxes:
                 boxes = [tuple(v * factor for v in b) for b in boxes]
         kind = "anomalous" if record.label else "normal"
-        title = f"{record.cls_name} | {kind} | score {record.score:.3f} | {record.rel.name}"
+        title = (f"{record.cls_name} | {kind} | score {record.score:.3f} | {record.rel.name} | "
+                 f"{self.map_label}")
+        vmin, vmax = self.scale(record.cls_name)
         panel = render_panel(
-            image, anomaly_map, vmin=self.vmin, vmax=self.vmax, gt_mask=gt_mask, boxes=boxes,
+            image, anomaly_map, vmin=vmin, vmax=vmax, gt_mask=gt_mask, boxes=boxes,
             box_labels=record.box_labels, box_scores=record.box_scores,
             box_matched=record.box_matched, title=title, lift_boxes=self.lift_boxes)
         write_panel(self.viz_dir / record.rel, panel)
@@ -291,13 +320,19 @@ class VizWriter:
             entries = [IndexEntry(panel=r.rel.as_posix(),
                                   thumb=(PurePosixPath(THUMBS_DIR) / r.rel.with_suffix(".jpg")).as_posix(),
                                   name=r.img_path, label=r.label, score=r.score,
-                                  error=is_error(r.label, r.score, thr)) for r in written]
+                                  error=is_error(r.label, r.score, thr),
+                                  boxes=_box_rows(r)) for r in written]
             state.records = written
-            sections.append(IndexSection(cls_name, entries, thr, kind, total=len(state.scores)))
+            lo, hi = self.scale(cls_name)
+            sections.append(IndexSection(cls_name, entries, thr, kind, total=len(state.scores),
+                                         scale=f"{lo:.4g} (no colour) to {hi:.4g} (red)"))
         notes = [
+            f"Map shown: {self.map_name}.",
+            f"Colour scale: {self.scale_note}." if self.scale_note else
             f"Colour scale fixed for the run: {self.vmin:g} (no colour) to {self.vmax:g} (red).",
-            "Panels: input | anomaly-map overlay with ground-truth outline (white) and detector "
-            "boxes (solid magenta: counted, dashed grey: not counted) | colour bar.",
+            f"Panels: input | {self.map_name} overlay with ground-truth outline (white) and "
+            "detector boxes (solid magenta: counted, dashed grey: not counted) | colour bar. "
+            "Click a panel to open it at full size; box phrases in full under each panel.",
             f"Selection: {'only misclassified images' if self.only_errors else 'all images'}, "
             f"limit per class: {self.limit_per_class if self.limit_per_class is not None else 'none'}"
             f"{', boxes lifted (display only)' if self.lift_boxes else ''}.",

@@ -44,6 +44,7 @@
     seq: 0,               // number of the latest run; older answers are dropped
     runTimer: null,
     tokenTimer: null,
+    autoMask: null,       // the mask threshold the service last derived from the calibration
   };
 
   // ---- status and errors -----------------------------------------------------------------------
@@ -135,7 +136,11 @@
       return d;
     }
     const withheld = changesModel && state.info.models.fusion !== "memory";
-    return withheld ? d : c.pixel_threshold;
+    if (withheld) return d;
+    // the service derives each image's mask threshold from the class's calibrated image
+    // threshold (the verdict's); the field shows the last one it applied
+    return state.autoMask !== null && state.autoMask !== undefined ? state.autoMask
+                                                                  : c.pixel_threshold;
   }
 
   function setThreshold(name, value) {
@@ -176,7 +181,7 @@
     const names = [m.filo && "FiLo", m.grounding && "GroundingDINO",
                    m.memory_bank && `memory bank (fusion: ${m.fusion})`].filter(Boolean);
     $("models").textContent = `Models: ${names.join(", ") || "none"}. ${info.classes.length} ` +
-      `classes; images are scored at ${info.image_size} px; uploads up to ` +
+      `classes; ${inputSizes(info)}; uploads up to ` +
       `${info.limits.max_upload_mb} MiB (${info.limits.formats.join(", ")}).`;
 
     $("phrases").disabled = !hasPrompts();
@@ -206,6 +211,7 @@
 
   function classChanged(rerun) {
     const c = currentClass();
+    state.autoMask = null;
     setMaskRange(c);
     $("phrases").value = c && c.phrases ? c.phrases.join("\n") : "";
     if (state.info) setThreshold("mask_threshold", serviceMaskDefault(false));
@@ -452,6 +458,17 @@
       ? `${r.verdict} (threshold ${Number(r.image_threshold).toFixed(4)})`
       : (r.verdict_note || "no verdict");
     $("position").textContent = r.position || "-";
+    if (String(r.mask_threshold_source).startsWith("calibrated")) {
+      // verdict, mask and colour scale share one threshold: show it, and the bar's range
+      const [lo, hi] = r.color_scale || [0, 1];
+      for (const id of ["mask_threshold", "mask_threshold_range"]) {
+        $(id).min = String(lo);
+        $(id).max = String(Math.max(hi, r.mask_threshold));
+        $(id).step = String((hi - lo) / 100);
+      }
+      state.autoMask = r.mask_threshold;
+      setThreshold("mask_threshold", r.mask_threshold);
+    }
     $("mask_info").textContent = `${(100 * r.anomalous_fraction).toFixed(1)} % of the image at ` +
       `or above ${Number(r.mask_threshold).toFixed(3)} (${r.mask_threshold_source}); map max ` +
       `${Number(r.map_max).toFixed(3)}`;
@@ -511,3 +528,17 @@
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
   else init();
 })();
+
+// each model's own input size, in words (GET /v1/classes input_sizes)
+function inputSizes(info) {
+  const sizes = info.input_sizes || {};
+  const parts = [];
+  if (sizes.filo) parts.push(`FiLo input ${sizes.filo} px`);
+  if (sizes.grounding) parts.push(`GroundingDINO input: short side ${sizes.grounding.short_side} px ` +
+                                  `(long side at most ${sizes.grounding.max_side} px)`);
+  if (sizes.memory_bank) {
+    const sides = [...new Set(Object.values(sizes.memory_bank))];
+    parts.push(`memory-bank input ${sides.join(" / ")} px`);
+  }
+  return parts.length ? parts.join("; ") : `images are scored at ${info.image_size} px`;
+}
