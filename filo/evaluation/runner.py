@@ -111,6 +111,11 @@ class RunConfig:
         "(realiad_jsons_sv, realiad_jsons_fuiad_0.2, ...) or one multi-class JSON file; "
         "relative to --data_path or its realiad_jsons/, or absolute",
         default_help="the multi-view realiad_jsons")
+    protocol: str = setting(
+        "image", "map geometry of the metrics: image (maps and masks over the whole image) or "
+        "crop (the PatchCore paper's protocol, memory bank alone: maps and masks on the bank's "
+        "centre crop at its --imagesize, masks defective only where they stay 255 after "
+        "resizing)", choices=PROTOCOLS)
 
     normal_dir: str | None = setting(
         None, "--dataset folder, a tree in no layout (anomalib's Folder names): folder of normal "
