@@ -89,12 +89,11 @@ def run_original(src: Path, data: Path, weights: Path, resize: int, imagesize: i
     sys.path.insert(0, str(src))
     for name in ("timm", "matplotlib", "matplotlib.pyplot"):  # its other backbones, its plots
         sys.modules.setdefault(name, types.ModuleType(name))
-    import torchvision
-
     import patchcore.common
     import patchcore.patchcore
     import patchcore.sampler
     import patchcore.utils
+    import torchvision
     from patchcore.datasets.mvtec import DatasetSplit, MVTecDataset
 
     device = torch.device("cpu")
