@@ -38,6 +38,7 @@ from scipy import ndimage
 
 from filo.errors import FiloError
 from filo.fileio import atomic_save_npy
+from filo.memory.aggregation import fast_aggregate, patch_grid
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +59,6 @@ _TIE_RTOL = 1e-5
 
 # --------------------------------------------------------------------------------------------
 # patch features
-
-
-def patch_grid(h: int, w: int, patchsize: int = 3, stride: int = 1) -> tuple[int, int]:
-    """Grid of neighbourhood centres of an ``h x w`` map (zero padding ``(patchsize-1)//2``)."""
-    pad = (patchsize - 1) // 2
-    return ((h + 2 * pad - patchsize) // stride + 1, (w + 2 * pad - patchsize) // stride + 1)
 
 
 def _unfold(feat: torch.Tensor, patchsize: int, stride: int) -> torch.Tensor:
@@ -95,8 +90,6 @@ def aggregate(features: Sequence[torch.Tensor], patchsize: int = 3, pretrain_dim
     features' dtype and device. ``out``: optional ``[B*H0*W0, target_dim]`` tensor written in
     place (and returned).
     """
-    from filo.memory.aggregation import fast_aggregate
-
     return fast_aggregate(features, patchsize, pretrain_dim, target_dim, stride, out=out)
 
 
