@@ -318,7 +318,8 @@ def rss_rows(args, rows) -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                              env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
         if out.returncode != 0:
-            rows.append((f"rss {impl}", "failed", out.stderr.strip().splitlines()[-1], "", "-"))
+            last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+            rows.append((f"rss {impl}", "failed", last, "", "-"))
             continue
         results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
     for impl, r in results.items():

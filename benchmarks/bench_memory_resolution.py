@@ -86,7 +86,8 @@ def main() -> int:
                                   "--coreset", str(args.coreset)],
                                  capture_output=True, text=True, cwd=ROOT)
             if out.returncode != 0:
-                print(f"# {mode} {n}: failed: {out.stderr.strip().splitlines()[-1]}")
+                last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+                print(f"# {mode} {n}: failed: {last}")
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(r)

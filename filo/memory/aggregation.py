@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["LayerKernel", "adaptive_pool_matrix", "fast_aggregate", "grouped_kernels",
-           "pooling_weights"]
+           "patch_grid", "pooling_weights"]
 
 # a grouped kernel is used when every output plane reads at most this many input channels
 _MAX_CHANNELS_PER_GROUP = 8
@@ -61,6 +61,12 @@ def pooling_weights(channels: Sequence[int], patchsize: int, pretrain_dim: int,
         first = adaptive_pool_matrix(c * patchsize * patchsize, pretrain_dim)
         out.append(final[:, li * pretrain_dim:(li + 1) * pretrain_dim] @ first)
     return out
+
+
+def patch_grid(h: int, w: int, patchsize: int = 3, stride: int = 1) -> tuple[int, int]:
+    """Grid of neighbourhood centres of an ``h x w`` map (zero padding ``(patchsize-1)//2``)."""
+    pad = (patchsize - 1) // 2
+    return ((h + 2 * pad - patchsize) // stride + 1, (w + 2 * pad - patchsize) // stride + 1)
 
 
 @dataclass
@@ -145,8 +151,6 @@ def fast_aggregate(features: Sequence[torch.Tensor], patchsize: int = 3,
     The kernels are built once per channel layout and dimensions (memoised). ``out``: an optional ``[B*H0*W0, target_dim]`` tensor of the features' device to write into
     (any float dtype: the rows are converted as they are written).
     """
-    from filo.memory.patchcore import patch_grid
-
     if not features:
         raise ValueError("aggregate: no feature maps")
     batch = features[0].shape[0]
@@ -198,8 +202,6 @@ def _pool_then_upsample(features, patchsize: int, pretrain_dim: int, target_dim:
                         stride: int, ref: tuple[int, int]) -> torch.Tensor:
     """General dimensions: pool each layer's unfolded vectors at its own grid, then upsample
     the ``pretrain_dim`` pooled planes (pooling and bilinear upsampling commute)."""
-    from filo.memory.patchcore import patch_grid
-
     batch = features[0].shape[0]
     pooled = []
     for feat in features:

@@ -39,6 +39,7 @@ from scipy import ndimage
 
 from filo.errors import FiloError
 from filo.fileio import atomic_save_npy
+from filo.memory.aggregation import fast_aggregate, patch_grid
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +60,6 @@ _TIE_RTOL = 1e-5
 
 # --------------------------------------------------------------------------------------------
 # patch features
-
-
-def patch_grid(h: int, w: int, patchsize: int = 3, stride: int = 1) -> tuple[int, int]:
-    """Grid of neighbourhood centres of an ``h x w`` map (zero padding ``(patchsize-1)//2``)."""
-    pad = (patchsize - 1) // 2
-    return ((h + 2 * pad - patchsize) // stride + 1, (w + 2 * pad - patchsize) // stride + 1)
 
 
 def _unfold(feat: torch.Tensor, patchsize: int, stride: int) -> torch.Tensor:
@@ -96,8 +91,6 @@ def aggregate(features: Sequence[torch.Tensor], patchsize: int = 3, pretrain_dim
     features' dtype and device. ``out``: optional ``[B*H0*W0, target_dim]`` tensor written in
     place (and returned).
     """
-    from filo.memory.aggregation import fast_aggregate
-
     return fast_aggregate(features, patchsize, pretrain_dim, target_dim, stride, out=out)
 
 
@@ -227,6 +220,19 @@ def faiss_available() -> bool:
     return True
 
 
+def _auto_backend(device: torch.device, index: str) -> str:
+    """``--nn_backend auto``: the faster path as measured (docs/design.md §13.1): faiss for
+    approximate indexes and on the CPU when installed, the torch matrix product on a GPU
+    unless faiss has a GPU build."""
+    if not faiss_available():
+        return "torch"
+    if index != "flat" or device.type != "cuda":
+        return "faiss"
+    import faiss
+
+    return "faiss" if _faiss_gpu_ok(faiss) else "torch"
+
+
 def _faiss_gpu_ok(faiss) -> bool:
     try:
         return (torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")
@@ -248,8 +254,9 @@ class NearestNeighbourScorer:
     """Patch scores against a memory bank: mean squared L2 distance to the ``k`` nearest rows.
 
     ``backend``: ``"faiss"`` (faiss index; a GPU index when CUDA and a GPU build of faiss are
-    available and ``gpu`` is not False), ``"torch"`` (exact, chunked), ``"auto"`` (faiss when
-    importable, else torch). ``index`` (faiss only): ``"flat"`` exact (``IndexFlatL2``),
+    available and ``gpu`` is not False), ``"torch"`` (exact, chunked), ``"auto"``
+    (:func:`_auto_backend`: faiss when importable, except the torch matrix product on a GPU
+    without a faiss GPU build). ``index`` (faiss only): ``"flat"`` exact (``IndexFlatL2``),
     ``"ivf"`` (``IndexIVFFlat``, ``nlist`` default ``round(sqrt(M))`` clusters trained on the
     bank, ``nprobe`` default ``max(16, nlist // 8)`` capped at ``nlist``) or ``"hnsw"``
     (``IndexHNSWFlat``, ``hnsw_m`` links, ``ef_search``), approximate, for very large banks.
@@ -283,8 +290,10 @@ class NearestNeighbourScorer:
             raise FiloError("the memory bank is empty")
         if not 1 <= k <= m:
             raise FiloError(f"{k} nearest neighbours asked of a memory bank of {m} rows")
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
         if backend == "auto":
-            backend = "faiss" if faiss_available() else "torch"
+            backend = _auto_backend(self.device, index)
         if backend == "faiss" and not faiss_available():
             raise FiloError("nearest-neighbour backend faiss: faiss is not installed; "
                             "pip install faiss-cpu, or use the torch backend")
@@ -295,8 +304,6 @@ class NearestNeighbourScorer:
         self.backend = backend
         self.index_kind = index
         self.refine = bool(refine)
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
         self._options = {"nlist": nlist, "nprobe": nprobe, "hnsw_m": hnsw_m,
                          "ef_search": ef_search, "gpu": gpu}
         self._bank_t: torch.Tensor | None = None  # the bank on self.device, when needed
