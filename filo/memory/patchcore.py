@@ -221,7 +221,7 @@ def faiss_available() -> bool:
 
 
 def _auto_backend(device: torch.device, index: str) -> str:
-    """``--nn_backend auto``: the faster path as measured (docs/design.md §13.1): faiss for
+    """``--nn_backend auto``: the faster path as measured (docs/design.md §13.4): faiss for
     approximate indexes and on the CPU when installed, the torch matrix product on a GPU
     unless faiss has a GPU build."""
     if not faiss_available():
