@@ -102,7 +102,7 @@ class PatchEmbedder:
             self.net = ClipTowerFeatures(visual, blocks)
             self.mean, self.std = self.net.mean, self.net.std
             self.weights_id = str(Path(ckpt_path).resolve())
-            self.weights_sha256 = None  # the checkpoint is identified by its path
+            self.weights_sha256 = weights_checksum(Path(ckpt_path))  # path and content
         else:
             self.layers = cfg.layer_list()
             weights = cfg.weights_path()
