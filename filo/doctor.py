@@ -130,13 +130,16 @@ class Report:
 
 
 def checkpoint_role(asset_name: str) -> str | None:
-    """Which kind of checkpoint an asset is ('filo', 'grounding', 'clip'), for content checks."""
+    """Which kind of checkpoint an asset is ('filo', 'grounding', 'clip', 'wideresnet'), for
+    content checks."""
     if asset_name.startswith("filo-"):
         return "filo"
     if asset_name.startswith("grounding"):
         return "grounding"
     if asset_name.startswith("clip-"):
         return "clip"
+    if asset_name.startswith("wide-resnet"):
+        return "wideresnet"
     return None
 
 

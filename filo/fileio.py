@@ -3,10 +3,13 @@
 Every writer goes to a temporary file in the target's folder (so the final ``os.replace`` is a
 rename on the same file system) and renames it into place only when the content is complete.
 Temporary files get the usual permissions (``0o666 & ~umask``), not ``mkstemp``'s 0600.
+A full disk or an unwritable folder is one :class:`~filo.errors.WriteError` line naming the
+file; the temporary file is removed and an earlier complete ``target`` stays as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,9 +21,16 @@ from typing import IO, Any
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``target``; renamed to ``target`` when the block succeeds."""
+    from filo.errors import WRITE_ERRNOS, write_error
+
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        if err.errno in WRITE_ERRNOS:
+            raise write_error(target, err) from None
+        raise
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -28,6 +38,16 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, target)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in WRITE_ERRNOS:
+            raise write_error(target, err) from None
+        raise
+    except RuntimeError as err:  # torch.save: "... failed writing file data ..."
+        Path(tmp).unlink(missing_ok=True)
+        if "writing" in str(err) or "write" in str(err):
+            raise write_error(target, OSError(errno.EIO, str(err).splitlines()[0])) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
