@@ -152,6 +152,13 @@ def check_asset(asset: Asset, cache: ChecksumCache, *, needed: bool = True,
     if asset.kind == "dir":
         return _check_dir(asset, location, cache, needed, optional, fetch)
     spec = asset.files[0]
+    role = checkpoint_role(asset.name)
+    if role is not None and (location.is_dir() or location.suffix == ".npy"):
+        from filo.ckpt_check import checkpoint_problem
+
+        return Row(asset.name, WRONG_CONTENT, location,
+                   f"{location} {checkpoint_problem(location, role)}; put the checkpoint file "
+                   f"there (from {spec.url})", needed)
     if not location.is_file():
         how = (f"place the file at {location} (from {spec.url}; on a machine with internet: "
                f"{fetch})") if not custom else f"the file {location} does not exist; fix the path"
@@ -167,7 +174,6 @@ def check_asset(asset: Asset, cache: ChecksumCache, *, needed: bool = True,
         return Row(asset.name, NOT_TORCH, location,
                    f"{location} is not a PyTorch checkpoint (truncated or wrong file): download "
                    f"it again from {spec.url}", needed)
-    role = checkpoint_role(asset.name)
     if role is not None:
         from filo.ckpt_check import checkpoint_problem
 

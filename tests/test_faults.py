@@ -416,3 +416,38 @@ def test_service_an_extreme_aspect_image_is_4xx(client):
     res = client.post("/v1/predict", data={"class_name": "tex a"},
                       files={"image": ("thin.png", _png((1, 40)), "image/png")})
     assert res.status_code == 200, res.text
+
+
+# ---- the doctor: each checkpoint's kind against its slot ------------------------------------
+
+def test_doctor_names_a_checkpoint_in_the_wrong_slot(tmp_path, tiny_filo_ckpt):
+    import torch
+
+    from filo.ckpt_check import checkpoint_problem
+    from filo.demo import make_tiny_detector_checkpoint
+    from filo.doctor import WRONG_CONTENT, run_doctor
+
+    grounding = make_tiny_detector_checkpoint(tmp_path / "grounding.pth", seed=0)  # converted
+    filo = Path(tiny_filo_ckpt[0])
+    report = run_doctor("test-mvtec", ckpt_path=grounding, grounded_checkpoint=filo)
+    rows = {r.path: r for r in report.rows}
+    assert rows[grounding].status == WRONG_CONTENT and not report.ready
+    assert "is a GroundingDINO checkpoint, not a FiLo checkpoint" in rows[grounding].fix
+    assert rows[filo].status == WRONG_CONTENT
+    assert "is a FiLo checkpoint, not a GroundingDINO checkpoint" in rows[filo].fix
+    # a memory bank folder in a checkpoint slot
+    banks, _ = _bank(tmp_path)
+    row = next(r for r in run_doctor("test-mvtec", ckpt_path=banks / "obj_a").rows
+               if r.path == banks / "obj_a")
+    assert row.status == WRONG_CONTENT and "is a memory bank" in row.fix
+    # CLIP and WideResNet weights are told apart from FiLo (which holds a CLIP tower too)
+    t = torch.zeros(1)
+    torch.save({"visual.conv1.weight": t, "token_embedding.weight": t}, tmp_path / "clip.pt")
+    torch.save({"conv1.weight": t, "layer1.0.conv1.weight": t, "fc.weight": t},
+               tmp_path / "wrn.pth")
+    assert checkpoint_problem(tmp_path / "clip.pt", "clip") is None
+    assert checkpoint_problem(tmp_path / "wrn.pth", "wideresnet") is None
+    assert "is OpenAI CLIP weights, not a FiLo" in checkpoint_problem(tmp_path / "clip.pt", "filo")
+    assert "is torchvision WideResNet weights, not OpenAI CLIP" in \
+        checkpoint_problem(tmp_path / "wrn.pth", "clip")
+    assert "is a FiLo checkpoint, not OpenAI CLIP" in checkpoint_problem(filo, "clip")
