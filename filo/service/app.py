@@ -30,7 +30,6 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from filo import __version__
