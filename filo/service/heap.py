@@ -15,7 +15,8 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter
+M_ARENA_MAX = -8  # glibc's mallopt parameters
+M_MMAP_THRESHOLD = -3
 _libc = None
 
 
@@ -30,13 +31,21 @@ def _glibc():
     return _libc or None
 
 
-def limit_arenas(n: int = 2) -> bool:
-    """At most ``n`` malloc arenas for threads created from now on; True when applied."""
+def limit_arenas(n: int = 2, mmap_threshold: int = 1 << 20) -> bool:
+    """At most ``n`` malloc arenas for threads created from now on, and blocks of
+    ``mmap_threshold`` bytes or more (uploads, decoded images) in their own mappings, which go
+    back to the system when freed (glibc otherwise raises this threshold after the first big
+    free and keeps such blocks in the heap); True when applied."""
     lib = _glibc()
-    return bool(lib and lib.mallopt(M_ARENA_MAX, int(n)) == 1)
+    return bool(lib and lib.mallopt(M_ARENA_MAX, int(n)) == 1
+                and lib.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)) == 1)
 
 
 def trim() -> bool:
-    """Return free heap pages to the system; True when some memory was released."""
+    """Collect reference cycles, then return free heap pages to the system; True when some
+    memory was released."""
+    import gc
+
+    gc.collect()
     lib = _glibc()
     return bool(lib and lib.malloc_trim(0))
