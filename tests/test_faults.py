@@ -255,6 +255,16 @@ def test_flags_without_effect_are_refused(fields, needle):
     PipelineConfig(ckpt_path=Path("f.pth"), memory_bank=Path("b"), fusion="max").check_usable()
 
 
+def test_test_py_refuses_fusion_without_a_bank_before_loading(tmp_path, capsys):
+    from filo.cli.test import main
+
+    rc = _cli(main, ["--dataset", "mvtec", "--data_path", str(tmp_path), "--save_path",
+                     str(tmp_path / "run"), "--ckpt_path", str(tmp_path / "missing.pth"),
+                     "--fusion", "max"])
+    err = _one_line(capsys)
+    assert rc == 2 and "--fusion max" in err and "without --memory_bank" in err
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--backbone", "clip", "--ckpt_path", "f.pth", "--weights", "w.pth"], "--weights"),
     (["--prompts", "p.yaml"], "--prompts p.yaml is used for FiLo's normal statistics"),
@@ -348,6 +358,18 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_finished_work(tmp_path, capsy
     assert sorted(p.name for p in out.iterdir()) == ["img0.json", "img0.npy", "img0.png"]
 
 
+def test_a_write_error_outside_the_atomic_writers_is_one_line(capsys):
+    from filo.errors import cli_entry
+
+    @cli_entry
+    def main():
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/ro/log.txt")
+
+    assert _cli(lambda argv: main(), []) == 2
+    assert _one_line(capsys) == ("error: cannot write /ro/log.txt: Read-only file system; make "
+                                 "the folder writable or choose another output folder")
+
+
 # ---- the service -------------------------------------------------------------------------------
 
 fastapi = pytest.importorskip("fastapi")
@@ -407,6 +429,18 @@ def test_service_form_errors_are_one_line(client, form, files, needle):
     res = client.post("/v1/predict", data=form,
                       files={"image": ("p.png", _png((40, 40)), "image/png")} if files else None)
     assert res.status_code == 422 and _detail(res) == needle
+
+
+def test_service_a_full_disk_is_507_in_one_line(client, monkeypatch):
+    import filo.fileio
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(filo.fileio.os, "replace", full)
+    res = client.post("/v1/predict", data={"class_name": "tex a"},
+                      files={"image": ("p.png", _png((40, 40)), "image/png")})
+    assert res.status_code == 507 and "No space left on device" in _detail(res)
 
 
 def test_service_an_extreme_aspect_image_is_4xx(client):
