@@ -255,14 +255,20 @@ def test_flags_without_effect_are_refused(fields, needle):
     PipelineConfig(ckpt_path=Path("f.pth"), memory_bank=Path("b"), fusion="max").check_usable()
 
 
-def test_test_py_refuses_fusion_without_a_bank_before_loading(tmp_path, capsys):
+@pytest.mark.parametrize("extra,needle", [
+    (["--fusion", "max"], "--fusion max combines FiLo with a memory bank: it has no effect "
+                          "without --memory_bank"),
+    (["--viz_limit", "3"], "--viz_limit shapes the visualisations"),
+    (["--viz_only_errors"], "--viz_only_errors shapes the visualisations"),
+])
+def test_test_py_refuses_flags_without_effect_before_loading(tmp_path, capsys, extra, needle):
     from filo.cli.test import main
 
     rc = _cli(main, ["--dataset", "mvtec", "--data_path", str(tmp_path), "--save_path",
                      str(tmp_path / "run"), "--ckpt_path", str(tmp_path / "missing.pth"),
-                     "--fusion", "max"])
+                     *extra])
     err = _one_line(capsys)
-    assert rc == 2 and "--fusion max" in err and "without --memory_bank" in err
+    assert rc == 2 and needle in err
 
 
 @pytest.mark.parametrize("extra,needle", [
