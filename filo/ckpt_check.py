@@ -82,6 +82,22 @@ def _pickle_strings_and_globals(data: bytes) -> tuple[list[str], list[str]]:
     return strings, globals_
 
 
+def checkpoint_kind_of(path: str | Path) -> str | None:
+    """``KIND_NAMES`` wording of what the checkpoint file ``path`` holds, or None (not a zip
+    checkpoint, unreadable, or no known keys); read without unpickling."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pickles = [i for i in zf.infolist() if i.filename.endswith("/data.pkl")]
+            if not pickles or pickles[0].file_size > _MAX_PICKLE:
+                return None
+            strings, _ = _pickle_strings_and_globals(zf.read(pickles[0]))
+            names = [i.filename.rsplit("/", 1)[-1] for i in zf.infolist()]
+    except Exception:  # noqa: BLE001 - anything unreadable: unknown
+        return None
+    kind = checkpoint_kind(strings, names)
+    return KIND_NAMES[kind] if kind else None
+
+
 def checkpoint_problem(path: str | Path, role: str) -> str | None:
     """What is wrong with ``path`` as a ``role`` checkpoint ('filo', 'grounding', 'clip',
     'wideresnet'), in a few words for the doctor's table, or None when it looks right; a

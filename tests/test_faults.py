@@ -491,3 +491,19 @@ def test_doctor_names_a_checkpoint_in_the_wrong_slot(tmp_path, tiny_filo_ckpt):
     assert "is torchvision WideResNet weights, not OpenAI CLIP" in \
         checkpoint_problem(tmp_path / "wrn.pth", "clip")
     assert "is a FiLo checkpoint, not OpenAI CLIP" in checkpoint_problem(filo, "clip")
+
+
+def test_doctor_checks_a_memory_bank_folder(tmp_path, tiny_filo_ckpt):
+    from filo.doctor import OK, WRONG_CONTENT, check_banks
+
+    banks, _ = _bank(tmp_path)
+    assert [(r.item, r.status) for r in check_banks(banks)] == [("memory bank obj_a", OK)]
+    meta_path = banks / "obj_a" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["layers"] = ["layer4"]
+    meta_path.write_text(json.dumps(meta))
+    (row,) = check_banks(banks)
+    assert row.status == WRONG_CONTENT and "fails its checksum" in row.fix
+    # a checkpoint given where the bank folder goes
+    (row,) = check_banks(Path(tiny_filo_ckpt[0]))
+    assert row.status == WRONG_CONTENT and "is a FiLo checkpoint, not a memory-bank folder" in row.fix
