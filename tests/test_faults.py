@@ -313,6 +313,16 @@ def test_degenerate_shapes_run_or_are_one_line(size, detector, memory, refused):
             assert min(item["det_image"].shape[1:]) >= 32
 
 
+def test_a_memory_bank_build_refuses_an_extreme_aspect_image_in_one_line(tmp_path):
+    from filo.data.records import Sample
+    from filo.memory.build import _load_images
+
+    Image.new("RGB", (6000, 2)).save(tmp_path / "wide.png")
+    with pytest.raises(FiloError, match="wide.png: a 6000x2 image is too elongated for the "
+                                        "memory bank"):
+        _load_images(tmp_path, [Sample("wide.png", "", "obj", "good", 0)], embedder=None)
+
+
 # ---- a full disk -----------------------------------------------------------------------------
 
 def test_a_full_disk_leaves_the_old_file_and_no_temp_file(tmp_path):

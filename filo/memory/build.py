@@ -150,9 +150,15 @@ class EmbedderCache:
 
 
 def _load_images(root: Path, samples: Sequence[Sample], embedder: PatchEmbedder) -> torch.Tensor:
+    from filo.data.dataset import check_image_shape
     from filo.data.transforms import decode_image
 
-    return torch.stack([embedder.preprocess(decode_image(root / s.img_path)) for s in samples])
+    def load(path: Path) -> torch.Tensor:
+        img = decode_image(path)
+        check_image_shape(img.size, str(path), memory=True)  # one line for a 6000x2 image
+        return embedder.preprocess(img)
+
+    return torch.stack([load(root / s.img_path) for s in samples])
 
 
 def embed_images(root: Path, samples: Sequence[Sample], embedder: PatchEmbedder,
