@@ -435,6 +435,44 @@ def test_service_chunked_body_over_the_limit_is_413(client):
     assert res.status_code == 413 and "--max_upload_mb" in _detail(res)
 
 
+@pytest.mark.parametrize("fails_early", [False, True])
+def test_body_limit_answers_413_for_a_streamed_body_whatever_the_app_does(fails_early):
+    """ASGI level: a body arriving in chunks without Content-Length; the app either reads it
+    all (its reads are interrupted at the limit) or answers 400 after the first chunk (a
+    malformed form): the client gets 413 and one JSON body either way."""
+    import asyncio
+
+    from filo.service.app import BodyLimit
+
+    async def app(scope, receive, send):
+        while True:
+            message = await receive()
+            if fails_early or not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b"There was an error parsing"})
+
+    chunks = [{"type": "http.request", "body": b"x" * 1000, "more_body": True}] * 5 + \
+        [{"type": "http.request", "body": b"", "more_body": False}]
+    sent = []
+
+    async def run():
+        it = iter(chunks)
+
+        async def receive():
+            return next(it)
+
+        async def send(message):
+            sent.append(message)
+
+        await BodyLimit(app, limit=2500)({"type": "http", "headers": []}, receive, send)
+
+    asyncio.run(run())
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 413
+    assert "--max_upload_mb" in json.loads(sent[1]["body"])["detail"]
+
+
 @pytest.mark.parametrize("form,files,needle", [
     ({}, True, "class_name: required form field is missing"),
     ({"class_name": "tex a"}, False, "image: required form field is missing"),

@@ -69,23 +69,40 @@ class BodyLimit:
                 return await _send_json(send, 413, self._message())
         seen = 0
         exceeded = False
+        more = True  # body messages still to come
 
         async def limited_receive():
-            nonlocal seen, exceeded
+            nonlocal seen, exceeded, more
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                more = bool(message.get("more_body", False))
                 if seen > self.limit:
                     exceeded = True
                     raise _TooLarge()
+            elif message["type"] == "http.disconnect":
+                more = False
             return message
 
         started = False
+
+        async def drain() -> None:
+            # an error answered before the whole body arrived (a malformed form): read the rest,
+            # up to the limit, so that a body over the limit is a 413 whatever else is wrong
+            nonlocal exceeded
+            try:
+                while more and not exceeded:
+                    await limited_receive()
+            except _TooLarge:
+                pass
 
         async def tracking_send(message):
             # a body that crossed the limit while streaming (chunked, no Content-Length): the
             # form parser turns the interruption into its own 400; the client gets the 413
             nonlocal started
+            if (not started and not exceeded and message["type"] == "http.response.start"
+                    and message.get("status", 200) >= 400 and more):
+                await drain()
             if exceeded:
                 if not started and message["type"] == "http.response.start":
                     started = True
