@@ -10,10 +10,16 @@ run, the same models with and without batching (``--max_batch_size 8`` against 1
 2. overload: more clients than the queue and a batch can hold, for a few seconds: how many
    requests were answered 503 (with Retry-After), and that every other one succeeded.
 
+``--bursts``: memory under bursts instead (the batched server only): two bursts of
+``--burst_size`` concurrent requests (one each, all sent at once; the overflow is answered 503
+with Retry-After), printing the server's resident memory idle, after burst 1, after burst 2
+and after ``--settle_s`` seconds of quiet.
+
 Every request goes to 127.0.0.1 only; the loops are bounded in count and time.
 
     python benchmarks/bench_service.py                 # 8 clients x 20 s per server
     python benchmarks/bench_service.py --quick         # a few seconds (the suite's smoke test)
+    python benchmarks/bench_service.py --bursts        # RSS across two bursts of 200 requests
 """
 
 from __future__ import annotations
@@ -215,6 +221,74 @@ def measure(assets, tmp: Path, name: str, batch: int, args) -> dict:
             "rss_end": rss_end, "rss_peak": peak[0], "stats": stats}
 
 
+def burst(url: str, n: int, images: list[bytes], cls_name: str) -> dict[int, int]:
+    """``n`` requests sent at once (one thread each, released together): status counts."""
+    import httpx
+
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    gate = threading.Barrier(n)
+
+    def one(k: int) -> None:
+        with httpx.Client(timeout=120) as http:
+            gate.wait()
+            try:
+                r = http.post(f"{url}/v1/predict", data={"class_name": cls_name},
+                              files={"image": ("part.png", images[k % len(images)],
+                                               "image/png")})
+                code = r.status_code
+                if code == 503 and not r.headers.get("retry-after"):
+                    code = -503  # a 503 without Retry-After counts as a failure
+            except httpx.HTTPError:
+                code = -1
+        with lock:
+            statuses[code] = statuses.get(code, 0) + 1
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statuses
+
+
+def measure_bursts(assets, tmp: Path, args) -> dict:
+    server = Server(assets, tmp / "out_bursts", args.image_size, 8, args.queue_size)
+    try:
+        server.wait()
+        images = [image_bytes(s, args.upload_size) for s in range(8)]
+        load(server.url, 2, 2.0, images, "obj_d")  # warm-up: every code path ran once
+        time.sleep(min(args.settle_s, 3.0))
+        pid = server.proc.pid
+        out = {"idle": rss_mb(pid)}
+        out["burst1"] = burst(server.url, args.burst_size, images, "obj_d")
+        out["after1"] = rss_mb(pid)
+        out["burst2"] = burst(server.url, args.burst_size, images, "obj_d")
+        out["after2"] = rss_mb(pid)
+        time.sleep(args.settle_s)
+        out["settled"] = rss_mb(pid)
+    finally:
+        server.stop()
+    return out
+
+
+def report_bursts(r: dict, args) -> str:
+    def codes(st: dict[int, int]) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in sorted(st.items()))
+
+    growth = (r["settled"] - r["idle"]) / r["idle"] * 100
+    return "\n".join([
+        f"Service bursts: tiny FiLo ({args.image_size} px maps), {args.upload_size}x"
+        f"{args.upload_size} PNG uploads, 2 bursts of {args.burst_size} concurrent requests, "
+        f"queue bound {args.queue_size}, batch 8, {os.cpu_count()} CPU cores.", "",
+        "| moment | RSS MB | responses |", "| --- | ---: | --- |",
+        f"| idle (after warm-up) | {r['idle']:.0f} | |",
+        f"| after burst 1 | {r['after1']:.0f} | {codes(r['burst1'])} |",
+        f"| after burst 2 | {r['after2']:.0f} | {codes(r['burst2'])} |",
+        f"| after {args.settle_s:g} s quiet | {r['settled']:.0f} | |", "",
+        f"settled vs idle: {growth:+.1f} %"])
+
+
 def report(rows: list[dict], args) -> str:
     models = "tiny FiLo + tiny GroundingDINO" if args.detector else "tiny FiLo"
     lines = [f"Service load test: {models} ({args.image_size} px maps), {args.upload_size}x"
@@ -258,12 +332,29 @@ def main(argv=None) -> int:
     p.add_argument("--detector", action="store_true",
                    help="also run the tiny GroundingDINO (its 518-px input dominates on a CPU)")
     p.add_argument("--quick", action="store_true", help="a few seconds: the suite's smoke test")
+    p.add_argument("--bursts", action="store_true",
+                   help="RSS idle / after burst 1 / after burst 2 / after settling")
+    p.add_argument("--burst_size", type=int, default=200)
+    p.add_argument("--settle_s", type=float, default=5.0)
     p.add_argument("--out", type=Path, default=None, help="also write the table here")
     p.add_argument("--json", type=Path, default=None, help="write the raw numbers here")
     args = p.parse_args(argv)
     if args.quick:
         args.clients, args.duration, args.queue_size = 3, 2.0, 4
         args.overload_extra, args.overload_duration, args.upload_size = 8, 2.0, 64
+    if args.bursts:
+        with tempfile.TemporaryDirectory(prefix="filo-bench-service-") as tmp:
+            tmp = Path(tmp)
+            r = measure_bursts(make_assets(tmp, args.image_size, args.detector), tmp, args)
+        text = report_bursts(r, args)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+        if args.json:
+            args.json.write_text(json.dumps(r, indent=1, default=str) + "\n")
+        bad = sum(v for st in (r["burst1"], r["burst2"]) for k, v in st.items()
+                  if k not in (200, 503))
+        return 1 if bad or r["settled"] > 1.2 * r["idle"] else 0
     with tempfile.TemporaryDirectory(prefix="filo-bench-service-") as tmp:
         tmp = Path(tmp)
         assets = make_assets(tmp, args.image_size, args.detector)

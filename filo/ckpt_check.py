@@ -33,12 +33,34 @@ EXPECTED_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "grounding": ("a GroundingDINO checkpoint (grounding_train_on_*.pth, groundingdino_swint_ogc.pth)",
                   ("backbone.0.", "transformer.", "bert.", "model.backbone.", "feat_map.")),
     "clip": ("OpenAI CLIP weights (ViT-L-14-336px.pt)", ("visual.", "constants.pkl")),
+    "wideresnet": ("torchvision WideResNet weights (wide_resnet50_2-*.pth)",
+                   ("layer1.0.conv1.",)),
 }
-_FOREIGN = {
-    "filo": (("backbone.0.", "transformer.encoder."), "a GroundingDINO checkpoint"),
-    "grounding": (("decoder_linear.", "normal_prompt_learner."), "a FiLo checkpoint"),
-    "clip": (("decoder_linear.", "backbone.0."), "a FiLo or GroundingDINO checkpoint"),
-}
+KIND_NAMES = {"filo": "a FiLo checkpoint", "grounding": "a GroundingDINO checkpoint",
+              "clip": "OpenAI CLIP weights", "wideresnet": "torchvision WideResNet weights"}
+
+
+def checkpoint_kind(strings: list[str], names: list[str]) -> str | None:
+    """Which kind of checkpoint the structure pickle's strings and the archive's member names
+    show ('filo', 'grounding', 'clip', 'wideresnet'), or None. Markers are keys only that kind
+    has (a FiLo checkpoint holds a CLIP tower too, so FiLo's decoders are looked for first)."""
+    def sub(*frags):
+        return any(any(f in s for f in frags) for s in strings)
+
+    def pre(*frags):
+        return any(s.startswith(frags) for s in strings)
+
+    if sub("decoder_linear.", "decoder_cov.", "normal_prompt_learner.",
+           "abnormal_prompt_learner."):
+        return "filo"
+    if sub("backbone.0.", "bbox_embed.", "model.backbone.", "feat_map.", "text_backbone.",
+           "bert.embeddings.", "filo-gdino-hf"):
+        return "grounding"
+    if pre("visual.", "token_embedding.", "transformer.resblocks.") or "constants.pkl" in names:
+        return "clip"
+    if pre("layer1.0.conv1.") and pre("fc.weight", "conv1.weight"):
+        return "wideresnet"
+    return None
 _MAX_PICKLE = 256 << 20  # the structure pickle of any real checkpoint is far below this
 
 
@@ -60,11 +82,32 @@ def _pickle_strings_and_globals(data: bytes) -> tuple[list[str], list[str]]:
     return strings, globals_
 
 
+def checkpoint_kind_of(path: str | Path) -> str | None:
+    """``KIND_NAMES`` wording of what the checkpoint file ``path`` holds, or None (not a zip
+    checkpoint, unreadable, or no known keys); read without unpickling."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pickles = [i for i in zf.infolist() if i.filename.endswith("/data.pkl")]
+            if not pickles or pickles[0].file_size > _MAX_PICKLE:
+                return None
+            strings, _ = _pickle_strings_and_globals(zf.read(pickles[0]))
+            names = [i.filename.rsplit("/", 1)[-1] for i in zf.infolist()]
+    except Exception:  # noqa: BLE001 - anything unreadable: unknown
+        return None
+    kind = checkpoint_kind(strings, names)
+    return KIND_NAMES[kind] if kind else None
+
+
 def checkpoint_problem(path: str | Path, role: str) -> str | None:
-    """What is wrong with ``path`` as a ``role`` checkpoint ('filo', 'grounding', 'clip'), in a
-    few words for the doctor's table, or None when it looks right."""
+    """What is wrong with ``path`` as a ``role`` checkpoint ('filo', 'grounding', 'clip',
+    'wideresnet'), in a few words for the doctor's table, or None when it looks right; a
+    memory-bank file or folder in a checkpoint slot is named as such."""
     p = Path(path)
-    what, needles = EXPECTED_KEYS[role]
+    what, _ = EXPECTED_KEYS[role]
+    if p.is_dir() or p.suffix == ".npy" or p.name == "meta.json":
+        if p.is_dir() and not (p / "meta.json").is_file() and not any(p.glob("*/meta.json")):
+            return f"is a folder, not a file; expected {what}"
+        return f"is a memory bank (python -m filo.memory build), not {what}"
     try:
         size = p.stat().st_size
         with open(p, "rb") as fh:
@@ -98,13 +141,9 @@ def checkpoint_problem(path: str | Path, role: str) -> str | None:
     if unsafe:
         return (f"references code ({unsafe[0]}), not only tensors: not a plain checkpoint; "
                 f"never load it, replace it with {what}")
-    text = strings + [n.rsplit("/", 1)[-1] for n in names]
-    foreign, foreign_what = _FOREIGN[role]
-    has = lambda frags: any(any(f in s for f in frags) for s in text)  # noqa: E731
-    if not has(needles):
-        if has(foreign):
-            return f"is {foreign_what}, not {what}"
-        return f"holds none of the keys of {what}"
-    if role == "filo" and has(foreign) and not has(("decoder_linear.",)):
-        return f"is {foreign_what}, not {what}"
-    return None
+    kind = checkpoint_kind(strings, [n.rsplit("/", 1)[-1] for n in names])
+    if kind == role:
+        return None
+    if kind is not None:
+        return f"is {KIND_NAMES[kind]}, not {what}: it is in the wrong slot"
+    return f"holds none of the keys of {what}"

@@ -151,13 +151,16 @@ class Report:
 
 
 def checkpoint_role(asset_name: str) -> str | None:
-    """Which kind of checkpoint an asset is ('filo', 'grounding', 'clip'), for content checks."""
+    """Which kind of checkpoint an asset is ('filo', 'grounding', 'clip', 'wideresnet'), for
+    content checks."""
     if asset_name.startswith("filo-"):
         return "filo"
     if asset_name.startswith("grounding"):
         return "grounding"
     if asset_name.startswith("clip-"):
         return "clip"
+    if asset_name.startswith("wide-resnet"):
+        return "wideresnet"
     return None
 
 
@@ -170,6 +173,13 @@ def check_asset(asset: Asset, cache: ChecksumCache, *, needed: bool = True,
     if asset.kind == "dir":
         return _check_dir(asset, location, cache, needed, optional, fetch)
     spec = asset.files[0]
+    role = checkpoint_role(asset.name)
+    if role is not None and (location.is_dir() or location.suffix == ".npy"):
+        from filo.ckpt_check import checkpoint_problem
+
+        return Row(asset.name, WRONG_CONTENT, location,
+                   f"{location} {checkpoint_problem(location, role)}; put the checkpoint file "
+                   f"there (from {spec.url})", needed)
     if not location.is_file():
         how = (f"place the file at {location} (from {spec.url}; on a machine with internet: "
                f"{fetch})") if not custom else f"the file {location} does not exist; fix the path"
@@ -185,7 +195,6 @@ def check_asset(asset: Asset, cache: ChecksumCache, *, needed: bool = True,
         return Row(asset.name, NOT_TORCH, location,
                    f"{location} is not a PyTorch checkpoint (truncated or wrong file): download "
                    f"it again from {spec.url}", needed)
-    role = checkpoint_role(asset.name)
     if role is not None:
         from filo.ckpt_check import checkpoint_problem
 
@@ -245,9 +254,40 @@ def check_dataset(ds: DatasetRoot, *, needed: bool = True, path: Path | None = N
     return Row(item, OK, location, "", needed)
 
 
+def check_banks(folder: Path) -> list[Row]:
+    """One row per class bank of ``folder`` (``--memory_bank``): its rows and meta read and
+    checked against its checksum; a checkpoint file or an empty folder in that slot is named."""
+    from filo.errors import FiloError
+    from filo.memory.bank import list_bank_classes, load_bank
+
+    folder = Path(folder)
+    if folder.is_file():
+        from filo.ckpt_check import checkpoint_kind_of
+
+        kind = checkpoint_kind_of(folder)
+        what = f"is {kind}" if kind else "is a file"
+        return [Row("memory bank", WRONG_CONTENT, folder,
+                    f"{folder} {what}, not a memory-bank folder: it is in the wrong slot; pass "
+                    f"the folder python -m filo.memory build --out wrote")]
+    classes = list_bank_classes(folder)
+    if not classes:
+        return [Row("memory bank", MISSING, folder,
+                    f"{folder} holds no banks (no <class>/bank.npy + meta.json); build them with "
+                    f"python -m filo.memory build --out {folder}")]
+    rows = []
+    for cls_name in classes:
+        try:
+            load_bank(folder, cls_name, mmap_mode="r")
+            rows.append(Row(f"memory bank {cls_name}", OK, folder / cls_name))
+        except FiloError as err:
+            rows.append(Row(f"memory bank {cls_name}", WRONG_CONTENT, folder / cls_name, str(err)))
+    return rows
+
+
 def run_doctor(job_name: str | None = None, *, paths: AssetPaths | None = None,
                ckpt_path: Path | None = None, grounded_checkpoint: Path | None = None,
-               data_path: Path | None = None, cache: ChecksumCache | None = None) -> Report:
+               data_path: Path | None = None, cache: ChecksumCache | None = None,
+               memory_bank: Path | None = None) -> Report:
     paths = paths or AssetPaths.from_env()
     cache = cache or ChecksumCache()
     registry = build_registry(paths)
@@ -290,6 +330,8 @@ def run_doctor(job_name: str | None = None, *, paths: AssetPaths | None = None,
         report.rows.append(row)
     if data_path is not None and (job is None or job.dataset is None or everything):
         report.rows.append(check_own_dataset(data_path))
+    if memory_bank is not None:
+        report.rows += check_banks(memory_bank)
     return report
 
 
@@ -326,6 +368,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GroundingDINO checkpoint the job will use instead of the default")
     parser.add_argument("--data_path", type=Path, default=None,
                         help="dataset root the job will use instead of MVTEC_ROOT / VISA_ROOT")
+    parser.add_argument("--memory_bank", type=Path, default=None,
+                        help="also check this memory-bank folder: each class's bank against its "
+                             "checksum")
     parser.add_argument("--list-jobs", action="store_true", help="list the job names and exit")
 
 
@@ -335,7 +380,8 @@ def main_doctor(args: argparse.Namespace) -> int:
             print(f"{job.name:22s} {job.description}")
         return 0
     report = run_doctor(args.job, ckpt_path=args.ckpt_path,
-                        grounded_checkpoint=args.grounded_checkpoint, data_path=args.data_path)
+                        grounded_checkpoint=args.grounded_checkpoint, data_path=args.data_path,
+                        memory_bank=args.memory_bank)
     print(report.render())
     if args.job is None:
         return 0 if not any(r.status in (WRONG_SIZE, WRONG_SHA, NOT_TORCH, WRONG_CONTENT) for r in report.rows) else 1

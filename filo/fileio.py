@@ -3,10 +3,13 @@
 Every writer goes to a temporary file in the target's folder (so the final ``os.replace`` is a
 rename on the same file system) and renames it into place only when the content is complete.
 Temporary files get the usual permissions (``0o666 & ~umask``), not ``mkstemp``'s 0600.
+A full disk or an unwritable folder is one :class:`~filo.errors.WriteError` line naming the
+file; the temporary file is removed and an earlier complete ``target`` stays as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,9 +21,16 @@ from typing import IO, Any
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``target``; renamed to ``target`` when the block succeeds."""
+    from filo.errors import WRITE_ERRNOS, write_error
+
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        if err.errno in WRITE_ERRNOS:
+            raise write_error(target, err) from None
+        raise
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -28,6 +38,16 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, target)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in WRITE_ERRNOS:
+            raise write_error(target, err) from None
+        raise
+    except RuntimeError as err:  # torch.save: "... failed writing file data ..."
+        Path(tmp).unlink(missing_ok=True)
+        if "writing" in str(err) or "write" in str(err):
+            raise write_error(target, OSError(errno.EIO, str(err).splitlines()[0])) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -101,6 +121,46 @@ def ensure_inside(base: str | os.PathLike, target: str | os.PathLike) -> Path:
     return Path(target)
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` (a class name from a data file) cannot be one folder name inside an output
+    folder, or None: empty, ``.`` / ``..``, a path separator, a NUL or a control character."""
+    text = str(name)
+    if not text.strip():
+        return "is empty"
+    if text in (".", ".."):
+        return "is '.' or '..'"
+    if "/" in text or "\\" in text:
+        return "contains a path separator"
+    if any(ord(ch) < 32 for ch in text):
+        return "contains a control character"
+    return None
+
+
+def check_name(name: str, where: str) -> str:
+    """``name`` if it is a safe single folder name (:func:`name_problem`), else one
+    :class:`~filo.errors.FiloError` line naming ``where`` it comes from."""
+    from filo.errors import FiloError
+
+    problem = name_problem(name)
+    if problem:
+        raise FiloError(f"{where}: class name {name!r} {problem}; it would be used as a folder "
+                        f"name in the outputs; rename the class (letters, digits, _ and -)")
+    return str(name)
+
+
+def refuse_symlinked_dir(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` if it is not itself a symbolic link (an output folder is written as given, never
+    through a link that can be pointed elsewhere); one FiloError line naming the flag otherwise."""
+    from filo.errors import FiloError
+
+    p = Path(path)
+    if p.is_symlink():
+        raise FiloError(f"{flag} {p} is a symbolic link (to {os.path.realpath(p)}); outputs are "
+                        f"not written through links: pass the real folder "
+                        f"{os.path.realpath(p)} instead")
+    return p
+
+
 def output_file(base: str | os.PathLike, img_path: str | os.PathLike, suffix: str,
                 *, replace_suffix: bool = True) -> Path:
     """The output file of a listed image under ``base``: its safe relative path with ``suffix``
@@ -115,7 +175,7 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
     loaded): one :class:`~filo.errors.FiloError` line naming the flag otherwise."""
     from filo.errors import FiloError
 
-    p = Path(path)
+    p = refuse_symlinked_dir(path, flag)
     try:
         p.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".filo-write-test-", dir=p)

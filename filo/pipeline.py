@@ -181,6 +181,20 @@ class PipelineConfig:
             raise FiloError("nothing to run: give --ckpt_path (a FiLo checkpoint such as "
                             "ckpt/filo_train_on_visa.pth), --grounded_checkpoint and/or "
                             "--memory_bank")
+        self.check_no_idle_flags()
+
+    def check_no_idle_flags(self) -> None:
+        """A flag that would have no effect in this combination is refused in one line (it
+        would otherwise be silently ignored and the user believe it applied)."""
+        if self.fusion is not None and self.memory_bank is None:
+            raise FiloError(f"--fusion {self.fusion} combines FiLo with a memory bank: it has no "
+                            f"effect without --memory_bank; add --memory_bank DIR or drop it")
+        if self.position is not None and self.grounding:
+            raise FiloError(f"--position {self.position} has no effect with the box step (the "
+                            f"boxes choose the position word); drop it or add --no_grounding")
+        if self.position is not None and not self.uses_filo:
+            raise FiloError(f"--position {self.position} selects FiLo's prompts: it has no "
+                            f"effect without FiLo (--ckpt_path); drop it")
 
     def cache_key(self) -> dict[str, Any]:
         """What changes the per-image predictions (not device, batch size or workers)."""

@@ -43,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _refuse_idle_flags(cfg, pipe) -> None:
+    """One line for a flag that has no effect in this combination (before any work)."""
+    if cfg.backbone == "clip" and cfg.weights is not None:
+        raise FiloError(f"--weights {cfg.weights} is for the WideResNet backbones; --backbone "
+                        f"clip takes its features from --ckpt_path: drop --weights")
+    if pipe.prompts is not None and pipe.ckpt_path is None:
+        raise FiloError(f"--prompts {pipe.prompts} is used for FiLo's normal statistics, which "
+                        f"need --ckpt_path; add --ckpt_path or drop --prompts")
+    if cfg.topk != 10 and cfg.score_rule != "topk_mean" and cfg.preset is None:
+        raise FiloError(f"--topk {cfg.topk} applies to --score_rule topk_mean only (this run: "
+                        f"{cfg.score_rule}); drop it or pass --score_rule topk_mean")
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -58,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     run = from_args(RunConfig, args).resolved("memory")
     cfg = from_args(MemoryConfig, args)
     pipe = from_args(PipelineConfig, args)
+    _refuse_idle_flags(cfg, pipe)
     out = check_writable_dir(args.out, "--out")
     if cfg.backbone != "clip":
         weights = cfg.weights_path()

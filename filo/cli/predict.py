@@ -143,7 +143,7 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None, dist=None) -> d
     from filo.data.records import Sample
     from filo.data.transforms import load_rgb
     from filo.evaluation.runner import RunConfig
-    from filo.fileio import atomic_save_npy, atomic_write_text
+    from filo.fileio import atomic_save_npy, atomic_write, atomic_write_text
     from filo.pipeline import PipelineConfig, build_pipeline
     from filo.settings import from_args
     from filo.viz import render_panel, write_panel
@@ -221,7 +221,8 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None, dist=None) -> d
                 if threshold is not None:
                     binary = full >= threshold
                     mask_path = with_ext(stem, "_mask.png")
-                    Image.fromarray((binary * 255).astype(np.uint8)).save(mask_path)
+                    mask_png = Image.fromarray((binary * 255).astype(np.uint8))
+                    atomic_write(mask_path, lambda fh, im=mask_png: im.save(fh, format="PNG"))
                     record.update(mask=str(mask_path), threshold=threshold,
                                   anomalous_fraction=float(binary.mean()))
                 atomic_write_text(with_ext(stem, ".json"), json.dumps(record, indent=1) + "\n")

@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     import uvicorn
 
+    from filo.service import heap
+
+    heap.limit_arenas()  # before uvicorn's and the model's threads exist
     app, service = prepare(args)
     shown = f"[{service.host}]" if ":" in service.host else service.host
     print(f"[filo] serving on http://{shown}:{service.port}/ (API: /openapi.json, health: "

@@ -84,7 +84,7 @@ class EvalDataset(Dataset):
         item = image_inputs(img, s.cls_name, size, with_detector_input=self.with_detector_input,
                             detector_short_side=self.detector_short_side,
                             detector_max_size=self.detector_max_size,
-                            memory_transform=self.memory_transform)
+                            memory_transform=self.memory_transform, name=str(img_file))
         item.update(mask=mask, label=int(s.anomaly), specie_name=s.specie_name,
                     img_path=s.img_path)
         return item
@@ -94,10 +94,14 @@ def image_inputs(img, cls_name: str, image_size: int = DEFAULT_IMAGE_SIZE, *,
                  with_detector_input: bool = False,
                  detector_short_side: int = DETECTOR_SHORT_SIDE,
                  detector_max_size: int | None = DETECTOR_MAX_SIZE,
-                 memory_transform=None) -> dict[str, Any]:
+                 memory_transform=None, name: str = "") -> dict[str, Any]:
     """The model inputs of one decoded image (what :class:`EvalDataset` and the service feed the
     pipeline): ``image``, ``cls_name``, ``orig_size`` and, as asked, ``det_image`` /
-    ``mem_image``."""
+    ``mem_image``. A degenerate shape the asked steps cannot take is one FiloError line naming
+    ``name`` (:func:`check_image_shape`)."""
+    check_image_shape(img.size, name or cls_name, detector=with_detector_input,
+                      detector_short_side=detector_short_side,
+                      detector_max_size=detector_max_size, memory=memory_transform is not None)
     item: dict[str, Any] = {"image": clip_tensor(img, image_size), "cls_name": cls_name,
                             "orig_size": (img.size[0], img.size[1])}
     if with_detector_input:
@@ -105,6 +109,36 @@ def image_inputs(img, cls_name: str, image_size: int = DEFAULT_IMAGE_SIZE, *,
     if memory_transform is not None:
         item["mem_image"] = memory_transform(img, cls_name)
     return item
+
+
+DETECTOR_MIN_SIDE = 32  # the detector's backbone downsamples by 32
+MEMORY_MAX_ASPECT = 64  # PatchCore resizes the shorter side: longer ones grow without bound
+
+
+def check_image_shape(size: tuple[int, int], name: str, *, detector: bool = False,
+                      detector_short_side: int = DETECTOR_SHORT_SIDE,
+                      detector_max_size: int | None = DETECTOR_MAX_SIZE,
+                      memory: bool = False) -> None:
+    """One FiloError line for an image shape a step cannot take: the box step needs the
+    detector input's shorter side (after its resize rule caps the longer side) to be at least
+    :data:`DETECTOR_MIN_SIDE` pixels; a memory bank takes images up to :data:`MEMORY_MAX_ASPECT`
+    : 1. FiLo alone takes any shape (its input is a square resize)."""
+    w, h = int(size[0]), int(size[1])
+    if w < 1 or h < 1:
+        raise FiloError(f"{name}: the image is {w}x{h} pixels (empty); replace it")
+    lo, hi = min(w, h), max(w, h)
+    if detector:
+        short = detector_short_side
+        if detector_max_size is not None and hi / lo * short > detector_max_size:
+            short = int(round(detector_max_size * lo / hi))
+        if short < DETECTOR_MIN_SIDE:
+            raise FiloError(f"{name}: a {w}x{h} image is too elongated for the box step (its "
+                            f"shorter side would be {short} px at the detector's "
+                            f"{detector_max_size}-px limit, it needs {DETECTOR_MIN_SIDE}); crop "
+                            f"it into parts, or run without the box step (--no_grounding)")
+    if memory and hi / lo > MEMORY_MAX_ASPECT:
+        raise FiloError(f"{name}: a {w}x{h} image is too elongated for the memory bank (aspect "
+                        f"{hi / lo:.0f}:1, at most {MEMORY_MAX_ASPECT}:1); crop it into parts")
 
 
 @dataclass

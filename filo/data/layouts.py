@@ -31,6 +31,7 @@ holding ``realiad_1024`` and a ``realiad_jsons`` that is (or links to) the varia
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from pathlib import Path
 
 from filo.data.records import Sample
 from filo.errors import FiloError
-from filo.fileio import atomic_write_text
+from filo.fileio import atomic_write_text, check_name
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,22 @@ def _select(found: dict[str, list[Sample]], classes: str | Sequence[str] | None,
     return {c: s for c, s in found.items() if c in keep}
 
 
+def _check_link(path: Path) -> None:
+    """One FiloError line for a symbolic link that loops (``is_dir``/``is_file`` would just say
+    False and the folder or image would be skipped without a word)."""
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise FiloError(f"{path} is a symbolic link loop (it leads back to itself); "
+                                f"remove the link or point it at a real folder or image"
+                                ) from None
+            logger.warning("skipping %s: a symbolic link to a missing target", path)
+
+
 def _is_image(path: Path) -> bool:
+    _check_link(path)
     return path.is_file() and not path.name.startswith(".") and \
         path.suffix.lower() in IMAGE_EXTENSIONS
 
@@ -121,7 +137,27 @@ def _is_image(path: Path) -> bool:
 def _subdirs(path: Path) -> list[Path]:
     if not path.is_dir():
         return []
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    out = []
+    for p in path.iterdir():
+        if p.name.startswith("."):
+            continue
+        _check_link(p)
+        if p.is_dir():
+            out.append(p)
+    return sorted(out)
+
+
+def refuse_duplicates(samples: Sequence[Sample], wheres: Sequence[str], source: str) -> None:
+    """One FiloError line naming both entries when an image is listed twice in a split (its
+    scores would count twice in every metric)."""
+    first: dict[str, str] = {}
+    for sample, where in zip(samples, wheres, strict=True):
+        key = posixpath.normpath(sample.img_path.replace("\\", "/"))
+        if key in first:
+            raise FiloError(f"{where} lists {sample.img_path} again (already at {first[key]}); "
+                            f"each image must appear once per split: delete the duplicate "
+                            f"entry from {source}")
+        first[key] = where
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -470,10 +506,13 @@ def scan_visa(root: str | os.PathLike, split: str = "test",
     rows = _read_visa_rows(csv_path)
     order: list[str] = []
     per_class: dict[str, list[Sample]] = {}
+    listed: list[Sample] = []
+    wheres: list[str] = []
     for line, row in enumerate(rows, start=2):
         cls_name = row["object"]
         if not cls_name:
             raise FiloError(f"{csv_path} line {line}: empty object column")
+        check_name(cls_name, f"{csv_path} line {line}")
         if cls_name not in per_class:
             order.append(cls_name)
             per_class[cls_name] = []
@@ -496,6 +535,9 @@ def scan_visa(root: str | os.PathLike, split: str = "test",
                         cls_name=cls_name, specie_name="", anomaly=int(abnormal))
         _check_listed(root_path, sample, f"{csv_path} line {line}", allow_outside_root)
         per_class[cls_name].append(sample)
+        listed.append(sample)
+        wheres.append(f"{csv_path} line {line}")
+    refuse_duplicates(listed, wheres, str(csv_path))
     if not order:
         raise FiloError(f"no classes found in {csv_path}: the csv has no rows")
     known = [c for c in VISA_CLASSES if c in per_class]
@@ -683,6 +725,7 @@ def scan_realiad(root: str | os.PathLike, split: str = "test",
         groups, several = _realiad_groups(path, split, entries)
         meta_prefix = meta.get("prefix")
         for cls_name, listed in groups.items():
+            check_name(cls_name, str(path))
             if cls_name in source_file:
                 raise FiloError(f"class {cls_name} is listed by both {source_file[cls_name]} and "
                                 f"{path}; keep one split file per class (or pass one file)")
@@ -701,6 +744,8 @@ def scan_realiad(root: str | os.PathLike, split: str = "test",
                 samples.append(sample)
                 wheres.append(where)
             out[cls_name], origin[cls_name] = samples, wheres
+    refuse_duplicates([s for c in out for s in out[c]], [w for c in out for w in origin[c]],
+                      str(split_src))
     out = _select(out, classes, str(split_src))
     if split == "test":
         for cls_name, samples in out.items():
@@ -765,13 +810,19 @@ def read_meta(path: str | os.PathLike) -> dict[str, dict[str, list[Sample]]]:
         if not isinstance(by_class, dict):
             raise FiloError(f"{path}: {split!r} must map class names to lists of items")
         out[split] = {}
+        listed: list[Sample] = []
+        wheres: list[str] = []
         for cls_name, items in by_class.items():
+            check_name(cls_name, f"{path} {split}")
             if not isinstance(items, list):
                 raise FiloError(f"{path}: {split}/{cls_name} must be a list of items")
             out[split][cls_name] = [
                 Sample.from_meta(item, where=f"{path} {split}/{cls_name}[{i}]")
                 for i, item in enumerate(items)
             ]
+            listed += out[split][cls_name]
+            wheres += [f"{path} {split}/{cls_name}[{i}]" for i in range(len(items))]
+        refuse_duplicates(listed, wheres, str(path))
     return out
 
 

@@ -170,7 +170,16 @@ def _quiet(*_args) -> None:
 
 
 def check_outputs_writable(run: RunConfig) -> None:
-    """Every output folder of the run can be written (checked before anything is loaded)."""
+    """Every output folder of the run can be written (checked before anything is loaded), and
+    no visualisation flag is given without ``--viz_dir`` (it would have no effect)."""
+    if run.viz_dir is None:
+        idle = [flag for flag, given in (("--viz_limit", run.viz_limit is not None),
+                                         ("--viz_only_errors", run.viz_only_errors),
+                                         ("--viz_lift_boxes", run.viz_lift_boxes)) if given]
+        if idle:
+            raise FiloError(f"{idle[0]} shapes the visualisations, which are written only with "
+                            f"--viz_dir: it has no effect without it; add --viz_dir DIR or "
+                            f"drop it")
     check_writable_dir(run.save_path or "outputs/results/test", "--save_path")
     for flag in ("save_maps", "save_boxes", "viz_dir"):
         if getattr(run, flag) is not None:

@@ -5,6 +5,12 @@ scores with other settings is stopped with the field that differs (:func:`load_b
 ``expect``). Both files are written atomically, the bank first and the meta last (an existing
 ``meta.json`` is removed before the new bank is written), so a folder with a ``meta.json``
 always holds a complete bank; :func:`load_bank` also checks that the two agree.
+
+``meta.json`` also carries ``checksum``: sha256 over the bank's rows and every other meta field
+(:func:`bank_checksum`). A bank whose rows or meta were changed after the build (an edited
+``layers``, a ``bank.npy`` copied from another build) is refused in one line; a bank written
+before checksums existed loads with one warning. The calibration values a run reads as numbers
+are checked to be numbers when the meta is read.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ class BankMeta:
     calibration: dict[str, Any] = field(default_factory=dict)  # thresholds, normal statistics
     extra: dict[str, Any] = field(default_factory=dict)
     bank_format: int = BANK_FORMAT
+    checksum: str | None = None  # sha256 of rows + the other fields (bank_checksum)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))
@@ -70,7 +77,7 @@ class BankMeta:
     def from_dict(cls, d: dict[str, Any], source: str = "meta.json") -> BankMeta:
         known = {f.name for f in fields(cls)}
         required = known - {"calibration", "extra", "bank_format", "filo_version", "tile",
-                             "tile_overlap"}
+                             "tile_overlap", "checksum"}
         missing = sorted(required - set(d))
         if missing:
             raise FiloError(f"{source}: memory-bank meta lacks {', '.join(missing)}; the file "
@@ -80,10 +87,75 @@ class BankMeta:
             logger.warning("%s: ignoring unknown meta field(s) %s (written by a newer filo?)",
                            source, ", ".join(unknown))
         meta = cls(**{k: v for k, v in d.items() if k in known})
+        _check_values(meta, source)
         if int(meta.bank_format) > BANK_FORMAT:
             raise FiloError(f"{source}: bank format {meta.bank_format} is newer than this filo "
                             f"understands ({BANK_FORMAT}); update filo or rebuild the bank")
         return meta
+
+
+# calibration entries read as numbers (top level and under "filo")
+_CAL_NUMBERS = ("n_images", "image_threshold", "pixel_threshold", "image_quantile",
+                "pixel_quantile", "image_mean", "image_std", "pixel_mean", "pixel_std")
+_CAL_LISTS = ("image_scores",)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_values(meta: BankMeta, source: str) -> None:
+    """One FiloError line for a meta value of the wrong type (a hand-edited file): sizes are
+    positive integers, calibration statistics are numbers."""
+    def bad(key: str, value: Any, want: str) -> FiloError:
+        return FiloError(f"{source}: {key} is {value!r}, expected {want}; the file was edited "
+                         f"or damaged; {BUILD_HINT}")
+
+    for key in ("patchsize", "pretrain_dim", "target_dim", "resize", "imagesize", "num_nn",
+                "n_images", "n_patches", "bank_format"):
+        value = getattr(meta, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad(key, value, "a non-negative integer")
+    if not isinstance(meta.layers, list) or not all(isinstance(v, (str, int)) for v in meta.layers):
+        raise bad("layers", meta.layers, "a list of layer names")
+    if not isinstance(meta.grid, list) or len(meta.grid) != 2 or \
+            not all(isinstance(v, int) and v > 0 for v in meta.grid):
+        raise bad("grid", meta.grid, "two positive integers")
+    if not isinstance(meta.calibration, dict):
+        raise bad("calibration", meta.calibration, "an object")
+    if not isinstance(meta.extra, dict):
+        raise bad("extra", meta.extra, "an object")
+    sections = [("calibration", meta.calibration)]
+    if isinstance(meta.calibration.get("filo"), dict):
+        sections.append(("calibration.filo", meta.calibration["filo"]))
+    elif "filo" in meta.calibration:
+        raise bad("calibration.filo", meta.calibration["filo"], "an object")
+    for prefix, cal in sections:
+        for key in _CAL_NUMBERS:
+            if key in cal and not _is_number(cal[key]):
+                raise bad(f"{prefix}.{key}", cal[key], "a number")
+        for key in _CAL_LISTS:
+            if key in cal and (not isinstance(cal[key], list)
+                               or not all(_is_number(v) for v in cal[key])):
+                shown = cal[key] if not isinstance(cal[key], list) else \
+                    next(v for v in cal[key] if not _is_number(v))
+                raise bad(f"{prefix}.{key}", shown, "a list of numbers")
+
+
+def bank_checksum(bank: np.ndarray, meta: dict[str, Any]) -> str:
+    """sha256 over the rows (float32, C order, with their shape) and the meta's fields other
+    than ``checksum`` (canonical JSON)."""
+    import hashlib
+
+    arr = np.ascontiguousarray(bank, dtype=np.float32)
+    h = hashlib.sha256(f"{arr.shape[0]}x{arr.shape[1]}:".encode())
+    h.update(memoryview(arr).cast("B"))
+    body = {k: v for k, v in _plain(meta).items() if k != "checksum"}
+    h.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    return h.hexdigest()
+
+
+_warned_unchecked: set[str] = set()
 
 
 def _plain(value: Any) -> Any:
@@ -137,13 +209,14 @@ def save_bank(directory: str | os.PathLike, cls_name: str, bank: np.ndarray | to
     d = meta.to_dict()
     d["n_patches"] = int(arr.shape[0])
     meta.n_patches = int(arr.shape[0])
+    d["checksum"] = meta.checksum = bank_checksum(arr, d)
     atomic_save_npy(out / BANK_FILE, arr)
     atomic_write_text(meta_path, json.dumps(d, indent=2) + "\n")
     return out
 
 
-def load_bank(directory: str | os.PathLike, cls_name: str, expect: dict[str, Any] | None = None
-              ) -> tuple[np.ndarray, BankMeta]:
+def load_bank(directory: str | os.PathLike, cls_name: str, expect: dict[str, Any] | None = None,
+              *, mmap_mode: str | None = None) -> tuple[np.ndarray, BankMeta]:
     """Read ``cls_name``'s bank and meta; check they agree and, with ``expect``, the settings.
 
     ``expect`` maps :class:`BankMeta` field names to the values this run uses; the first
@@ -185,7 +258,7 @@ def load_bank(directory: str | os.PathLike, cls_name: str, expect: dict[str, Any
     if not bank_path.is_file():
         raise FiloError(f"memory bank {bank_path} not found (meta.json is there); {BUILD_HINT}")
     try:
-        bank = np.load(bank_path, allow_pickle=False)
+        bank = np.load(bank_path, allow_pickle=False, mmap_mode=mmap_mode)
     except Exception as err:  # noqa: BLE001 - corrupt, truncated, pickled: all a bad file
         raise FiloError(f"cannot read memory bank {bank_path} ({type(err).__name__}): the file "
                         f"is corrupt or truncated; {BUILD_HINT}") from err
@@ -196,6 +269,15 @@ def load_bank(directory: str | os.PathLike, cls_name: str, expect: dict[str, Any
         raise FiloError(f"memory bank {bank_path} holds {bank.shape[0]} x {bank.shape[1]} but "
                         f"{META_FILE} says {meta.n_patches} x {meta.target_dim}; the two files "
                         f"are from different builds; {BUILD_HINT}")
+    if meta.checksum is None:
+        if str(folder) not in _warned_unchecked:
+            _warned_unchecked.add(str(folder))
+            logger.warning("memory bank %s has no checksum (built by an older filo): loaded "
+                           "unchecked; rebuild it to have it checked", folder)
+    elif bank_checksum(bank, raw) != meta.checksum:
+        raise FiloError(f"memory bank {folder} fails its checksum: {BANK_FILE} or {META_FILE} "
+                        f"was changed after the build (edited settings, or files from "
+                        f"different builds); {BUILD_HINT} instead of editing it")
     return bank, meta
 
 

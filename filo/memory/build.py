@@ -143,7 +143,7 @@ class PatchEmbedder:
                     f"--resize R --imagesize {side} with R > {side} for a centre crop")
             self.mean, self.std = self.net.mean, self.net.std
             self.weights_id = str(Path(ckpt_path).resolve())
-            self.weights_sha256 = None  # the checkpoint is identified by its path
+            self.weights_sha256 = weights_checksum(Path(ckpt_path))  # path and content
             self.quirk_size = None
         else:
             self.layers = cfg.layer_list()
@@ -228,9 +228,15 @@ def images_per_batch(cfg: MemoryConfig, batch_size: int) -> int:
 
 
 def _load_images(root: Path, samples: Sequence[Sample], embedder: PatchEmbedder) -> torch.Tensor:
+    from filo.data.dataset import check_image_shape
     from filo.data.transforms import decode_image
 
-    return torch.stack([embedder.preprocess(decode_image(root / s.img_path)) for s in samples])
+    def load(path: Path) -> torch.Tensor:
+        img = decode_image(path)
+        check_image_shape(img.size, str(path), memory=True)  # one line for a 6000x2 image
+        return embedder.preprocess(img)
+
+    return torch.stack([load(root / s.img_path) for s in samples])
 
 
 @dataclass

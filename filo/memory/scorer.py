@@ -144,7 +144,7 @@ class MemoryScorer:
                     raise FiloError(f"the banks in {self.dir} were built with the CLIP tower of "
                                     f"{meta.weights}, not of --ckpt_path {ckpt_path}; rebuild "
                                     f"them with this checkpoint or pass that one")
-            elif meta.weights_sha256 is not None:
+            if meta.weights_sha256 is not None:
                 from filo.memory.build import weights_checksum
 
                 now = weights_checksum(Path(meta.weights)) if meta.weights else None
@@ -154,6 +154,8 @@ class MemoryScorer:
                         f"{meta.weights} of sha256 {meta.weights_sha256[:12]}..., but that file "
                         + ("is missing" if now is None else f"now has sha256 {now[:12]}...")
                         + "; put the original weights back or rebuild the banks")
+            # rows and meta as built (checksum), before any model work; memory-mapped
+            load_bank(self.dir, cls_name, mmap_mode="r")
             self._metas[cls_name] = meta
         self._cfgs = {c: _config_from_meta(m) for c, m in self._metas.items()}
         self._embedders = EmbedderCache(ckpt_path=ckpt_path, device=device, filo=filo_model)

@@ -28,9 +28,12 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from filo import __version__
+from filo.errors import WriteError
 from filo.service.batcher import MicroBatcher, QueueFull
 from filo.service.config import ServiceConfig
 from filo.service.engine import Engine, RequestError
@@ -65,20 +68,46 @@ class BodyLimit:
             if too_big:
                 return await _send_json(send, 413, self._message())
         seen = 0
+        exceeded = False
+        more = True  # body messages still to come
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, exceeded, more
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                more = bool(message.get("more_body", False))
                 if seen > self.limit:
+                    exceeded = True
                     raise _TooLarge()
+            elif message["type"] == "http.disconnect":
+                more = False
             return message
 
         started = False
 
+        async def drain() -> None:
+            # an error answered before the whole body arrived (a malformed form): read the rest,
+            # up to the limit, so that a body over the limit is a 413 whatever else is wrong
+            nonlocal exceeded
+            try:
+                while more and not exceeded:
+                    await limited_receive()
+            except _TooLarge:
+                pass
+
         async def tracking_send(message):
+            # a body that crossed the limit while streaming (chunked, no Content-Length): the
+            # form parser turns the interruption into its own 400; the client gets the 413
             nonlocal started
+            if (not started and not exceeded and message["type"] == "http.response.start"
+                    and message.get("status", 200) >= 400 and more):
+                await drain()
+            if exceeded:
+                if not started and message["type"] == "http.response.start":
+                    started = True
+                    await _send_json(send, 413, self._message())
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -87,6 +116,7 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
+                started = True
                 await _send_json(send, 413, self._message())
 
     def _message(self) -> str:
@@ -108,15 +138,47 @@ async def _send_json(send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _busy(batcher: MicroBatcher, retry_after: int | None = None) -> JSONResponse:
+    wait = batcher.retry_after() if retry_after is None else retry_after
+    if retry_after is None:
+        batcher.stats.rejected += 1
+    return JSONResponse({"detail": f"the service is busy ({batcher.queue_size} requests "
+                                   f"waiting); retry after {wait} s"},
+                        status_code=503, headers={"Retry-After": str(wait)})
+
+
+def validation_line(err: RequestValidationError) -> str:
+    """FastAPI's list of form problems as the one ``detail`` line the API promises: the first
+    problem's field and what it needs (and how many more there are)."""
+    problems = list(err.errors())
+    if not problems:
+        return "the request is malformed"
+    first = problems[0]
+    field = next((str(part) for part in reversed(first.get("loc") or ()) if part != "body"),
+                 "body")
+    kind = str(first.get("type", ""))
+    if kind == "missing":
+        text = f"{field}: required form field is missing"
+    elif kind.startswith("float") or kind.startswith("int"):
+        text = f"{field}: must be a number, got {str(first.get('input'))[:40]!r}"
+    else:
+        text = f"{field}: {first.get('msg', 'invalid value')}"
+    more = f" ({len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    return " ".join(f"{text}{more}".split())
+
+
 def create_app(engine: Engine, config: ServiceConfig, token: str | None = None) -> FastAPI:
     """The application around a loaded :class:`Engine` (its batcher runs while the app does)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # one batcher (one model worker thread) per start of the application
+        from filo.service import heap
+
         app.state.batcher = MicroBatcher(
             engine.run_batch, max_batch=config.max_batch_size,
-            max_wait_s=config.max_wait_ms / 1000.0, queue_size=config.queue_size).start()
+            max_wait_s=config.max_wait_ms / 1000.0, queue_size=config.queue_size,
+            on_idle=heap.trim).start()
         try:
             yield
         finally:
@@ -147,6 +209,21 @@ def create_app(engine: Engine, config: ServiceConfig, token: str | None = None) 
     async def _request_error(request: Request, err: RequestError):
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
         return JSONResponse({"detail": str(err)}, status_code=err.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_form(request: Request, err: RequestValidationError):
+        return JSONResponse({"detail": validation_line(err)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        detail = err.detail if isinstance(err.detail, str) else str(err.detail)
+        return JSONResponse({"detail": " ".join(detail.split())}, status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    @app.exception_handler(WriteError)
+    async def _write_error(request: Request, err: WriteError):  # a full disk: not the client's
+        logger.error("%s %s: %s", request.method, request.url.path, err)
+        return JSONResponse({"detail": str(err)}, status_code=507)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, err: Exception):
@@ -208,17 +285,19 @@ def create_app(engine: Engine, config: ServiceConfig, token: str | None = None) 
                                    text_threshold=text_threshold, area_threshold=area_threshold,
                                    outside_box_factor=outside_box_factor,
                                    mask_threshold=mask_threshold)
+        batcher = request.app.state.batcher
+        if batcher.waiting >= batcher.queue_size:  # refused before any decoding
+            return _busy(batcher)
         data = await image.read()
+        await image.close()
         if not data:
             raise RequestError("image: the uploaded file is empty")
         prepared = await run_in_threadpool(engine.prepare, data, image.filename or "", settings)
-        batcher = request.app.state.batcher
+        del data
         try:
             future = batcher.submit(prepared)
         except QueueFull as full:
-            return JSONResponse({"detail": f"the service is busy ({batcher.queue_size} requests "
-                                           f"waiting); retry after {full.retry_after} s"},
-                                status_code=503, headers={"Retry-After": str(full.retry_after)})
+            return _busy(batcher, full.retry_after)
         except RuntimeError as err:
             return JSONResponse({"detail": str(err)}, status_code=503)
         try:

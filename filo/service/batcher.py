@@ -61,7 +61,8 @@ class MicroBatcher:
     """
 
     def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = 8,
-                 max_wait_s: float = 0.01, queue_size: int = 64, name: str = "filo-batcher") -> None:
+                 max_wait_s: float = 0.01, queue_size: int = 64, name: str = "filo-batcher",
+                 on_idle: Callable[[], Any] | None = None, idle_s: float = 1.0) -> None:
         if max_batch < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch and queue_size must be >= 1 and max_wait_s >= 0")
         self._run_batch = run_batch
@@ -73,6 +74,10 @@ class MicroBatcher:
         self._stopping = threading.Event()
         self.stats = BatcherStats()
         self._busy = threading.Event()
+        # called once when the queue has stayed empty for idle_s after some work (the service
+        # hands freed memory back to the system there)
+        self._on_idle = on_idle
+        self._idle_s = float(idle_s)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> MicroBatcher:
@@ -138,9 +143,24 @@ class MicroBatcher:
             jobs.append(job)
         return jobs
 
+    def _next(self, worked: bool) -> _Job | None:
+        """The next job; while waiting, ``on_idle`` once after ``idle_s`` without work."""
+        if not worked or self._on_idle is None:
+            return self._queue.get()
+        try:
+            return self._queue.get(timeout=self._idle_s)
+        except queue.Empty:
+            try:
+                self._on_idle()
+            except Exception:  # noqa: BLE001 - housekeeping never stops the worker
+                pass
+            return self._queue.get()
+
     def _loop(self) -> None:
+        worked = False
         while not self._stopping.is_set():
-            first = self._queue.get()
+            first = self._next(worked)
+            worked = True
             if first is None:
                 break
             jobs = [j for j in self._collect(first) if j.future.set_running_or_notify_cancel()]
@@ -167,3 +187,4 @@ class MicroBatcher:
             s.jobs += len(jobs)
             s.largest_batch = max(s.largest_batch, len(jobs))
             s.mean_batch_s = took if s.batches == 1 else 0.8 * s.mean_batch_s + 0.2 * took
+            jobs = first = results = j = r = None  # no batch stays referenced while waiting

@@ -207,9 +207,12 @@ class Engine:
         except FiloError as err:
             raise RequestError(str(err), status=415 if "format" in str(err) else 400) from None
         p = self.pipeline
-        item = image_inputs(img, settings.class_name, p.image_size,
-                            with_detector_input=p.needs_detector_input,
-                            memory_transform=p.memory_transform)
+        try:
+            item = image_inputs(img, settings.class_name, p.image_size,
+                                with_detector_input=p.needs_detector_input,
+                                memory_transform=p.memory_transform, name=name)
+        except FiloError as err:  # a degenerate shape (6000x2 with the box step, ...)
+            raise RequestError(str(err), status=422) from None
         rgb = np.asarray(img.convert("RGB"))
         return PreparedRequest(uuid.uuid4().hex, settings, name, rgb, item, time.perf_counter())
 

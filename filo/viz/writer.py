@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from filo.fileio import ensure_inside
 from filo.viz.export import atomic_write_bytes, viz_file_name, write_panel, write_thumbnail
 from filo.viz.html import IndexEntry, IndexSection, index_html
 from filo.viz.render import _to_numpy, render_panel
@@ -237,7 +238,7 @@ class VizWriter:
         return True
 
     def _spill(self, image, anomaly_map, gt_mask) -> Path:
-        pending = self.viz_dir / PENDING_DIR
+        pending = ensure_inside(self.viz_dir, self.viz_dir / PENDING_DIR)
         pending.mkdir(parents=True, exist_ok=True)
         path = pending / f"{self._n_spilled:07d}.npz"
         self._n_spilled += 1
@@ -276,8 +277,9 @@ class VizWriter:
             image, anomaly_map, vmin=vmin, vmax=vmax, gt_mask=gt_mask, boxes=boxes,
             box_labels=record.box_labels, box_scores=record.box_scores,
             box_matched=record.box_matched, title=title, lift_boxes=self.lift_boxes)
-        write_panel(self.viz_dir / record.rel, panel)
-        write_thumbnail(self._thumb_path(record), panel, self.thumb_width)
+        write_panel(ensure_inside(self.viz_dir, self.viz_dir / record.rel), panel)
+        write_thumbnail(ensure_inside(self.viz_dir, self._thumb_path(record)), panel,
+                        self.thumb_width)
         record.written = True
 
     def _thumb_path(self, record: _Record) -> Path:
@@ -338,7 +340,7 @@ class VizWriter:
             f"{', boxes lifted (display only)' if self.lift_boxes else ''}.",
         ]
         page = index_html(title, results_table_markdown, sections, notes)
-        path = self.viz_dir / "index.html"
+        path = ensure_inside(self.viz_dir, self.viz_dir / "index.html")
         atomic_write_bytes(path, page.encode("utf-8"))
         logger.info("wrote %s (%d panels)", path, sum(len(s.entries) for s in sections))
         return path
