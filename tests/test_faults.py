@@ -355,7 +355,7 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_finished_work(tmp_path, capsy
 
     def save(fh, arr, *a, **k):
         calls.append(1)
-        if len(calls) == 2:  # the second image's map: the disk is full
+        if len(calls) == 3:  # the second image's map (each image: its map, then full size)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(fh, arr, *a, **k)
 
@@ -369,9 +369,10 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_finished_work(tmp_path, capsy
     lines = [x for x in capsys.readouterr().err.splitlines()
              if x.strip() and not ("|" in x and "%" in x)]
     assert rc == 2 and len(lines) == 1 and "No space left on device" in lines[0], lines
-    assert str(out / "img1.npy") in lines[0]
+    assert str(out / "img1.png.npy") in lines[0]
     # the first image is complete; nothing of the second is presented as done, no temp files
-    assert sorted(p.name for p in out.iterdir()) == ["img0.json", "img0.npy", "img0.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["img0.png.full.npy", "img0.png.json",
+                                                     "img0.png.npy", "img0.png.png"]
 
 
 def test_a_write_error_outside_the_atomic_writers_is_one_line(capsys):

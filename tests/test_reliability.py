@@ -368,7 +368,7 @@ def test_predict_skips_unreadable_images_and_exits_non_zero(tmp_path, capsys, ti
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(Path(r["image"]).name for r in summary["images"]) == ["a.png", "c.png"]
     assert [Path(f["image"]).name for f in summary["failed"]] == ["b.png"]
-    assert (out / "a.npy").is_file() and (out / "c.npy").is_file()
+    assert (out / "a.png.npy").is_file() and (out / "c.png.npy").is_file()
 
 
 def test_a_wrong_image_size_is_refused_before_the_model_is_built(tmp_path, capsys,
