@@ -37,7 +37,8 @@ def configs_from_args(args: argparse.Namespace):
 
     run = from_args(RunConfig, args).resolved("test")
     pipeline = from_args(PipelineConfig, args)
-    if pipeline.ckpt_path is None and pipeline.memory_bank is None and not run.from_cache:
+    if pipeline.ckpt_path is None and pipeline.memory_bank is None and not run.from_cache \
+            and not pipeline.uses_musc:
         raise FiloError("--ckpt_path is required: a FiLo checkpoint such as "
                         "ckpt/filo_train_on_visa.pth (see `python -m filo doctor`)")
     return run, pipeline
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     run, pipeline = configs_from_args(args)
     if pipeline.grounded_checkpoint is None and not pipeline.no_grounding:
-        print("[filo] no --grounded_checkpoint: FiLo maps alone (same as --no_grounding)")
+        print("[filo] no --grounded_checkpoint: " + ("MuSc" if pipeline.uses_musc else "FiLo")
+              + " maps alone (same as --no_grounding)")
         pipeline.no_grounding = True
     run_evaluation_cli(run, pipeline)
     return 0
