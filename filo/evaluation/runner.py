@@ -345,22 +345,21 @@ def _predict_sets(run: RunConfig, todo: Sequence[Sample], cache: PredictionCache
     groups: dict[str, list[Sample]] = {}
     for s in todo:
         groups.setdefault(s.cls_name, []).append(s)
-    for cls_name, group in tqdm(groups.items(), desc="predict sets", unit="class",
-                                dynamic_ncols=True, disable=None):
+    def feed(loader, kept: list):
+        for batch in loader:
+            kept.append(batch)
+            yield batch
+
+    for group in tqdm(groups.values(), desc="predict sets", unit="class", dynamic_ncols=True,
+                      disable=None):
         dataset = EvalDataset(group, run.data_path, model.image_size,
                               with_detector_input=model.needs_detector_input,
                               allow_missing_masks=True)
         loader = DataLoader(dataset, batch_size=run.batch_size, shuffle=False,
                             num_workers=run.num_workers, collate_fn=collate,
                             persistent_workers=False)
-        batches = []
-
-        def feed():
-            for batch in loader:
-                batches.append(batch)
-                yield batch
-
-        preds = model.predict_set(feed())
+        batches: list = []
+        preds = model.predict_set(feed(loader, batches))
         i = 0
         for batch in batches:
             for j in range(len(batch)):

@@ -50,7 +50,7 @@ class MuscSettings:
     k_list: tuple[int, ...] = DEFAULT_K  # (0,) disables RsCIN
     ratio: float = DEFAULT_RATIO
     divide: int = 1  # number of mutual-scoring subsets per class
-    block: int = 16  # images per block of the mutual scoring (memory bound, not results)
+    block: int = 0  # patch rows per side of a distance block (0: msm.BLOCK_ROWS); memory only
     seed: int = 42  # random.seed of the subset split (divide > 1)
     extra: dict = field(default_factory=dict)
 

@@ -97,7 +97,7 @@ class Pool:
                             f"images; rebuild the pool")
 
     def normed(self, layer: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self._normed[layer]))
+        return torch.from_numpy(np.array(self._normed[layer], dtype=np.float32))
 
     def indices_of(self, digest: str) -> list[int]:
         return [i for i, d in enumerate(self.digests) if d == digest]
