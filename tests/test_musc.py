@@ -262,7 +262,8 @@ def test_pool_path_equals_set_path(tmp_path, scorer, images, set_result):
     digests = [input_digest(im) for im in images]
     save_pool(tmp_path, "c", names=[f"{i}.png" for i in range(7)], digests=digests,
               normed=normed, feats=feats, raw=res.raw, scores=res.scores,
-              settings={}, source={}, stats={"musc": map_stats(res.maps, res.scores)})
+              settings=scorer.settings_key(), source=scorer.source_key(),
+              stats={"musc": map_stats(res.maps, res.scores)})
     pool = Pool(tmp_path / "c")
     got = scorer.score_pool(pool, [x[[2, 5]] for x in normed], feats[[2, 5]],
                             [digests[2], digests[5]])

@@ -143,3 +143,39 @@ class PoolSet:
             self.check_classes([cls_name])
             self._pools[cls_name] = Pool(self.dir / cls_name)
         return self._pools[cls_name]
+
+
+def build_pool(scorer, paths, cls_name: str, out: str | Path, *, batch_size: int = 8,
+               filo=None, log=print) -> Path:
+    """Mutually score the images ``paths`` of one class with ``scorer`` and store them as the
+    pool ``out/<cls_name>`` (``filo``: images -> (maps, scores) of FiLo, for the fused modes'
+    statistics)."""
+    from filo.data.transforms import clip_tensor, decode_image
+    from filo.musc.scorer import input_digest
+
+    paths = [Path(p) for p in paths]
+    scorer.check_set(len(paths), f"--images of class {cls_name!r}")
+    normed, feats, digests, fmaps, fscores = [], [], [], [], []
+    for a in range(0, len(paths), batch_size):
+        batch = torch.stack([clip_tensor(decode_image(p), scorer.settings.image_size)
+                             for p in paths[a:a + batch_size]])
+        n, f = scorer.extract(batch)
+        normed.append(n)
+        feats.append(f)
+        digests += [input_digest(im) for im in batch]
+        if filo is not None:
+            m, s = filo(batch)
+            fmaps.append(m)
+            fscores.append(s)
+    layers = [torch.cat([n[i] for n in normed]) for i in range(len(normed[0]))]
+    feats_t = torch.cat(feats)
+    res = scorer.score_set(layers, feats_t, [str(p) for p in paths],
+                           what=f"the pool of {cls_name!r}")
+    stats: dict[str, Any] = {"musc": map_stats(res.maps, res.scores)}
+    if filo is not None:
+        stats["filo"] = map_stats(np.concatenate(fmaps), np.concatenate(fscores))
+    d = save_pool(out, cls_name, names=[str(p) for p in paths], digests=digests,
+                  normed=layers, feats=feats_t, raw=res.raw, scores=res.scores,
+                  settings=scorer.settings_key(), source=scorer.source_key(), stats=stats)
+    log(f"[filo] MuSc pool of {cls_name}: {len(paths)} images -> {d}")
+    return d

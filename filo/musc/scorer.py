@@ -91,6 +91,22 @@ class MuscScorer:
         self.exact = exact
         settings.validate(tower.depth)
 
+    def settings_key(self) -> dict:
+        """What a pool must share with this scorer (the tower's resolved layers included)."""
+        return {**self.settings.key(), "layers": list(self.tower.layers)}
+
+    def source_key(self) -> dict:
+        """The tower's weights: path, kind and sha256 (cached by the checksum cache)."""
+        if getattr(self, "_source", None) is None:
+            from filo.memory.build import weights_checksum
+
+            src = self.tower.source
+            path = getattr(src, "path", None)
+            self._source = {"path": path, "kind": getattr(src, "kind", None),
+                            "act": getattr(src, "act", None),
+                            "sha256": weights_checksum(path) if path else None}
+        return self._source
+
     @property
     def block_rows(self) -> int:
         return self.settings.block or BLOCK_ROWS
@@ -153,6 +169,7 @@ class MuscScorer:
         MSM map against the pool's images (its own copy left out); RsCIN runs over the pool's
         stored scores with the query in its copy's place (or added)."""
         s = self.settings
+        pool.check_settings(self.settings_key(), self.source_key())
         m = normed[0].shape[0]
         exclude = [pool.indices_of(d) for d in digests]
         refs = [pool.n - len(e) for e in exclude]
