@@ -121,6 +121,11 @@ class MuscScorer:
         taps, feats = self.tower(images.to(self.device))
         return [layer_normed(t).cpu() for t in taps], feats.float().cpu()
 
+    def _aggregate(self, x: torch.Tensor, r: int, chunk: int = 16) -> torch.Tensor:
+        """LNAMD of ``[N, C, g, g]`` in chunks of images (the temporaries stay small)."""
+        return torch.cat([aggregate(x[a:a + chunk].to(self.device), r, exact=self.exact)
+                          for a in range(0, x.shape[0], chunk)])
+
     def check_set(self, n: int, what: str) -> None:
         need = self.settings.min_set()
         if n < need:
@@ -138,7 +143,7 @@ class MuscScorer:
             per_layer = []
             for x in normed:
                 x = x if members is None else x[members]
-                z = aggregate(x.to(self.device), r, exact=self.exact)
+                z = self._aggregate(x, r)
                 per_layer.append(mutual_scores(z, s.ratio, block_rows=self.block_rows)
                                  .double().cpu())
                 del z
@@ -179,8 +184,8 @@ class MuscScorer:
         for r in s.r_list:
             per_layer = []
             for li, x in enumerate(normed):
-                zq = aggregate(x.to(self.device), r, exact=self.exact)
-                zr = aggregate(pool.normed(li).to(self.device), r, exact=self.exact)
+                zq = self._aggregate(x, r)
+                zr = self._aggregate(pool.normed(li), r)
                 per_layer.append(scores_against(zq, zr, s.ratio, exclude=exclude,
                                                 block_rows=self.block_rows).double().cpu())
                 del zq, zr
