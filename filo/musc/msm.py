@@ -4,8 +4,9 @@ For unit patch vectors ``Z`` of N images (``[N, L, C]``), patch p of image i get
 other image j, the Euclidean distance to its nearest patch in j; its score is the mean of the
 ``k = int(ratio (N - 1))`` smallest of those N - 1 distances (the best-matching 30 % of the
 others). The original computes one ``cdist`` of image i against all others at a time; here the
-distances come from blocks of batched matrix products ``|a|^2 + |b|^2 - 2 a.b``, each block
-serving both directions (i -> j and j -> i), the minimum is taken before the square root, and
+squared distances come from blocks of one matrix product each (``[-2a, |a|^2, 1] . [b, 1,
+|b|^2]``, the form ``cdist`` itself uses), each block serving both directions (i -> j and
+j -> i), the minimum is taken before the square root, and
 memory is bounded by the block (about ``block_rows^2`` floats) plus the ``N x L x N`` table of
 nearest distances.
 """
@@ -28,6 +29,16 @@ def interval_k(n_refs: int, ratio: float) -> int:
     return int(n_refs * ratio)
 
 
+def _left(x: torch.Tensor) -> torch.Tensor:
+    """Rows ``[-2 x, |x|^2, 1]`` (the left factor of the squared-distance product)."""
+    return torch.cat([x * -2.0, x.pow(2).sum(-1, keepdim=True), torch.ones_like(x[:, :1])], 1)
+
+
+def _right(x: torch.Tensor) -> torch.Tensor:
+    """Rows ``[x, 1, |x|^2]`` (the right factor)."""
+    return torch.cat([x, torch.ones_like(x[:, :1]), x.pow(2).sum(-1, keepdim=True)], 1)
+
+
 def nearest_table(za: torch.Tensor, zb: torch.Tensor | None = None, *,
                   block_rows: int = BLOCK_ROWS) -> torch.Tensor:
     """``d[i, p, j]`` = distance of patch p of image i of ``za`` to its nearest patch of image
@@ -37,18 +48,16 @@ def nearest_table(za: torch.Tensor, zb: torch.Tensor | None = None, *,
     zb = za if same else zb
     na, la, c = za.shape
     nb, lb, _ = zb.shape
-    sa = za.pow(2).sum(-1)
-    sb = sa if same else zb.pow(2).sum(-1)
     d = torch.empty(na, la, nb, dtype=torch.float32, device=za.device)
     step_a = images_per_block(la, block_rows)
     step_b = images_per_block(lb, block_rows)
     for a0 in range(0, na, step_a):
         a1 = min(a0 + step_a, na)
-        rows = za[a0:a1].reshape(-1, c)
+        rows = _left(za[a0:a1].reshape(-1, c))
         for b0 in range(a0 if same else 0, nb, step_b):
             b1 = min(b0 + step_b, nb)
-            g = rows @ zb[b0:b1].reshape(-1, c).T  # [(a1-a0) La, (b1-b0) Lb]
-            g.mul_(-2.0).add_(sa[a0:a1].reshape(-1, 1)).add_(sb[b0:b1].reshape(1, -1))
+            # squared distances in one product: [-2a, |a|^2, 1] . [b, 1, |b|^2]
+            g = rows @ _right(zb[b0:b1].reshape(-1, c)).T  # [(a1-a0) La, (b1-b0) Lb]
             g = g.view(a1 - a0, la, b1 - b0, lb)
             d[a0:a1, :, b0:b1] = g.amin(dim=3).clamp_min_(0).sqrt_()
             if same and b0 != a0:  # the transposed direction from the same product
