@@ -292,3 +292,22 @@ def test_pool_file_loads_without_pickle(tmp_path):
     np.save(d / "normed.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(FiloError, match="cannot be read"):
         Pool(d)
+
+
+def test_original_mask_rules(tmp_path):
+    """A 30 x 40 box in a 100 x 100 mask at 37 px: == 255 (MVTec/BTAD) keeps only the pixels
+    fully inside, > 0 (VisA) every touched pixel, filo's > 0.5 lies between."""
+    from PIL import Image
+
+    from filo.data.transforms import mask_tensor
+    from filo.musc.masks import original_mask
+
+    arr = np.zeros((100, 100), dtype=np.uint8)
+    arr[13:43, 21:61] = 255
+    Image.fromarray(arr).save(tmp_path / "m.png")
+    resized = np.asarray(Image.fromarray(arr).resize((37, 37), Image.Resampling.BILINEAR))
+    strict = original_mask(tmp_path / "m.png", 37, "mvtec")
+    loose = original_mask(tmp_path / "m.png", 37, "visa")
+    assert np.array_equal(strict, resized == 255) and np.array_equal(loose, resized > 0)
+    ours = mask_tensor(arr > 0, 37).numpy()
+    assert strict.sum() < ours.sum() < loose.sum()

@@ -345,6 +345,7 @@ def _predict_sets(run: RunConfig, todo: Sequence[Sample], cache: PredictionCache
     groups: dict[str, list[Sample]] = {}
     for s in todo:
         groups.setdefault(s.cls_name, []).append(s)
+
     def feed(loader, kept: list):
         for batch in loader:
             kept.append(batch)
