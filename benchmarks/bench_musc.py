@@ -129,7 +129,7 @@ def run_original(repo: Path, weights: Path, json_cfg: dict, root: Path, cls: str
         os.chdir(cwd)
 
 
-def msm_peak_bytes(n: int, patches: int, width: int, block_rows: int = 8192) -> int:
+def msm_peak_bytes(n: int, patches: int, width: int, block_rows: int = 2048) -> int:
     """filo's mutual-scoring buffers: one degree/layer's unit vectors, one product block and
     the nearest-distance table (float32)."""
     return 4 * (n * patches * width + block_rows * block_rows + n * n * patches)

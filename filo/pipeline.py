@@ -132,7 +132,7 @@ class PipelineConfig:
                                check=at_least(1))
     musc_block: int | None = setting(
         None, "--method musc: patch rows per side of one distance block (bounds memory; "
-        "results move by ~1e-7 at most)", check=at_least(1), default_help="8192")
+        "results move by ~1e-7 at most)", check=at_least(1), default_help="2048")
     musc_pool: Path | None = setting(
         None, "--method musc: folder of reference pools (python -m filo.musc pool): each image "
         "is scored against its class's pool instead of its test split")

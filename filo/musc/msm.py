@@ -17,7 +17,7 @@ import torch
 
 from filo.errors import FiloError
 
-BLOCK_ROWS = 8192  # patch rows per side of one product block: 8192^2 float32 = 256 MiB
+BLOCK_ROWS = 2048  # patch rows per side of one product block: 2048^2 float32 = 16 MiB (cache-sized)
 
 
 def images_per_block(patches: int, block_rows: int = BLOCK_ROWS) -> int:
