@@ -166,7 +166,7 @@ def main() -> None:
         dmap = float(np.abs(cap["maps"][:, 0] - res.maps[order]).max())
         dscore = float(np.abs(cap["scores"] - res.scores[order]).max())
         print(f"size {args.size}: original {t_orig:.2f} s ({1000 * t_orig / args.n:.0f} ms/img), "
-              f"filo {t_filo:.2f} s ({1000 * t_filo / args.n:.0f} ms/img, extraction "
+              f"filo {t_filo:.2f} s ({1000 * t_filo / args.n:.0f} ms/img, CLIP forward "
               f"{t_extract:.2f} s); ratio {t_orig / t_filo:.2f}x")
         print(f"all but the CLIP forward passes: original {s_orig:.2f} s, "
               f"filo {s_filo:.2f} s; ratio {s_orig / s_filo:.2f}x")
