@@ -121,3 +121,24 @@ def test_method_flag_in_every_scoring_cli(module):
 
     text = importlib.import_module(module).build_parser().format_help()
     assert "--method" in text and "--musc_pool" in text and "--musc_fusion" in text
+
+
+def test_torchrun_shares_out_whole_classes(setup, tmp_path, monkeypatch):
+    """Under torchrun each process scores whole classes: rank 1 of 2 caches every image of the
+    second class and none of the first."""
+    from filo.data.synthetic import make_mvtec_like
+    from filo.distributed import DistContext
+    from filo.evaluation.runner import RunConfig, run_evaluation
+    from filo.pipeline import PipelineConfig
+
+    _, clip, _ = setup
+    data = tmp_path / "two"
+    make_mvtec_like(data, classes=["obj_a", "obj_b"], n_train_good=0, n_test_good=3,
+                    n_test_defect=3, size=40, seed=0, style="object")
+    monkeypatch.setattr(DistContext, "barrier", lambda self: None)
+    run = RunConfig(dataset="mvtec", data_path=data, num_workers=0, save_path=tmp_path / "r")
+    pipe = PipelineConfig(method="musc", musc_clip=clip, image_size=32)
+    assert run_evaluation(run, pipe, dist=DistContext(rank=1, world_size=2)) == []
+    entries = [p for p in (tmp_path / "r" / "cache").rglob("*") if p.is_file()]
+    names = " ".join(str(p.relative_to(tmp_path / "r" / "cache")) for p in entries)
+    assert names.count("obj_b") == 6 and "obj_a" not in names, names
