@@ -44,6 +44,8 @@ KERNELS = ("fast", "reference")
 AUTOCAST = ("none", "bf16", "fp16")
 SCORE_MODES = ("research", "softmax")
 FUSIONS = ("filo", "memory", "mean", "max")
+METHODS = ("filo", "musc")
+MUSC_FUSIONS = ("musc", "mean", "max")
 # every research-code switch of the prediction (what RULES=research / the scripts turn on)
 RESEARCH_RULES = ("legacy_macaroni", "legacy_phrase_case", "legacy_text_threshold", "legacy_grid",
                   "legacy_box_slices")
@@ -119,6 +121,31 @@ class PipelineConfig:
         "detector alone get an image threshold (0.99 quantile of their scores), a pixel "
         "threshold (0.999 quantile) and a map range (docs/design.md section 13.2)",
         default_help="leave-one-out")
+    method: str = setting(
+        "filo", "scorer: 'filo' (the FiLo checkpoint, memory bank and/or detector as given) or "
+        "'musc' (training-free mutual scoring of each class's test images, docs/design.md "
+        "section 16; fused with the boxes of --grounded_checkpoint)", choices=METHODS)
+    musc_clip: Path | None = setting(
+        None, "--method musc: CLIP weights (OpenAI ViT-*.pt, an open_clip state dict or a FiLo "
+        "checkpoint)", default_help="the CLIP of --ckpt_path")
+    musc_layers: str | None = setting(
+        None, "--method musc: tapped blocks, 0-based, comma-separated",
+        default_help="5,11,17,23 for 24 blocks, 2,5,8,11 for 12")
+    musc_r: str = setting("1,3,5", "--method musc: LNAMD aggregation degrees (odd)")
+    musc_k: str | None = setting(None, "--method musc: RsCIN k list (0 disables RsCIN)",
+                                 default_help="1,8,9 for --dataset visa, else 1,2,3")
+    musc_divide: int = setting(1, "--method musc: mutual-scoring subsets per class",
+                               check=at_least(1))
+    musc_block: int | None = setting(
+        None, "--method musc: patch rows per side of one distance block (bounds memory; "
+        "results move by ~1e-7 at most)", check=at_least(1), default_help="2048")
+    musc_pool: Path | None = setting(
+        None, "--method musc: folder of reference pools (python -m filo.musc pool): each image "
+        "is scored against its class's pool instead of its test split")
+    musc_fusion: str = setting(
+        "musc", "--method musc: 'musc' alone, or with --ckpt_path FiLo's and MuSc's maps and "
+        "scores, each z-scored by the set's (or pool's) statistics, combined by 'mean' "
+        "(--fusion_weight = MuSc's weight) or 'max'", choices=MUSC_FUSIONS)
     device: str | None = setting(None, "cpu, cuda or cuda:N", default_help="cuda if available")
     bert_dir: Path | None = setting(None, "local bert-base-uncased tokenizer directory",
                                     default_help="$FILO_BERT_LOCAL or third_party/")
@@ -128,17 +155,26 @@ class PipelineConfig:
         return not self.no_grounding and self.grounded_checkpoint is not None
 
     @property
+    def uses_musc(self) -> bool:
+        return self.method == "musc"
+
+    @property
     def uses_memory(self) -> bool:
         return self.memory_bank is not None and self.fusion_mode != "filo"
 
     @property
     def uses_filo(self) -> bool:
+        if self.uses_musc:  # --ckpt_path may only lend MuSc its CLIP
+            return self.ckpt_path is not None and self.musc_fusion != "musc"
         return self.ckpt_path is not None and self.fusion_mode != "memory"
 
     @property
     def map_name(self) -> str:
         """What the maps of this pipeline are, in words (titles, log lines, the gallery)."""
         boxes = " with GroundingDINO boxes" if self.grounding else ""
+        if self.uses_musc:
+            return (f"fused map (MuSc{boxes} + FiLo, {self.musc_fusion})" if self.uses_filo
+                    else f"MuSc map{boxes}")
         if self.uses_filo and self.uses_memory:
             return f"fused map (FiLo{boxes} + memory bank, {self.fusion_mode})"
         if self.uses_memory:
@@ -151,6 +187,8 @@ class PipelineConfig:
     def map_label(self) -> str:
         """:attr:`map_name` in a few words (panel titles)."""
         boxes = " + boxes" if self.grounding else ""
+        if self.uses_musc:
+            return f"MuSc + FiLo map{boxes}" if self.uses_filo else f"MuSc map{boxes}"
         if self.uses_filo and self.uses_memory:
             return f"fused map ({self.fusion_mode})"
         if self.uses_memory:
@@ -172,6 +210,11 @@ class PipelineConfig:
 
     def check_usable(self) -> None:
         """A pipeline needs FiLo, the detector, or both."""
+        if self.uses_musc:
+            from filo.musc.settings import check_musc_config
+
+            check_musc_config(self)
+            return
         if self.fusion_mode in ("mean", "max") and self.ckpt_path is None:
             raise FiloError(f"--fusion {self.fusion_mode} combines FiLo and the memory bank: "
                             f"give --ckpt_path too, or use --fusion memory")
@@ -213,6 +256,10 @@ class PipelineConfig:
             "grounding": self.grounding,
             "position": None if self.grounding else self.position,
         }
+        if self.uses_musc:
+            from filo.musc.settings import musc_cache_key
+
+            out.update(musc_cache_key(self))
         if self.memory_bank is not None:
             from filo.memory.scorer import bank_folder_key
 
@@ -280,25 +327,32 @@ class Pipeline:
     """Loaded models and prompts; :meth:`predict` runs one :class:`ImageBatch`."""
 
     def __init__(self, config: PipelineConfig, prompts: PromptTable, model=None, detector=None,
-                 image_size: int | None = None, memory=None) -> None:
+                 image_size: int | None = None, memory=None, musc=None) -> None:
         self.config = config
         self.prompts = prompts
         self.model = model
         self.detector = detector
         self.memory = memory  # filo.memory.scorer.MemoryScorer
         self._zero_shot: dict[str, dict] = {}  # class -> --calib_dir record
+        self.musc = musc  # filo.musc.scorer.MuscScorer
         if model is not None:
             self.image_size = int(model.config.image_size)
         else:
             self.image_size = int(image_size or config.image_size or DEFAULT_IMAGE_SIZE)
-        if model is None and detector is None and memory is None:
-            raise FiloError("a pipeline needs a FiLo model, a detector or a memory bank")
+        if model is None and detector is None and memory is None and musc is None:
+            raise FiloError("a pipeline needs a FiLo model, a detector, a memory bank or MuSc")
         if config.position is not None and detector is None:
             prompts.check_position(config.position)
 
     @property
     def needs_detector_input(self) -> bool:
         return self.detector is not None
+
+    @property
+    def scores_sets(self) -> bool:
+        """Predictions depend on the whole class (MuSc without a pool): use
+        :meth:`predict_set`."""
+        return self.musc is not None and self.musc.pools is None
 
     @property
     def memory_transform(self):
@@ -316,6 +370,8 @@ class Pipeline:
                 self.prompts = table
                 if self.model is not None and hasattr(self.model, "set_prompt_table"):
                     self.model.set_prompt_table(table)
+        if self.musc is not None and self.musc.pools is not None:
+            self.musc.pools.check_classes(class_names)
         if self.memory is not None:
             self.memory.check_classes(class_names)
             if self.config.fusion_mode in ("mean", "max"):
@@ -461,6 +517,103 @@ class Pipeline:
                 for i in range(len(classes))]
         return _concat_outputs(outs)
 
+    def _boxes(self, batch: ImageBatch) -> tuple[list[BoxStepResult] | None, list]:
+        """The box step of a batch (None without a detector) and the position words."""
+        classes = list(batch.cls_names)
+        if self.detector is None:
+            return None, [self.config.position] * len(classes)
+        if batch.det_images is None:
+            raise ValueError("the batch has no detector input (EvalDataset "
+                             "with_detector_input=True)")
+        boxes = box_step(self.detector, self.prompts, batch.det_images, batch.orig_sizes,
+                         classes, self.image_size, legacy_grid=self.config.legacy_grid,
+                         legacy_box_slices=self.config.legacy_box_slices)
+        return boxes, [b.detection.position for b in boxes]
+
+    def _musc_finish(self, classes: list[str], maps: np.ndarray, scores: np.ndarray,
+                     boxes, filo: tuple[np.ndarray, np.ndarray] | None,
+                     stats: dict[str, dict]) -> tuple[np.ndarray, np.ndarray]:
+        """MuSc maps / scores -> fused with FiLo (z-scores by ``stats[class]``) -> the
+        outside-box factor (docs/design.md section 16.5)."""
+        if filo is not None:
+            from filo.musc.fusion import zscore_fuse
+
+            maps, scores = maps.copy(), np.asarray(scores, dtype=np.float64).copy()
+            for c in dict.fromkeys(classes):
+                idx = [i for i, k in enumerate(classes) if k == c]
+                maps[idx], scores[idx] = zscore_fuse(
+                    maps[idx], scores[idx], filo[0][idx], filo[1][idx], stats[c]["musc"],
+                    stats[c]["filo"], self.config.musc_fusion, self.config.fusion_weight)
+        if boxes is not None:
+            maps = fuse_with_boxes(torch.from_numpy(np.ascontiguousarray(maps)),
+                                   [b.counted_in_map for b in boxes],
+                                   self.config.outside_box_factor,
+                                   legacy_slices=self.config.legacy_box_slices).numpy()
+        return maps.astype(np.float32), np.asarray(scores, dtype=np.float64)
+
+    def _musc_pool(self, batch: ImageBatch, boxes, positions) -> tuple[np.ndarray, np.ndarray]:
+        """Each image against its class's reference pool (``--musc_pool``)."""
+        from filo.musc.scorer import input_digest
+
+        classes = list(batch.cls_names)
+        normed, feats = self.musc.extract(batch.images)
+        digests = [input_digest(im) for im in batch.images]
+        maps = np.empty((len(classes), self.image_size, self.image_size), dtype=np.float32)
+        scores = np.empty(len(classes), dtype=np.float64)
+        stats = {}
+        for c in dict.fromkeys(classes):
+            idx = [i for i, k in enumerate(classes) if k == c]
+            pool = self.musc.pools.get(c)
+            res = self.musc.score_pool(pool, [x[idx] for x in normed], feats[idx],
+                                       [digests[i] for i in idx])
+            maps[idx], scores[idx] = res.maps, res.scores
+            stats[c] = {"musc": pool.stats.get("musc"), "filo": pool.stats.get("filo")}
+            if self.model is not None and not stats[c]["filo"]:
+                raise FiloError(f"--musc_fusion {self.config.musc_fusion}: pool {pool.path} has "
+                                f"no FiLo statistics; rebuild it with `python -m filo.musc pool "
+                                f"... --ckpt_path {self.config.ckpt_path}`")
+        filo = None
+        if self.model is not None:
+            out = self._filo(batch.images, classes, positions)
+            filo = (out.anomaly_map.float().cpu().numpy(), out.image_score.float().cpu().numpy())
+        return self._musc_finish(classes, maps, scores, boxes, filo, stats)
+
+    @torch.inference_mode()
+    def predict_set(self, batches) -> list[ImagePrediction]:
+        """MuSc over one class's whole set (an iterable of :class:`ImageBatch`, dataset order),
+        fused with FiLo and the boxes as configured (docs/design.md section 16.5)."""
+        from filo.musc.pool import map_stats
+
+        normed, feats, boxes, positions, classes, paths = [], [], [], [], [], []
+        fmaps, fscores = [], []
+        for batch in batches:
+            b, pos = self._boxes(batch)
+            n, f = self.musc.extract(batch.images)
+            normed.append(n)
+            feats.append(f)
+            boxes += b if b is not None else [None] * len(batch)
+            positions += pos
+            classes += list(batch.cls_names)
+            paths += list(batch.img_paths)
+            if self.model is not None:
+                out = self._filo(batch.images, list(batch.cls_names), pos)
+                fmaps.append(out.anomaly_map.float().cpu().numpy())
+                fscores.append(out.image_score.float().cpu().numpy())
+        if len(set(classes)) > 1:
+            raise ValueError("predict_set takes the images of one class")
+        layers = [torch.cat([n[i] for n in normed]) for i in range(len(normed[0]))]
+        res = self.musc.score_set(layers, torch.cat(feats), paths, what=f"class {classes[0]!r}")
+        filo = (np.concatenate(fmaps), np.concatenate(fscores)) if fmaps else None
+        stats = {classes[0]: {"musc": map_stats(res.maps, res.scores),
+                              "filo": map_stats(*filo) if filo is not None else None}}
+        maps, scores = self._musc_finish(classes, res.maps, res.scores,
+                                         boxes if self.detector is not None else None, filo,
+                                         stats)
+        return [ImagePrediction(maps[i], float(scores[i]), positions[i],
+                                detection_record(boxes[i].detection)
+                                if boxes[i] is not None else None)
+                for i in range(len(classes))]
+
     @torch.inference_mode()
     def predict(self, batch: ImageBatch, memory_geometry: str = "image"
                 ) -> list[ImagePrediction]:
@@ -476,19 +629,14 @@ class Pipeline:
             return [ImagePrediction(maps_crop[i], float(scores_crop[i]), None)
                     for i in range(len(classes))]
         size = self.image_size
-        boxes: list[BoxStepResult] | None = None
-        if self.detector is not None:
-            if batch.det_images is None:
-                raise ValueError("the batch has no detector input (EvalDataset "
-                                 "with_detector_input=True)")
-            boxes = box_step(self.detector, self.prompts, batch.det_images, batch.orig_sizes,
-                             classes, size, legacy_grid=self.config.legacy_grid,
-                             legacy_box_slices=self.config.legacy_box_slices)
-            positions = [b.detection.position for b in boxes]
-        else:
-            positions = [self.config.position] * len(classes)
+        boxes, positions = self._boxes(batch)
 
-        if self.model is not None:
+        if self.musc is not None:
+            if self.musc.pools is None:
+                raise FiloError("MuSc scores a whole class at once: use predict_set, or give "
+                                "--musc_pool to score single images against a reference pool")
+            maps_np, scores = self._musc_pool(batch, boxes, positions)
+        elif self.model is not None:
             out = self._filo(batch.images, classes, positions)
             maps = out.anomaly_map.float().cpu()
             if boxes is not None:
@@ -514,6 +662,7 @@ class Pipeline:
                                 detection_record(boxes[i].detection) if boxes is not None
                                 else None)
                 for i in range(len(classes))]
+
 
 
 def _concat_outputs(outs):
@@ -583,15 +732,17 @@ def build_pipeline(config: PipelineConfig, *, prompts: PromptTable | None = None
             fast_kernels=config.fast_kernels)
         detector = load_detector(config.grounded_checkpoint, device=device,
                                  bert_dir=config.bert_dir, params=params)
-    memory = None
-    if config.uses_memory:
-        from filo.memory.scorer import MemoryScorer
+    from filo.scorers import SCORERS
 
-        memory = MemoryScorer(config.memory_bank, ckpt_path=config.ckpt_path, device=device,
-                              filo_model=model)
-    return Pipeline(config, prompts, model, detector, memory=memory)
+    size = model.config.image_size if model is not None else config.image_size
+    memory = SCORERS["memory"](config, device=device, filo_model=model) \
+        if config.uses_memory else None
+    musc = SCORERS["musc"](config, device=device, filo_model=model,
+                           image_size=size or DEFAULT_IMAGE_SIZE) if config.uses_musc else None
+    return Pipeline(config, prompts, model, detector, memory=memory, musc=musc,
+                    image_size=size)
 
 
-__all__ = ["BoxStepResult", "ImagePrediction", "Pipeline", "PipelineConfig", "RESEARCH_RULES",
-           "box_step", "build_pipeline", "generic_prompts_note", "load_pipeline_prompts",
-           "memory_map_range"]
+__all__ = ["BoxStepResult", "ImagePrediction", "METHODS", "Pipeline", "PipelineConfig",
+           "RESEARCH_RULES", "box_step", "build_pipeline", "generic_prompts_note",
+           "load_pipeline_prompts", "memory_map_range"]

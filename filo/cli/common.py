@@ -14,21 +14,26 @@ FOLDER_FLAGS = ("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir")
 FILO_FLAGS = ("ckpt_path", "prompts", "image_size", "device", "position", "score_mode",
               "clip_act", "autocast", "kernels", "exact", "legacy_macaroni", "memory_bank",
               "fusion", "fusion_weight", "calib_dir")
+MUSC_FLAGS = ("method", "musc_clip", "musc_layers", "musc_r", "musc_k", "musc_divide",
+              "musc_block", "musc_pool", "musc_fusion")
 DETECTOR_FLAGS = ("grounded_checkpoint", "no_grounding", "box_threshold", "text_threshold",
                   "area_threshold", "outside_box_factor", "bert_dir", "legacy_phrase_case",
                   "legacy_text_threshold", "legacy_grid", "legacy_box_slices")
 DATA_FLAGS = ("dataset", "data_path", "classes", "batch_size", "num_workers",
-              "allow_outside_root", "realiad_split", *FOLDER_FLAGS)
+              "allow_outside_root", "realiad_split", "mask_rule", *FOLDER_FLAGS)
 OUTPUT_FLAGS = ("save_path", "save_maps", "save_boxes", "coco_eval", "viz_dir", "viz_limit",
                 "viz_only_errors", "viz_lift_boxes", "from_cache", "protocol")
 
 
 def add_pipeline_args(parser: argparse.ArgumentParser, filo: tuple[str, ...] = FILO_FLAGS,
-                      detector: tuple[str, ...] = DETECTOR_FLAGS) -> None:
-    """The :class:`~filo.pipeline.PipelineConfig` flags, in a "model" and a "GroundingDINO"
-    group (pass subsets for a CLI that offers fewer)."""
+                      detector: tuple[str, ...] = DETECTOR_FLAGS,
+                      musc: tuple[str, ...] = MUSC_FLAGS) -> None:
+    """The :class:`~filo.pipeline.PipelineConfig` flags, in a "model", a "MuSc" and a
+    "GroundingDINO" group (pass subsets for a CLI that offers fewer)."""
     if filo:
         add_args(parser.add_argument_group("model"), PipelineConfig, filo)
+    if musc:
+        add_args(parser.add_argument_group("MuSc (--method musc)"), PipelineConfig, musc)
     if detector:
         add_args(parser.add_argument_group("GroundingDINO"), PipelineConfig, detector)
 

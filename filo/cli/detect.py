@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m filo.detect",
                                 description=__doc__.splitlines()[0])
     add_run_args(p, outputs=DETECT_OUTPUT_FLAGS)
-    add_pipeline_args(p, filo=DETECT_MODEL_FLAGS, detector=DETECT_PIPELINE_FLAGS)
+    add_pipeline_args(p, filo=DETECT_MODEL_FLAGS, detector=DETECT_PIPELINE_FLAGS, musc=())
     add_verbose(p)
     return p
 

@@ -164,6 +164,10 @@ def run_predict(args: argparse.Namespace, pipeline_factory=None, dist=None) -> d
     out_dir = check_writable_dir(args.out, "--out")
     pipeline = (pipeline_factory or build_pipeline)(config)
     pipeline.check_classes([args.cls_name], "--class")
+    if getattr(pipeline, "scores_sets", False):
+        raise FiloError("--method musc scores an image against other images of its class: give "
+                        "--musc_pool (built by `python -m filo.musc pool --class "
+                        f"{args.cls_name} --images DIR --out POOL`)")
 
     all_samples = [Sample(str(p.resolve()), "", args.cls_name, "", 0) for p in images]
     stems = {s.img_path: stem for s, stem in

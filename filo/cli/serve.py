@@ -100,6 +100,9 @@ def prepare(args: argparse.Namespace, pipeline_factory=None):
     if service.port:
         check_port(service.host, service.port)
     pipeline = (pipeline_factory or build_pipeline)(config)
+    if getattr(pipeline, "scores_sets", False):
+        raise FiloError("--method musc needs --musc_pool to serve single images (build it with "
+                        "`python -m filo.musc pool --class NAME --images DIR --out POOL`)")
     engine = Engine(pipeline, service, out_dir)
     if not engine.class_names():
         raise FiloError("no class can be served: the prompt file and the memory bank share no "

@@ -153,6 +153,7 @@ def run_demo(cfg: DemoConfig, log=print):
     results = run_evaluation(run, pipeline, log=log)
     rows = [("zero-shot: FiLo + GroundingDINO boxes", results)]
     rows += memory_rows(cfg, target, ckpt, pipeline, log)
+    rows += musc_rows(cfg, target, pipeline, log)
     log("")
     log(f"[demo] summary on {target.name} (random-weight models: these numbers show the "
         f"pipeline works, not what the methods achieve)")
@@ -253,6 +254,26 @@ def memory_rows(cfg: DemoConfig, target: Path, ckpt: Path, zero_shot, log):
                         num_workers=cfg.num_workers,
                         save_path=cfg.out / f"results_{fusion}_{cfg.shots}shot")
         pipeline = replace(zero_shot, memory_bank=bank_dir, fusion=fusion)
+        out.append((name, run_evaluation(run, pipeline, log=lambda *_: None)))
+    return out
+
+
+def musc_rows(cfg: DemoConfig, target: Path, zero_shot, log):
+    """MuSc on the tiny FiLo's CLIP tower (no training, no prompts: each test image against the
+    others of its class), alone and fused with the boxes and with FiLo (docs/design.md 16)."""
+    from dataclasses import replace
+
+    from filo.evaluation.runner import RunConfig, run_evaluation
+
+    log(f"[demo] MuSc: mutual scoring of the test images of each class of {target.name}")
+    out = []
+    for name, tag, changes in (
+            ("zero-shot: MuSc alone (no training)", "musc", {"no_grounding": True}),
+            ("MuSc + GroundingDINO boxes", "musc_boxes", {}),
+            ("MuSc + FiLo (mean) + boxes", "musc_filo", {"musc_fusion": "mean"})):
+        run = RunConfig(dataset="visa", data_path=target, batch_size=8,
+                        num_workers=cfg.num_workers, save_path=cfg.out / f"results_{tag}")
+        pipeline = replace(zero_shot, method="musc", **changes)
         out.append((name, run_evaluation(run, pipeline, log=lambda *_: None)))
     return out
 

@@ -138,6 +138,10 @@ class RunConfig:
         dirs = tuple(d.strip() for d in (self.abnormal_dir or "").split(",") if d.strip())
         return FolderSpec(normal_dir=self.normal_dir, abnormal_dirs=dirs, mask_dir=self.mask_dir,
                           normal_test_dir=self.normal_test_dir)
+    mask_rule: str = setting(
+        "filo", "ground-truth binarisation after the resize to the map size: filo's (> 0.5) or "
+        "the MuSc code's ('musc': == 255 for every layout but visa, > 0 for visa), to compare "
+        "with its published numbers", choices=("filo", "musc"))
 
     def class_list(self) -> list[str] | None:
         if not self.classes:
@@ -233,6 +237,12 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
     if run.protocol == "crop" and pipeline.fusion_mode != "memory":
         raise FiloError("--protocol crop evaluates a memory bank alone on its centre crop: give "
                         "--memory_bank with --fusion memory (no FiLo or fused maps)")
+    if pipeline.uses_musc and pipeline.musc_k is None:  # the original's k list of the dataset
+        from dataclasses import replace
+
+        from filo.musc.config import k_list_for
+
+        pipeline = replace(pipeline, musc_k=",".join(map(str, k_list_for(run.dataset))))
     prompts = None
     if not run.from_cache and pipeline_factory is None:
         from filo.pipeline import generic_prompts_note, load_pipeline_prompts
@@ -247,6 +257,14 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
     cache = PredictionCache(out_dir / "cache", cache_key(run, pipeline))
     sources = {s.img_path: input_identity(run.data_path, s.img_path, s.mask_path)
                for s in samples}
+    by_set = pipeline.uses_musc and pipeline.musc_pool is None  # a class is one set
+    if by_set:  # every prediction depends on the whole class: its members are in the identity
+        from filo.evaluation.cache import settings_key
+
+        for group in split.values():
+            ident = settings_key({"members": [[s.img_path, sources[s.img_path]] for s in group]})
+            for s in group:
+                sources[s.img_path] = {**sources[s.img_path], "set": ident}
     model: Pipeline | None = None
 
     def predict(todo: list[Sample]) -> None:
@@ -261,22 +279,32 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
             else:
                 model = pipeline_factory(pipeline)
             model.check_classes(list(split), str(run.data_path))
-        _predict_missing(run, todo, cache, model, sources)
+        if by_set:
+            _predict_sets(run, todo, cache, model, sources)
+        else:
+            _predict_missing(run, todo, cache, model, sources)
 
     todo = [s for s in samples if not cache.has(s.img_path, sources[s.img_path])]
+    if by_set:  # a class with any missing entry is recomputed whole, one class per process
+        stale = {s.cls_name for s in todo}
+        todo = [s for s in samples if s.cls_name in stale]
     log(f"[filo] {len(samples)} test images in {len(split)} classes; "
         f"{len(samples) - len(todo)} cached in {cache.dir}"
         + (f"; {dist.world_size} processes share the rest" if dist.active else ""))
     dist.barrier()  # every process has listed the cache before anyone writes to it
     if todo and run.from_cache:
         predict(todo)  # (the --from_cache error)
-    mine = dist.shard(todo)
+    if by_set:
+        mine_classes = set(dist.shard(list(dict.fromkeys(s.cls_name for s in todo))))
+        mine = [s for s in todo if s.cls_name in mine_classes]
+    else:
+        mine = dist.shard(todo)
     if mine:
         predict(mine)
     dist.barrier()  # every shard is in the cache
     if not dist.is_main:
         return []
-    pixel = pipeline.uses_filo or pipeline.uses_memory or run.pixel_metrics
+    pixel = pipeline.uses_filo or pipeline.uses_memory or pipeline.uses_musc or run.pixel_metrics
     for _attempt in range(3):
         try:
             results = _evaluate_classes(split, cache, pixel,
@@ -337,7 +365,55 @@ def cache_key(run: RunConfig, pipeline: PipelineConfig) -> dict[str, Any]:
         key["realiad_split"] = str(run.realiad_split)
     if run.folder_spec().given():  # named folders decide the labels
         key["folders"] = [run.normal_dir, run.abnormal_dir, run.mask_dir, run.normal_test_dir]
+    if run.mask_rule != "filo":  # the cached masks differ
+        key["mask_rule"] = run.mask_rule
     return key
+
+
+def _put(run: RunConfig, cache: PredictionCache, batch, i: int, pred,
+         sources: dict[str, dict[str, Any]], mask_paths: dict[str, str]) -> None:
+    extras = {"detections": pred.detection} if pred.detection is not None else {}
+    mask = np.asarray(batch.masks[i])
+    if run.mask_rule == "musc" and mask_paths.get(batch.img_paths[i]):
+        from filo.musc.masks import original_mask
+
+        mask = original_mask(Path(run.data_path) / mask_paths[batch.img_paths[i]],
+                             mask.shape[-1], run.dataset)
+    cache.put(Prediction(
+        img_path=batch.img_paths[i], cls_name=batch.cls_names[i],
+        label=int(batch.labels[i]), image_score=pred.image_score,
+        anomaly_map=pred.anomaly_map, mask=mask, extras=extras,
+        source=sources.get(batch.img_paths[i])))
+
+
+def _predict_sets(run: RunConfig, todo: Sequence[Sample], cache: PredictionCache,
+                  model: Pipeline, sources: dict[str, dict[str, Any]]) -> None:
+    """Set scorers (MuSc): each class of ``todo`` (whole classes) predicted at once."""
+    mask_paths = {s.img_path: s.mask_path for s in todo}
+    groups: dict[str, list[Sample]] = {}
+    for s in todo:
+        groups.setdefault(s.cls_name, []).append(s)
+
+    def feed(loader, kept: list):
+        for batch in loader:
+            kept.append(batch)
+            yield batch
+
+    for group in tqdm(groups.values(), desc="predict sets", unit="class", dynamic_ncols=True,
+                      disable=None):
+        dataset = EvalDataset(group, run.data_path, model.image_size,
+                              with_detector_input=model.needs_detector_input,
+                              allow_missing_masks=True)
+        loader = DataLoader(dataset, batch_size=run.batch_size, shuffle=False,
+                            num_workers=run.num_workers, collate_fn=collate,
+                            persistent_workers=False)
+        batches: list = []
+        preds = model.predict_set(feed(loader, batches))
+        i = 0
+        for batch in batches:
+            for j in range(len(batch)):
+                _put(run, cache, batch, j, preds[i], sources, mask_paths)
+                i += 1
 
 
 def _predict_missing(run: RunConfig, todo: Sequence[Sample], cache: PredictionCache,
@@ -352,19 +428,14 @@ def _predict_missing(run: RunConfig, todo: Sequence[Sample], cache: PredictionCa
                         num_workers=run.num_workers, collate_fn=collate, persistent_workers=False)
     bar = tqdm(total=len(todo), unit="img", desc="predict", dynamic_ncols=True,
                disable=None)
+    mask_paths = {s.img_path: s.mask_path for s in todo}
     batches = iter(loader)
     try:
         for batch in batches:
             preds = model.predict(batch, memory_geometry="crop") if crop else model.predict(
                 batch)
             for i, pred in enumerate(preds):
-                extras = {"detections": pred.detection} if pred.detection is not None else {}
-                cache.put(Prediction(
-                    img_path=batch.img_paths[i], cls_name=batch.cls_names[i],
-                    label=int(batch.labels[i]), image_score=pred.image_score,
-                    anomaly_map=pred.anomaly_map, mask=np.asarray(batch.masks[i]),
-                    extras=extras,
-                    source=sources.get(batch.img_paths[i])))
+                _put(run, cache, batch, i, pred, sources, mask_paths)
             bar.update(len(batch))
     finally:
         bar.close()
