@@ -87,7 +87,7 @@ def test_pool_then_predict_equals_the_set(setup, capsys):
     assert predict_main(["--method", "musc", "--musc_clip", str(clip), "--image_size", "32",
                          "--musc_pool", str(tmp / "pool"), "--class", "obj_a", "--images",
                          str(one), "--out", str(tmp / "pred"), "--num_workers", "0"]) == 0
-    got = np.load(tmp / "pred" / "000.npy")
+    got = np.load(tmp / "pred" / "000.png.npy")
     want = np.load(tmp / "ref" / "maps" / "obj_a" / "test" / "blob" / "000.npy")
     assert np.abs(got - want).max() < 1e-5
 
