@@ -131,9 +131,9 @@ def test_pixel_metrics_over_the_images_with_ground_truth(part):
 def test_generator_writes_camera_sized_part_folder(tmp_path):
     from PIL import Image
 
-    info = make_part_folder(tmp_path / "cam", n_train_good=1, n_test_good=1, n_test_defect=1,
+    info = make_part_folder(tmp_path / "cam", n_train_good=0, n_test_good=0, n_test_defect=1,
                             defect_dirs=("ng1",), image_ext="jpg")
-    assert info.counts["cam"] == {"train/good": 1, "test/good": 1, "test/ng1": 1}
+    assert info.counts["cam"] == {"test/ng1": 1}
     assert Image.open(tmp_path / "cam" / "test" / "ng1" / "000.jpg").size == (1600, 1200)
     assert Image.open(tmp_path / "cam" / "ground_truth" / "ng1" / "000_mask.png").size == \
         (1600, 1200)
