@@ -113,6 +113,9 @@ class PipelineConfig:
         choices=FUSIONS, default_help="memory without --ckpt_path, else mean")
     fusion_weight: float = setting(0.5, "--fusion mean: weight of the memory bank (FiLo gets "
                                    "1 - weight)", check=in_range(0.0, 1.0))
+    baseline: Path | None = setting(
+        None, "trained anomalib model(s) to score with instead of FiLo: a folder from `python "
+        "-m filo.baselines fit` (one model per class) or one of its checkpoints")
     device: str | None = setting(None, "cpu, cuda or cuda:N", default_help="cuda if available")
     bert_dir: Path | None = setting(None, "local bert-base-uncased tokenizer directory",
                                     default_help="$FILO_BERT_LOCAL or third_party/")
@@ -144,6 +147,11 @@ class PipelineConfig:
 
     def check_usable(self) -> None:
         """A pipeline needs FiLo, the detector, or both."""
+        if self.baseline is not None:
+            if self.ckpt_path is not None or self.memory_bank is not None:
+                raise FiloError("--baseline scores with a trained anomalib model alone: drop "
+                                "--ckpt_path and --memory_bank (run them as their own rows)")
+            return
         if self.fusion_mode in ("mean", "max") and self.ckpt_path is None:
             raise FiloError(f"--fusion {self.fusion_mode} combines FiLo and the memory bank: "
                             f"give --ckpt_path too, or use --fusion memory")
@@ -171,6 +179,10 @@ class PipelineConfig:
             "grounding": self.grounding,
             "position": None if self.grounding else self.position,
         }
+        if self.baseline is not None:
+            from filo.baselines.scorer import baseline_key
+
+            out["baseline"] = baseline_key(self.baseline)
         if self.memory_bank is not None:
             from filo.memory.scorer import bank_folder_key
 
@@ -238,17 +250,19 @@ class Pipeline:
     """Loaded models and prompts; :meth:`predict` runs one :class:`ImageBatch`."""
 
     def __init__(self, config: PipelineConfig, prompts: PromptTable, model=None, detector=None,
-                 image_size: int | None = None, memory=None) -> None:
+                 image_size: int | None = None, memory=None, scorer=None) -> None:
         self.config = config
         self.prompts = prompts
         self.model = model
         self.detector = detector
         self.memory = memory  # filo.memory.scorer.MemoryScorer
+        self.scorer = scorer  # a filo.scorers.SCORERS scorer (--baseline)
         if model is not None:
             self.image_size = int(model.config.image_size)
         else:
-            self.image_size = int(image_size or config.image_size or DEFAULT_IMAGE_SIZE)
-        if model is None and detector is None and memory is None:
+            self.image_size = int(image_size or config.image_size or (
+                scorer.map_size if scorer is not None else DEFAULT_IMAGE_SIZE))
+        if model is None and detector is None and memory is None and scorer is None:
             raise FiloError("a pipeline needs a FiLo model, a detector or a memory bank")
         if config.position is not None and detector is None:
             prompts.check_position(config.position)
@@ -259,7 +273,9 @@ class Pipeline:
 
     @property
     def memory_transform(self):
-        """PIL image -> memory-bank input (None without a memory bank)."""
+        """PIL image -> memory-bank (or --baseline) input (None without either)."""
+        if self.scorer is not None:
+            return self.scorer.transform()
         return self.memory.transform() if self.memory is not None else None
 
     def check_classes(self, class_names, where: str) -> None:
@@ -269,6 +285,8 @@ class Pipeline:
             raise FiloError(f"class {unknown[0]!r} of {where} has no prompts in "
                             f"{self.prompts.source}; add it to a prompt file and pass --prompts "
                             f"(see prompts/README.md)")
+        if self.scorer is not None:
+            self.scorer.check_classes(class_names)
         if self.memory is not None:
             self.memory.check_classes(class_names)
             if self.config.fusion_mode in ("mean", "max"):
@@ -394,6 +412,15 @@ class Pipeline:
             scores = out.image_score.float().cpu().numpy()
             if self.memory is not None:
                 maps_np, scores = self._fuse_memory(batch, classes, maps_np, scores)
+        elif self.scorer is not None:  # --baseline: the trained model's maps and scores
+            maps_np, scores = self.scorer.score(batch.mem_images, classes, batch.orig_sizes,
+                                                size)
+            if boxes is not None:
+                maps_np = fuse_with_boxes(torch.from_numpy(maps_np),
+                                          [b.counted_in_map for b in boxes],
+                                          self.config.outside_box_factor,
+                                          legacy_slices=self.config.legacy_box_slices
+                                          ).numpy().astype(np.float32)
         elif self.memory is not None:  # memory bank alone: raw PatchCore maps and scores
             if batch.mem_images is None:
                 raise ValueError("the batch has no memory-bank input (EvalDataset "
@@ -464,7 +491,12 @@ def build_pipeline(config: PipelineConfig, *, prompts: PromptTable | None = None
 
         memory = MemoryScorer(config.memory_bank, ckpt_path=config.ckpt_path, device=device,
                               filo_model=model)
-    return Pipeline(config, prompts, model, detector, memory=memory)
+    scorer = None
+    if config.baseline is not None:
+        from filo.scorers import SCORERS
+
+        scorer = SCORERS["baseline"](config, device)
+    return Pipeline(config, prompts, model, detector, memory=memory, scorer=scorer)
 
 
 __all__ = ["BoxStepResult", "ImagePrediction", "Pipeline", "PipelineConfig", "RESEARCH_RULES",

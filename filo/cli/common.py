@@ -12,7 +12,7 @@ from filo.settings import add_args
 # pipeline flags, grouped for --help (every CLI takes the groups or subsets it needs)
 FILO_FLAGS = ("ckpt_path", "prompts", "image_size", "device", "position", "score_mode",
               "clip_act", "autocast", "kernels", "exact", "legacy_macaroni", "memory_bank",
-              "fusion", "fusion_weight")
+              "fusion", "fusion_weight", "baseline")
 DETECTOR_FLAGS = ("grounded_checkpoint", "no_grounding", "box_threshold", "text_threshold",
                   "area_threshold", "outside_box_factor", "bert_dir", "legacy_phrase_case",
                   "legacy_text_threshold", "legacy_grid", "legacy_box_slices")

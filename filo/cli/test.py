@@ -37,7 +37,8 @@ def configs_from_args(args: argparse.Namespace):
 
     run = from_args(RunConfig, args).resolved("test")
     pipeline = from_args(PipelineConfig, args)
-    if pipeline.ckpt_path is None and pipeline.memory_bank is None and not run.from_cache:
+    if pipeline.ckpt_path is None and pipeline.memory_bank is None and \
+            pipeline.baseline is None and not run.from_cache:
         raise FiloError("--ckpt_path is required: a FiLo checkpoint such as "
                         "ckpt/filo_train_on_visa.pth (see `python -m filo doctor`)")
     return run, pipeline

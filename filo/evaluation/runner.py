@@ -232,7 +232,8 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
     dist.barrier()  # every shard is in the cache
     if not dist.is_main:
         return []
-    pixel = pipeline.uses_filo or pipeline.uses_memory or run.pixel_metrics
+    pixel = pipeline.uses_filo or pipeline.uses_memory or run.pixel_metrics or \
+        pipeline.baseline is not None
     for _attempt in range(3):
         try:
             results = _evaluate_classes(split, cache, pixel,
@@ -398,7 +399,7 @@ def _write_outputs(run: RunConfig, pipeline: PipelineConfig, split: dict[str, li
     if run.viz_dir is not None:
         index = write_visualisations(run, split, cache, table,
                                      title=f"filo test: {run.dataset} {run.data_path}"
-                                     + ("" if pipeline.uses_filo else " (GroundingDINO box map)"))
+                                     + ("" if pipeline.uses_filo or pipeline.baseline else " (GroundingDINO box map)"))
         log(f"[filo] visualisations: {index}")
     log("")
     log(table)
