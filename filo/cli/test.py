@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     run, pipeline = configs_from_args(args)
     if pipeline.grounded_checkpoint is None and not pipeline.no_grounding:
-        print("[filo] no --grounded_checkpoint: FiLo maps alone (same as --no_grounding)")
+        if pipeline.baseline is None:
+            print("[filo] no --grounded_checkpoint: FiLo maps alone (same as --no_grounding)")
         pipeline.no_grounding = True
     run_evaluation_cli(run, pipeline)
     return 0
