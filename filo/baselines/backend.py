@@ -198,6 +198,8 @@ def build_model(name: str, init_args: dict[str, Any], input_size: int | None):
         raise FiloError(f"--model_args {unknown[0]}: {name} takes "
                         f"{', '.join(sorted(params)) or 'no arguments'}")
     kwargs = dict(init_args)
+    if "visualizer" in inspect.signature(cls.__init__).parameters:
+        kwargs["visualizer"] = False  # filo draws its own gallery; no image files from anomalib
     if "pre_trained" in params:
         kwargs["pre_trained"] = False
     if name in NEEDS_LOCAL and NEEDS_LOCAL[name][1] is not None:
