@@ -98,6 +98,16 @@ def test_fit_writes_one_checkpoint_and_record_per_class(padim):
         assert (padim / cls_name / "last.ckpt").stat().st_size > 0
 
 
+def test_a_finished_class_is_skipped_unless_its_settings_change(padim, data):
+    ckpt = padim / "tex_a" / "last.ckpt"
+    before = ckpt.stat().st_mtime_ns
+    logged = []
+    cfg = FitConfig(model="padim", backbone="resnet18", out=padim, device="cpu", input_size=SIZE)
+    fit_baselines(cfg, data, "mvtec", CLASSES, num_workers=0, log=logged.append)
+    assert ckpt.stat().st_mtime_ns == before
+    assert any("finished model" in line and "skipped" in line for line in logged)
+
+
 @pytest.mark.parametrize("which", ["padim", "fastflow"])
 def test_filo_metrics_equal_anomalib_test_metrics_on_the_same_maps(which, data, request,
                                                                      tmp_path):
@@ -112,8 +122,7 @@ def test_filo_metrics_equal_anomalib_test_metrics_on_the_same_maps(which, data, 
         # the maps filo scored are the ones anomalib's predict writes (same size: 64 px)
         n = 0
         for batch in preds:
-            for path, amap, score in zip(batch.image_path, batch.anomaly_map, batch.pred_score,
-                                         strict=True):
+            for path, amap in zip(batch.image_path, batch.anomaly_map, strict=True):
                 rel = Path(path).relative_to(data)
                 ours = np.load(maps_dir / rel.with_suffix(".npy"))
                 np.testing.assert_allclose(ours, amap.squeeze().numpy(), atol=1e-5)

@@ -56,7 +56,9 @@ def fit_baselines(cfg: FitConfig, data_path: Path, dataset: str = "auto",
         if rec_path.is_file():
             old = BaselineRecord.read(rec_path)
             if old.finished and (folder / old.checkpoint).is_file() and \
-                    old.model == cfg.model and old.init_args == args:
+                    old.model == cfg.model and old.init_args == args and \
+                    old.epochs == cfg.epochs and \
+                    (cfg.input_size is None or old.input_size == cfg.input_size):
                 log(f"[filo] {cls_name}: finished model in {folder}; skipped")
                 out.append(old)
                 continue
