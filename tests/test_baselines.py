@@ -220,3 +220,24 @@ def test_without_anomalib_one_line_names_the_extra(monkeypatch):
     monkeypatch.setattr(backend, "anomalib", None)
     with pytest.raises(FiloError, match=r"pip install 'filo\[anomalib\]'"):
         backend.model_names()
+
+
+def test_the_adapter_gives_anomalib_filo_s_samples_and_masks(data):
+    from dataclasses import replace
+
+    from PIL import Image
+
+    test = load_split(data, "mvtec", "test", CLASSES)["tex_a"]
+    ds = backend.SampleDataset(test, data, "test", "tex_a")
+    assert len(ds) == 6 and ds.task.value == "segmentation"
+    by_path = {str(Path(data) / s.img_path): s for s in test}
+    for i in range(len(ds)):
+        item = ds[i]
+        s = by_path[item.image_path]
+        assert int(item.gt_label) == s.anomaly
+        expect = (np.asarray(Image.open(data / s.mask_path).convert("L")) > 0) if s.anomaly \
+            else np.zeros((SIZE, SIZE), bool)
+        np.testing.assert_array_equal(item.gt_mask.numpy().astype(bool), expect)
+    # an anomalous image without a mask: image-level (classification) task
+    no_mask = [replace(s, mask_path="") if s.anomaly else s for s in test]
+    assert backend.SampleDataset(no_mask, data, "test", "tex_a").task.value == "classification"
