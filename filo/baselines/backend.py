@@ -188,9 +188,11 @@ class SampleDataModule(AnomalibDataModule):
 
 # ---- models ----------------------------------------------------------------------------------
 
-def build_model(name: str, init_args: dict[str, Any], input_size: int | None):
+def build_model(name: str, init_args: dict[str, Any], input_size: int | None, *,
+                training: bool = True):
     """The anomalib model ``name`` from plain init arguments; ``pre_trained`` forced off (no
-    download); ``input_size``: the pre-processor's square resize (None: the model's default)."""
+    download); ``input_size``: the pre-processor's square resize (None: the model's default).
+    ``training``: also require the local folders the model's training reads."""
     cls = model_class(name)
     params = init_parameters(name)
     unknown = [k for k in init_args if k not in params]
@@ -202,7 +204,7 @@ def build_model(name: str, init_args: dict[str, Any], input_size: int | None):
         kwargs["visualizer"] = False  # filo draws its own gallery; no image files from anomalib
     if "pre_trained" in params:
         kwargs["pre_trained"] = False
-    if name in NEEDS_LOCAL and NEEDS_LOCAL[name][1] is not None:
+    if training and name in NEEDS_LOCAL:
         arg, what = NEEDS_LOCAL[name]
         value = kwargs.get(arg)
         if not value or not Path(value).is_dir():
@@ -324,7 +326,7 @@ def checkpoint_state(path: Path, model) -> dict[str, Any]:
 def load_trained(name: str, init_args: dict[str, Any], input_size: int | None, ckpt: Path,
                  device: torch.device | str = "cpu"):
     """The trained model: rebuilt from its init arguments, the checkpoint's state dict loaded."""
-    model = build_model(name, init_args, input_size)
+    model = build_model(name, init_args, input_size, training=False)
     state = checkpoint_state(ckpt, model)
     try:
         model.load_state_dict(state["state_dict"], strict=True)
