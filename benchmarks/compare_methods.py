@@ -209,7 +209,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax1.invert_yaxis()
     ax1.set_xlim(0, 100)
     ax1.set_xlabel("%")
-    ax1.legend(loc="lower right")
+    ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     ax2.barh(list(ys), [r["ms_per_image"] for r in rows], color="grey")
     ax2.set_xlabel("ms / image")
     for y, r in zip(ys, rows, strict=True):

@@ -241,3 +241,27 @@ def test_the_adapter_gives_anomalib_filo_s_samples_and_masks(data):
     # an anomalous image without a mask: image-level (classification) task
     no_mask = [replace(s, mask_path="") if s.anomaly else s for s in test]
     assert backend.SampleDataset(no_mask, data, "test", "tex_a").task.value == "classification"
+
+
+def test_compare_methods_table_and_plot(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import compare_methods as cm
+    finally:
+        sys.path.pop(0)
+    s = cm.Setup(dataset="visa", data_path="d", out="o", ckpt_path="c.pth",
+                 grounded_checkpoint="g.pth", models=["padim", "fastflow"], shots=3)
+    keys = [k for k, _ in cm.methods(s)]
+    assert keys == ["filo", "filo_boxes", "memory_kshot", "memory_full", "anomalib:padim",
+                    "anomalib:fastflow"]
+    assert [k for k, _ in cm.methods(cm.Setup(dataset="visa", data_path="d", out="o",
+                                              models=["padim"]))] == ["anomalib:padim"]
+    rows = [{"method": "a", "auroc_sp": 50.0, "ap_sp": 60.0, "auroc_px": 70.0, "aupro": 40.0,
+             "train_s": 0.0, "ms_per_image": 12.5, "peak_rss_mib": 900.0},
+            {"method": "b", "auroc_sp": 90.0, "ap_sp": 95.0, "auroc_px": 99.0, "aupro": 90.0,
+             "train_s": 3.2, "ms_per_image": 20.0, "peak_rss_mib": 1000.0}]
+    table = cm.render(rows).splitlines()
+    assert table[0].startswith("| method | auroc_sp") and len(table) == 4
+    assert table[3] == "| b | 90.0 | 95.0 | 99.0 | 90.0 | 3.2 | 20.0 | 1000.0 |"
+    cm.plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
