@@ -53,6 +53,7 @@ def fit_baselines(cfg: FitConfig, data_path: Path, dataset: str = "auto",
         folder = Path(cfg.out) / cls_name
         folder.mkdir(parents=True, exist_ok=True)
         rec_path = folder / RECORD_NAME
+        old = None
         if rec_path.is_file():
             old = BaselineRecord.read(rec_path)
             if old.finished and (folder / old.checkpoint).is_file() and \
@@ -83,7 +84,8 @@ def fit_baselines(cfg: FitConfig, data_path: Path, dataset: str = "auto",
             + (f" (resuming {resume})" if resume else ""))
         t0 = time.perf_counter()
         backend.fit_one(model, dm, folder, device=cfg.device, epochs=cfg.epochs, resume=resume)
-        rec.train_seconds = round(time.perf_counter() - t0, 3)
+        prior = old.train_seconds if resume is not None and old is not None else 0.0
+        rec.train_seconds = round(prior + time.perf_counter() - t0, 3)  # resumed: both parts
         if not (folder / CHECKPOINT_NAME).is_file():
             raise FiloError(f"training {cfg.model} on {cls_name} wrote no {CHECKPOINT_NAME} in "
                             f"{folder}")
