@@ -297,16 +297,22 @@ def engine_args(device: str | None, epochs: int | None) -> dict[str, Any]:
 def fit_one(model, datamodule, out_dir: Path, *, device: str | None, epochs: int | None,
             resume: Path | None = None):
     """anomalib's Engine.fit on one class; the last checkpoint is ``out_dir/last.ckpt``."""
+    import shutil
+    import tempfile
+
     from anomalib.callbacks.checkpoint import ModelCheckpoint  # (anomalib's own subclass)
     from anomalib.engine import Engine
 
     ckpt = ModelCheckpoint(dirpath=str(out_dir), filename="model", save_last=True,
                            save_top_k=0, every_n_epochs=1)
-    engine = Engine(callbacks=[ckpt], default_root_dir=str(out_dir / "work"),
-                    **engine_args(device, epochs))
-    with no_downloads():
-        engine.fit(model=model, datamodule=datamodule,
-                   ckpt_path=str(resume) if resume is not None else None)
+    work = tempfile.mkdtemp(prefix="filo_anomalib_")  # anomalib's workspace: nothing kept
+    try:
+        engine = Engine(callbacks=[ckpt], default_root_dir=work, **engine_args(device, epochs))
+        with no_downloads():
+            engine.fit(model=model, datamodule=datamodule,
+                       ckpt_path=str(resume) if resume is not None else None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return engine
 
 
