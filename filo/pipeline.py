@@ -146,6 +146,9 @@ class PipelineConfig:
         "musc", "--method musc: 'musc' alone, or with --ckpt_path FiLo's and MuSc's maps and "
         "scores, each z-scored by the set's (or pool's) statistics, combined by 'mean' "
         "(--fusion_weight = MuSc's weight) or 'max'", choices=MUSC_FUSIONS)
+    baseline: Path | None = setting(
+        None, "trained anomalib model(s) to score with instead of FiLo: a folder from `python "
+        "-m filo.baselines fit` (one model per class) or one of its checkpoints")
     device: str | None = setting(None, "cpu, cuda or cuda:N", default_help="cuda if available")
     bert_dir: Path | None = setting(None, "local bert-base-uncased tokenizer directory",
                                     default_help="$FILO_BERT_LOCAL or third_party/")
@@ -172,6 +175,8 @@ class PipelineConfig:
     def map_name(self) -> str:
         """What the maps of this pipeline are, in words (titles, log lines, the gallery)."""
         boxes = " with GroundingDINO boxes" if self.grounding else ""
+        if self.baseline is not None:
+            return f"trained-model map (anomalib){boxes}"
         if self.uses_musc:
             return (f"fused map (MuSc{boxes} + FiLo, {self.musc_fusion})" if self.uses_filo
                     else f"MuSc map{boxes}")
@@ -187,6 +192,8 @@ class PipelineConfig:
     def map_label(self) -> str:
         """:attr:`map_name` in a few words (panel titles)."""
         boxes = " + boxes" if self.grounding else ""
+        if self.baseline is not None:
+            return f"trained-model map{boxes}"
         if self.uses_musc:
             return f"MuSc + FiLo map{boxes}" if self.uses_filo else f"MuSc map{boxes}"
         if self.uses_filo and self.uses_memory:
@@ -214,6 +221,11 @@ class PipelineConfig:
             from filo.musc.settings import check_musc_config
 
             check_musc_config(self)
+            return
+        if self.baseline is not None:
+            if self.ckpt_path is not None or self.memory_bank is not None:
+                raise FiloError("--baseline scores with a trained anomalib model alone: drop "
+                                "--ckpt_path and --memory_bank (run them as their own rows)")
             return
         if self.fusion_mode in ("mean", "max") and self.ckpt_path is None:
             raise FiloError(f"--fusion {self.fusion_mode} combines FiLo and the memory bank: "
@@ -260,6 +272,10 @@ class PipelineConfig:
             from filo.musc.settings import musc_cache_key
 
             out.update(musc_cache_key(self))
+        if self.baseline is not None:
+            from filo.baselines.scorer import baseline_key
+
+            out["baseline"] = baseline_key(self.baseline)
         if self.memory_bank is not None:
             from filo.memory.scorer import bank_folder_key
 
@@ -327,7 +343,8 @@ class Pipeline:
     """Loaded models and prompts; :meth:`predict` runs one :class:`ImageBatch`."""
 
     def __init__(self, config: PipelineConfig, prompts: PromptTable, model=None, detector=None,
-                 image_size: int | None = None, memory=None, musc=None) -> None:
+                 image_size: int | None = None, memory=None, musc=None,
+                 scorer=None) -> None:
         self.config = config
         self.prompts = prompts
         self.model = model
@@ -335,12 +352,16 @@ class Pipeline:
         self.memory = memory  # filo.memory.scorer.MemoryScorer
         self._zero_shot: dict[str, dict] = {}  # class -> --calib_dir record
         self.musc = musc  # filo.musc.scorer.MuscScorer
+        self.scorer = scorer  # a filo.scorers.SCORERS scorer (--baseline)
         if model is not None:
             self.image_size = int(model.config.image_size)
         else:
-            self.image_size = int(image_size or config.image_size or DEFAULT_IMAGE_SIZE)
-        if model is None and detector is None and memory is None and musc is None:
-            raise FiloError("a pipeline needs a FiLo model, a detector, a memory bank or MuSc")
+            self.image_size = int(image_size or config.image_size or (
+                scorer.map_size if scorer is not None else DEFAULT_IMAGE_SIZE))
+        if model is None and detector is None and memory is None and musc is None \
+                and scorer is None:
+            raise FiloError("a pipeline needs a FiLo model, a detector, a memory bank, MuSc or "
+                            "a trained baseline")
         if config.position is not None and detector is None:
             prompts.check_position(config.position)
 
@@ -356,7 +377,9 @@ class Pipeline:
 
     @property
     def memory_transform(self):
-        """PIL image -> memory-bank input (None without a memory bank)."""
+        """PIL image -> memory-bank (or --baseline) input (None without either)."""
+        if self.scorer is not None:
+            return self.scorer.transform()
         return self.memory.transform() if self.memory is not None else None
 
     def check_classes(self, class_names, where: str) -> None:
@@ -372,6 +395,8 @@ class Pipeline:
                     self.model.set_prompt_table(table)
         if self.musc is not None and self.musc.pools is not None:
             self.musc.pools.check_classes(class_names)
+        if self.scorer is not None:
+            self.scorer.check_classes(class_names)
         if self.memory is not None:
             self.memory.check_classes(class_names)
             if self.config.fusion_mode in ("mean", "max"):
@@ -647,6 +672,15 @@ class Pipeline:
             scores = out.image_score.float().cpu().numpy()
             if self.memory is not None:
                 maps_np, scores = self._fuse_memory(batch, classes, maps_np, scores)
+        elif self.scorer is not None:  # --baseline: the trained model's maps and scores
+            maps_np, scores = self.scorer.score(batch.mem_images, classes, batch.orig_sizes,
+                                                size)
+            if boxes is not None:
+                maps_np = fuse_with_boxes(torch.from_numpy(maps_np),
+                                          [b.counted_in_map for b in boxes],
+                                          self.config.outside_box_factor,
+                                          legacy_slices=self.config.legacy_box_slices
+                                          ).numpy().astype(np.float32)
         elif self.memory is not None:  # memory bank alone: raw PatchCore maps and scores
             if batch.mem_images is None:
                 raise ValueError("the batch has no memory-bank input (EvalDataset "
@@ -739,7 +773,8 @@ def build_pipeline(config: PipelineConfig, *, prompts: PromptTable | None = None
         if config.uses_memory else None
     musc = SCORERS["musc"](config, device=device, filo_model=model,
                            image_size=size or DEFAULT_IMAGE_SIZE) if config.uses_musc else None
-    return Pipeline(config, prompts, model, detector, memory=memory, musc=musc,
+    scorer = SCORERS["baseline"](config, device=device) if config.baseline is not None else None
+    return Pipeline(config, prompts, model, detector, memory=memory, musc=musc, scorer=scorer,
                     image_size=size)
 
 

@@ -1,9 +1,9 @@
 """The scorers a pipeline can add to FiLo and the box step: a plain registry, name -> builder.
 
-Per-image scorers (``score(images, classes, orig_sizes, size)``) and set scorers (MuSc: a whole
-class scored at once, or one image against a stored pool) are built the same way:
-``SCORERS[name](config, device=..., filo_model=..., image_size=...)``. Builders import their
-package lazily, so listing the registry loads nothing.
+Per-image scorers (``score(images, classes, orig_sizes, size)``: memory banks, trained anomalib
+models) and set scorers (MuSc: a whole class scored at once, or one image against a stored pool)
+are built the same way: ``SCORERS[name](config, device=..., filo_model=..., image_size=...)``.
+Builders import their package lazily, so listing the registry loads nothing optional.
 """
 
 from __future__ import annotations
@@ -35,4 +35,12 @@ def build_musc(config, *, device, filo_model=None, image_size: int | None = None
     return MuscScorer(tower, settings, pools=pools, device=device, exact=config.exact)
 
 
-SCORERS: dict[str, Callable[..., Any]] = {"memory": build_memory, "musc": build_musc}
+def build_baseline(config, *, device, filo_model=None, image_size: int | None = None):
+    """Trained anomalib models of ``--baseline`` (per image; docs/design.md §17)."""
+    from filo.baselines.scorer import build_baseline_scorer
+
+    return build_baseline_scorer(config, device)
+
+
+SCORERS: dict[str, Callable[..., Any]] = {"memory": build_memory, "musc": build_musc,
+                                          "baseline": build_baseline}

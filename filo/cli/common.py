@@ -13,7 +13,7 @@ FOLDER_FLAGS = ("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir")
 # pipeline flags, grouped for --help (every CLI takes the groups or subsets it needs)
 FILO_FLAGS = ("ckpt_path", "prompts", "image_size", "device", "position", "score_mode",
               "clip_act", "autocast", "kernels", "exact", "legacy_macaroni", "memory_bank",
-              "fusion", "fusion_weight", "calib_dir")
+              "fusion", "fusion_weight", "calib_dir", "baseline")
 MUSC_FLAGS = ("method", "musc_clip", "musc_layers", "musc_r", "musc_k", "musc_divide",
               "musc_block", "musc_pool", "musc_fusion")
 DETECTOR_FLAGS = ("grounded_checkpoint", "no_grounding", "box_threshold", "text_threshold",

@@ -38,7 +38,7 @@ def configs_from_args(args: argparse.Namespace):
     run = from_args(RunConfig, args).resolved("test")
     pipeline = from_args(PipelineConfig, args)
     if pipeline.ckpt_path is None and pipeline.memory_bank is None and not run.from_cache \
-            and not pipeline.uses_musc:
+            and not pipeline.uses_musc and pipeline.baseline is None:
         raise FiloError("--ckpt_path is required: a FiLo checkpoint such as "
                         "ckpt/filo_train_on_visa.pth (see `python -m filo doctor`)")
     return run, pipeline

@@ -304,7 +304,8 @@ def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
     dist.barrier()  # every shard is in the cache
     if not dist.is_main:
         return []
-    pixel = pipeline.uses_filo or pipeline.uses_memory or pipeline.uses_musc or run.pixel_metrics
+    pixel = pipeline.uses_filo or pipeline.uses_memory or pipeline.uses_musc or run.pixel_metrics \
+        or pipeline.baseline is not None
     for _attempt in range(3):
         try:
             results = _evaluate_classes(split, cache, pixel,

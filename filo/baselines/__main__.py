@@ -1,0 +1,4 @@
+from filo.cli.baselines import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
