@@ -470,7 +470,7 @@ def test_tile_grid_covers_the_image_with_equal_tiles(h, w, tile, overlap):
         cover[y:y + tile, x:x + tile] += 1
     assert (cover[:h, :w] >= 1).all()
     ys = sorted({y for y, _ in boxes})
-    assert all(b - a <= tile - overlap for a, b in zip(ys, ys[1:]))  # at least the overlap
+    assert all(b - a <= tile - overlap for a, b in zip(ys, ys[1:], strict=False))  # at least the overlap
 
 
 def test_stitched_map_averages_overlaps():

@@ -192,7 +192,8 @@ def test_aggregate_equals_the_former_unfold_implementation(channels, sizes, pre,
 
     assert (grouped_kernels(channels, 3, pre, target) is not None) == grouped
     gen = torch.Generator().manual_seed(1)
-    feats = [torch.randn(2, c, *hw, generator=gen).relu() for c, hw in zip(channels, sizes)]
+    feats = [torch.randn(2, c, *hw, generator=gen).relu()
+             for c, hw in zip(channels, sizes, strict=True)]
     want, want_grid = reference_aggregate(feats, 3, pre, target)
     got, grid = aggregate(feats, 3, pre, target)
     assert grid == want_grid and got.shape == want.shape

@@ -219,9 +219,14 @@ def feature_dtype(cfg: MemoryConfig) -> torch.dtype:
     return torch.float16 if cfg.feature_dtype == "float16" else torch.float32
 
 
-def images_per_batch(cfg: MemoryConfig, batch_size: int) -> int:
+def images_per_batch(cfg: MemoryConfig, batch_size: int,
+                     device: torch.device | str | None = None) -> int:
     """``batch_size``, lowered so that one batch's activations stay within
-    ``--batch_memory_mb`` (at least 1)."""
+    ``--batch_memory_mb`` (at least 1). On a CPU device: 1, since the backbone's matrix
+    products run at full speed on one image and a batch of 8 measured 2.9x slower per image
+    (docs/design.md §13.4)."""
+    if device is not None and torch.device(device).type == "cpu":
+        return 1
     side = cfg.tile or cfg.imagesize
     per_image = side * side * ACTIVATION_BYTES_PER_PIXEL
     return max(1, min(int(batch_size), (cfg.batch_memory_mb << 20) // per_image))
@@ -302,7 +307,7 @@ def embed_units(root: Path, samples: Sequence[Sample], embedder: PatchEmbedder,
     """
     cfg = embedder.cfg
     dtype = dtype or feature_dtype(cfg)
-    per_batch = images_per_batch(cfg, batch_size)
+    per_batch = images_per_batch(cfg, batch_size, embedder.device)
     layouts: list[TileLayout] | None = [] if cfg.tile else None
     buf: FeatureBuffer | None = None
     grid = (0, 0)

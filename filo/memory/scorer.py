@@ -257,7 +257,7 @@ class MemoryScorer:
 
         cfg = self._cfgs[cls_name]
         embedder = self._embedder(cls_name)
-        per_batch = images_per_batch(cfg, 8)
+        per_batch = images_per_batch(cfg, 8, embedder.device)
         for i in idx:
             x = images[i]
             tiles, boxes = split_tiles(x, cfg.tile, cfg.tile_overlap)
