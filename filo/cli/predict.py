@@ -21,38 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from filo.cli.common import add_pipeline_args, add_verbose, setup_logging
+from filo.cli.images import IMAGE_SUFFIXES, collect_images, output_stem  # noqa: F401
 from filo.errors import FiloError, cli_entry
 from filo.settings import add_args, in_range
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def collect_images(inputs: list[Path]) -> list[Path]:
-    """Image files named directly or found (recursively, sorted) in the given folders."""
-    found: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise FiloError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {item}")
-            found += files
-        elif item.is_file():
-            found.append(item)
-        else:
-            raise FiloError(f"--images: {item} does not exist")
-    if not found:
-        raise FiloError("--images: give at least one image file or folder")
-    return found
-
-
-def output_stem(path: Path, inputs: list[Path]) -> Path:
-    """Output name: the path below the folder it was found in (or the file name)."""
-    resolved = path.resolve()
-    for item in inputs:
-        base = item.resolve()
-        if item.is_dir() and base in resolved.parents:
-            return resolved.relative_to(base).with_suffix("")
-    return Path(path.stem)
 
 
 class _SkipUnreadable:
