@@ -7,7 +7,7 @@ Writes what ``python -m filo.predict`` writes: per image ``{name}.npy`` (the flo
 ``{name}.png`` (input | overlay | colour bar), ``{name}.json`` (score, verdict when the bundle
 has a calibrated memory bank, mask statistics with a threshold) and ``summary.json``. Imports
 numpy, Pillow, OpenCV, scipy and the bundle's runtime (onnxruntime or OpenVINO), never torch
-(docs/design.md §20).
+(docs/design.md §16).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ their calibration, manifest) that ``python -m filo.deploy predict`` runs without
         --format openvino --out outputs/bundle
 
 The model flags are those of ``python -m filo.predict``; GroundingDINO is not exported
-(docs/design.md §20.3), so a bundle's maps are FiLo's (and the memory banks') without the
+(docs/design.md §16.3), so a bundle's maps are FiLo's (and the memory banks') without the
 box step: all nine positions averaged, or ``--position``.
 """
 

@@ -1,4 +1,4 @@
-"""Torch-free inference of exported bundles (``python -m filo export``; docs/design.md §20).
+"""Torch-free inference of exported bundles (``python -m filo export``; docs/design.md §16).
 
 Imports numpy, Pillow, OpenCV (overlays), scipy (PatchCore smoothing) and one runtime
 (onnxruntime or OpenVINO, :mod:`filo.deploy.runtimes`); never torch.

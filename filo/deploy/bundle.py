@@ -1,4 +1,4 @@
-"""A deploy bundle on disk: ``manifest.json`` + graphs + ``.npy`` arrays (docs/design.md §20).
+"""A deploy bundle on disk: ``manifest.json`` + graphs + ``.npy`` arrays (docs/design.md §16).
 
 Reading a bundle never unpickles: the manifest is JSON, arrays load with
 ``allow_pickle=False``, graphs are ONNX / OpenVINO IR files opened by their runtime. Every

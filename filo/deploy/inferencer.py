@@ -1,5 +1,5 @@
 """Torch-free inference of a bundle: the pipeline's maps, scores and verdicts from numpy and a
-runtime (docs/design.md §20).
+runtime (docs/design.md §16).
 
 :class:`BundleInferencer` mirrors :class:`filo.pipeline.Pipeline` without the box step:
 

@@ -1,4 +1,4 @@
-"""The numpy half of a bundle's computation (docs/design.md §20): what runs after the graphs.
+"""The numpy half of a bundle's computation (docs/design.md §16): what runs after the graphs.
 
 Every function reproduces one torch step of the pipeline with numpy (and scipy for PatchCore's
 smoothing), in float32 unless stated:
@@ -25,22 +25,24 @@ import numpy as np
 
 
 def bilinear_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
-    """``[n_out, n_in]`` float32 weights of torch's bilinear resize along one axis."""
-    out = np.zeros((n_out, n_in), dtype=np.float64)
-    dst = np.arange(n_out, dtype=np.float64)
+    """``[n_out, n_in]`` float32 weights of torch's bilinear resize along one axis (source
+    coordinates and weights in float32, as torch's CPU kernel computes them)."""
+    f32 = np.float32
+    dst = np.arange(n_out, dtype=f32)
     if align_corners:
-        scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        scale = f32((n_in - 1) / (n_out - 1)) if n_out > 1 else f32(0.0)
         src = dst * scale
     else:
-        scale = n_in / n_out
-        src = np.maximum((dst + 0.5) * scale - 0.5, 0.0)
+        scale = f32(n_in / n_out)
+        src = np.maximum((dst + f32(0.5)) * scale - f32(0.5), f32(0.0))
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    l1 = src - i0
+    l1 = (src - i0.astype(f32)).astype(f32)
+    out = np.zeros((n_out, n_in), dtype=f32)
     rows = np.arange(n_out)
-    np.add.at(out, (rows, i0), 1.0 - l1)
+    np.add.at(out, (rows, i0), f32(1.0) - l1)
     np.add.at(out, (rows, i1), l1)
-    return out.astype(np.float32)
+    return out
 
 
 def resize_bilinear(maps: np.ndarray, size: tuple[int, int], align_corners: bool) -> np.ndarray:

@@ -1,5 +1,5 @@
 """The inference runtimes a bundle runs on: onnxruntime and OpenVINO (the only module that
-imports either; docs/design.md §20).
+imports either; docs/design.md §16).
 
 :func:`open_graph` returns a callable ``feeds -> outputs`` (dicts of numpy arrays by name) for a
 bundle's graph file: an ``.onnx`` file runs on onnxruntime's CPU provider, an OpenVINO IR

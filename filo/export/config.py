@@ -1,4 +1,4 @@
-"""Settings of ``python -m filo export`` (docs/design.md §20); the model flags are the
+"""Settings of ``python -m filo export`` (docs/design.md §16); the model flags are the
 pipeline's (:class:`filo.pipeline.PipelineConfig`)."""
 
 from __future__ import annotations

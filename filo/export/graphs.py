@@ -1,4 +1,4 @@
-"""The torch modules a bundle's graphs are traced from (docs/design.md §20).
+"""The torch modules a bundle's graphs are traced from (docs/design.md §16).
 
 The export boundary of FiLo is the point after which everything is cheap and fixed-shape
 arithmetic (done in numpy by :mod:`filo.deploy.numerics`):

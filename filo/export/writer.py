@@ -1,5 +1,5 @@
 """``python -m filo export``: a pipeline's FiLo model and memory banks as a deploy bundle
-(docs/design.md §20).
+(docs/design.md §16).
 
 The bundle holds the graphs (:mod:`filo.export.graphs`, traced by ``torch.onnx.export``; for
 ``--format openvino`` converted to IR), the classes' frozen prompt-token embeddings and token
@@ -30,7 +30,7 @@ from filo.export.config import ExportConfig
 logger = logging.getLogger(__name__)
 
 GROUNDING_NOT_EXPORTED = (
-    "GroundingDINO is not part of a bundle (docs/design.md §20.3): drop --grounded_checkpoint; "
+    "GroundingDINO is not part of a bundle (docs/design.md §16.3): drop --grounded_checkpoint; "
     "the bundle runs FiLo and the memory banks")
 
 
@@ -233,14 +233,34 @@ def export_bundle(export: ExportConfig, config, pipeline=None) -> Path:
         manifest["memory"] = section
         for c in classes:
             manifest["classes"][c]["memory"] = per_class[c]
-    if export.precision == "int8":
+    return finish_bundle(out, manifest, export.format, export.precision)
+
+
+def finish_bundle(out: Path, manifest: dict, fmt: str = "onnx", precision: str = "fp32"
+                  ) -> Path:
+    """Quantize / convert the ONNX graphs in ``out`` as asked, then hash every file and write
+    the manifest."""
+    manifest.update(format=fmt, precision=precision)
+    if precision == "int8":
         _quantize(out, manifest)
-    if export.format == "openvino":
+    if fmt == "openvino":
         _to_openvino(out, manifest)
     manifest["files"] = {str(p.relative_to(out)): sha256_file(p)
-                         for p in sorted(out.rglob("*")) if p.is_file()}
+                         for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return out
+
+
+def convert_bundle(src: Path, dst: Path, fmt: str = "onnx", precision: str = "fp32") -> Path:
+    """A copy of the fp32 ONNX bundle ``src`` in another format / precision (no re-tracing)."""
+    src, dst = Path(src), Path(dst)
+    manifest = json.loads((src / MANIFEST).read_text(encoding="utf-8"))
+    if manifest.get("format") != "onnx" or manifest.get("precision") != "fp32":
+        raise FiloError(f"{src}: only an fp32 ONNX bundle can be converted; export one")
+    _prepare_out(dst).rmdir()
+    shutil.copytree(src, dst)
+    manifest.pop("files", None)
+    return finish_bundle(dst, manifest, fmt, precision)
 
 
 def _onnx_version() -> dict[str, str]:
