@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m filo export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p.add_argument_group("bundle"), ExportConfig)
-    add_pipeline_args(p, EXPORT_PIPELINE_FLAGS, ())
+    # --grounded_checkpoint is accepted only to be refused with the reason (not exported)
+    add_pipeline_args(p, EXPORT_PIPELINE_FLAGS, ("grounded_checkpoint",))
     add_verbose(p)
     return p
 
