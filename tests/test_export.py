@@ -292,3 +292,27 @@ def test_aggregate_and_knn_match_patchcore():
     for k in (1, 3):
         want = NearestNeighbourScorer(bank, k=k, backend="torch", device="cpu").scores(ref)
         np.testing.assert_allclose(knn_scores(got, bank.numpy(), k), want, rtol=1e-5, atol=0)
+
+
+def test_a_graph_with_one_file_per_weight_is_consolidated_into_one_data_file(tmp_path):
+    """(What the exporter writes for graphs over 2 GB, e.g. the ViT-L FiLo image graph.)"""
+    import onnx
+    import onnxruntime as ort
+
+    from filo.export.writer import consolidate_onnx
+
+    lin = torch.nn.Linear(64, 32)
+    (tmp_path / "t").mkdir()
+    small = tmp_path / "t" / "g.onnx"
+    torch.onnx.export(lin, (torch.zeros(1, 64),), str(small), dynamo=False,
+                      input_names=["x"], output_names=["y"])
+    scattered = tmp_path / "s" / "g.onnx"
+    scattered.parent.mkdir()
+    onnx.save_model(onnx.load(str(small)), str(scattered), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(scattered.parent.iterdir())) > 2
+    out = consolidate_onnx(scattered, tmp_path / "g.onnx")
+    assert sorted(p.name for p in tmp_path.glob("g.onnx*")) == ["g.onnx", "g.onnx.data"]
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, lin(torch.from_numpy(x)).detach().numpy(), atol=1e-6)

@@ -92,12 +92,14 @@ def convert_to_openvino(onnx_path: Path, xml_path: Path, *, compress_to_fp16: bo
     return [xml_path, xml_path.with_suffix(".bin")]
 
 
-def quantize_int8(onnx_path: Path, out_path: Path) -> Path:
+def quantize_int8(onnx_path: Path, out_path: Path, *, external_data: bool = False) -> Path:
     """onnxruntime dynamic quantization: MatMul/Gemm weights int8, activations quantized per
-    call (QUInt8); convolutions stay float32."""
+    call; convolutions stay float32. ``external_data``: the weights go to one
+    ``<out>.data`` file (graphs over 2 GB)."""
     _need("onnx")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(onnx_path), str(out_path), weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gemm"])
+                     op_types_to_quantize=["MatMul", "Gemm"],
+                     use_external_data_format=external_data)
     return out_path

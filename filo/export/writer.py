@@ -14,6 +14,7 @@ import json
 import logging
 import platform
 import shutil
+import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -36,12 +37,30 @@ GROUNDING_NOT_EXPORTED = (
 
 def _trace(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
            outputs: list[str], dynamic: dict[str, dict[int, str]], opset: int) -> Path:
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer / legacy-exporter notices
-        torch.onnx.export(module, args, str(path), dynamo=False, input_names=inputs,
-                          output_names=outputs, dynamic_axes=dynamic, opset_version=opset,
-                          do_constant_folding=True)
-    return path
+    """``torch.onnx.export`` into ``path``; a graph over protobuf's 2 GB (ViT-L FiLo) keeps its
+    weights in one ``<name>.data`` file beside it."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".trace-") as tmp:
+        traced = Path(tmp) / path.name
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer / legacy-exporter notices
+            torch.onnx.export(module, args, str(traced), dynamo=False, input_names=inputs,
+                              output_names=outputs, dynamic_axes=dynamic, opset_version=opset,
+                              do_constant_folding=True)
+        return consolidate_onnx(traced, path)
+
+
+def consolidate_onnx(src: Path, dst: Path) -> Path:
+    """Move the ONNX graph ``src`` to ``dst``; weights the exporter wrote as one file per tensor
+    beside ``src`` (graphs over 2 GB) go into the single file ``dst.name + ".data"``."""
+    if not [p for p in src.parent.iterdir() if p != src]:
+        src.replace(dst)
+        return dst
+    import onnx
+
+    model = onnx.load(str(src))  # reads the external tensors
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + ".data", size_threshold=1024)
+    return dst
 
 
 def _prepare_out(out: Path) -> Path:
@@ -171,8 +190,10 @@ def _quantize(out: Path, manifest: dict) -> None:
         src = out / name
         if src.is_file():
             dst = src.with_name(src.stem + "_int8.onnx")
-            quantize_int8(src, dst)
+            data = src.with_name(src.name + ".data")
+            quantize_int8(src, dst, external_data=data.is_file())
             src.unlink()
+            data.unlink(missing_ok=True)
             renames[name] = dst.name
     _rename_graphs(manifest, renames)
 
