@@ -163,17 +163,17 @@ def worker_deploy(args) -> dict:
 
 
 def _export(quick: bool, work: Path, threads: int) -> dict[str, Path]:
-    import numpy as np
     import torch
 
     torch.set_num_threads(threads)
-    from filo.export.graphs import FeatureGraph
-    from filo.export.writer import _export_filo, _trace, convert_bundle, finish_bundle
+    from filo.export.writer import _export_filo, finish_bundle
 
     out: dict[str, Path] = {}
+    b = work / "filo_onnx"
+    if (b / "manifest.json").is_file():  # --work: kept from an earlier run
+        return _export_rest(quick, work, threads, {"filo onnxruntime": b})
     model = _filo_model(quick)
     t = time.perf_counter()
-    b = work / "filo_onnx"
     b.mkdir()
     section, per_class = _export_filo(model, b, [CLASS], 17)
     manifest = {"kind": "filo-deploy-bundle", "format_version": 1, "fusion": "filo",
@@ -184,25 +184,43 @@ def _export(quick: bool, work: Path, threads: int) -> dict[str, Path]:
     print(f"[bench] FiLo exported in {time.perf_counter() - t:.0f} s", flush=True)
     out["filo onnxruntime"] = b
     del model
-    out["filo openvino"] = convert_bundle(b, work / "filo_ov", "openvino")
+    return _export_rest(quick, work, threads, out)
+
+
+def _export_rest(quick: bool, work: Path, threads: int, out: dict[str, Path]) -> dict[str, Path]:
+    import numpy as np
+    import torch
+
+    from filo.export.graphs import FeatureGraph
+    from filo.export.writer import _trace, convert_bundle, finish_bundle
+
+    if not (work / "filo_ov" / "manifest.json").is_file():
+        import shutil
+
+        shutil.rmtree(work / "filo_ov", ignore_errors=True)
+        convert_bundle(out["filo onnxruntime"], work / "filo_ov", "openvino")
+    out["filo openvino"] = work / "filo_ov"
     emb = _wrn_embedder(quick)
     m = work / "wrn_onnx"
-    (m / "memory").mkdir(parents=True)
-    x = torch.zeros(1, 3, 224, 224)
-    _trace(FeatureGraph(emb.net), (x,), m / "memory_features_0.onnx", ["image"],
-           ["feature_0", "feature_1"], {"image": {0: "batch"}}, 17)
-    rng = np.random.default_rng(0)
-    np.save(m / "memory/0_bank.npy", rng.standard_normal((1568, 1024)).astype(np.float32) * 0.05)
-    mem = {"graph": "memory_features_0.onnx", "bank": "memory/0_bank.npy", "num_nn": 1,
-           "patchsize": 3, "pretrain_dim": 1024, "target_dim": 1024, "resize": 256,
-           "imagesize": 224, "crop": True, "mean": list(emb.mean), "std": list(emb.std),
-           "score_rule": "max", "topk": 10, "calibration": {}}
-    finish_bundle(m, {"kind": "filo-deploy-bundle", "format_version": 1, "fusion": "memory",
-                      "fusion_weight": 0.5, "position": None, "map_size": 224, "filo": None,
-                      "memory": {"graphs": ["memory_features_0.onnx"]},
-                      "classes": {CLASS: {"memory": mem}}, "versions": {}})
+    if not (m / "manifest.json").is_file():
+        (m / "memory").mkdir(parents=True)
+        x = torch.zeros(1, 3, 224, 224)
+        _trace(FeatureGraph(emb.net), (x,), m / "memory_features_0.onnx", ["image"],
+               ["feature_0", "feature_1"], {"image": {0: "batch"}}, 17)
+        rng = np.random.default_rng(0)
+        np.save(m / "memory/0_bank.npy", rng.standard_normal((1568, 1024)).astype(np.float32) * 0.05)
+        mem = {"graph": "memory_features_0.onnx", "bank": "memory/0_bank.npy", "num_nn": 1,
+               "patchsize": 3, "pretrain_dim": 1024, "target_dim": 1024, "resize": 256,
+               "imagesize": 224, "crop": True, "mean": list(emb.mean), "std": list(emb.std),
+               "score_rule": "max", "topk": 10, "calibration": {}}
+        finish_bundle(m, {"kind": "filo-deploy-bundle", "format_version": 1, "fusion": "memory",
+                          "fusion_weight": 0.5, "position": None, "map_size": 224, "filo": None,
+                          "memory": {"graphs": ["memory_features_0.onnx"]},
+                          "classes": {CLASS: {"memory": mem}}, "versions": {}})
     out["wrn50 onnxruntime"] = m
-    out["wrn50 openvino"] = convert_bundle(m, work / "wrn_ov", "openvino")
+    if not (work / "wrn_ov" / "manifest.json").is_file():
+        convert_bundle(m, work / "wrn_ov", "openvino")
+    out["wrn50 openvino"] = work / "wrn_ov"
     return out
 
 
@@ -232,6 +250,9 @@ def main(argv=None) -> int:
                    help="threads of torch and of each runtime (default: all cores)")
     p.add_argument("--int8", action="store_true", help="also time the int8 ONNX FiLo bundle")
     p.add_argument("--out", type=Path, default=None, help="write the table here (markdown)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="keep the bundles in this folder and reuse the ones already there "
+                        "(default: a temporary folder)")
     p.add_argument("--worker", choices=("torch", "deploy"), help=argparse.SUPPRESS)
     p.add_argument("--part", choices=("filo", "wrn50"), default="filo", help=argparse.SUPPRESS)
     p.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
@@ -246,7 +267,8 @@ def main(argv=None) -> int:
     import numpy as np
 
     with tempfile.TemporaryDirectory(prefix="filo-bench-deploy-") as tmp:
-        work = Path(tmp)
+        work = Path(tmp) if args.work is None else args.work
+        work.mkdir(parents=True, exist_ok=True)
         bundles = _export(args.quick, work, args.threads)
         if args.int8:
             from filo.export.writer import convert_bundle
