@@ -162,7 +162,8 @@ def worker_deploy(args) -> dict:
 # driver
 
 
-def _export(quick: bool, work: Path, threads: int) -> dict[str, Path]:
+def _export(quick: bool, work: Path, threads: int, skip: tuple[str, ...] = ()
+            ) -> dict[str, Path]:
     import torch
 
     torch.set_num_threads(threads)
@@ -171,7 +172,7 @@ def _export(quick: bool, work: Path, threads: int) -> dict[str, Path]:
     out: dict[str, Path] = {}
     b = work / "filo_onnx"
     if (b / "manifest.json").is_file():  # --work: kept from an earlier run
-        return _export_rest(quick, work, threads, {"filo onnxruntime": b})
+        return _export_rest(quick, work, threads, {"filo onnxruntime": b}, skip)
     model = _filo_model(quick)
     t = time.perf_counter()
     b.mkdir()
@@ -184,22 +185,24 @@ def _export(quick: bool, work: Path, threads: int) -> dict[str, Path]:
     print(f"[bench] FiLo exported in {time.perf_counter() - t:.0f} s", flush=True)
     out["filo onnxruntime"] = b
     del model
-    return _export_rest(quick, work, threads, out)
+    return _export_rest(quick, work, threads, out, skip)
 
 
-def _export_rest(quick: bool, work: Path, threads: int, out: dict[str, Path]) -> dict[str, Path]:
+def _export_rest(quick: bool, work: Path, threads: int, out: dict[str, Path],
+                 skip: tuple[str, ...] = ()) -> dict[str, Path]:
     import numpy as np
     import torch
 
     from filo.export.graphs import FeatureGraph
     from filo.export.writer import _trace, convert_bundle, finish_bundle
 
-    if not (work / "filo_ov" / "manifest.json").is_file():
-        import shutil
+    if "filo openvino" not in skip:
+        if not (work / "filo_ov" / "manifest.json").is_file():
+            import shutil
 
-        shutil.rmtree(work / "filo_ov", ignore_errors=True)
-        convert_bundle(out["filo onnxruntime"], work / "filo_ov", "openvino")
-    out["filo openvino"] = work / "filo_ov"
+            shutil.rmtree(work / "filo_ov", ignore_errors=True)
+            convert_bundle(out["filo onnxruntime"], work / "filo_ov", "openvino")
+        out["filo openvino"] = work / "filo_ov"
     emb = _wrn_embedder(quick)
     m = work / "wrn_onnx"
     if not (m / "manifest.json").is_file():
@@ -250,6 +253,8 @@ def main(argv=None) -> int:
                    help="threads of torch and of each runtime (default: all cores)")
     p.add_argument("--int8", action="store_true", help="also time the int8 ONNX FiLo bundle")
     p.add_argument("--out", type=Path, default=None, help="write the table here (markdown)")
+    p.add_argument("--skip", default="", help="comma-separated rows to leave out, e.g. 'filo "
+                   "openvino' (converting the ViT-L graph to IR needs ~8 GB of free memory)")
     p.add_argument("--work", type=Path, default=None,
                    help="keep the bundles in this folder and reuse the ones already there "
                         "(default: a temporary folder)")
@@ -269,7 +274,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="filo-bench-deploy-") as tmp:
         work = Path(tmp) if args.work is None else args.work
         work.mkdir(parents=True, exist_ok=True)
-        bundles = _export(args.quick, work, args.threads)
+        skip = tuple(x.strip() for x in args.skip.split(",") if x.strip())
+        bundles = _export(args.quick, work, args.threads, skip)
         if args.int8:
             from filo.export.writer import convert_bundle
 
