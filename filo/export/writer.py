@@ -98,12 +98,12 @@ def _export_filo(model, out: Path, classes: list[str], opset: int) -> tuple[dict
     size = int(model.config.image_size)
     image = torch.zeros(1, 3, size, size)
     img_graph = FiLoImageGraph(model)
+    with torch.no_grad():  # builds the fused MMCI weights first: the trace keeps them as
+        feat, _ = img_graph(image)  # constants (not the six kernels and the fusing ops)
     _trace(img_graph, (image,), out / "filo_image.onnx", ["image"], ["image_feature", "patch"],
            {"image": {0: "batch"}, "image_feature": {0: "batch"}, "patch": {0: "batch"}}, opset)
     texts = {c: _class_text(model, c) for c in classes}
     first = texts[classes[0]]
-    with torch.no_grad():
-        feat, _ = img_graph(image)
     args = (feat[:1], *(torch.from_numpy(first[k]) for k in (
         "normal_embeddings", "normal_ids", "abnormal_embeddings", "abnormal_ids")))
     _trace(FiLoTextGraph(model), args, out / "filo_text.onnx",
