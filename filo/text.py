@@ -90,7 +90,8 @@ class TextEncoder(nn.Module):
             x = x + block.ls_2(block_mlp(block, block.ln_2(x), linear))
         x = self.ln_final(x)
         eot = token_ids.argmax(dim=-1)
-        pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+        # gather, not x[arange(P), eot]: the same rows, and a graph OpenVINO reshapes
+        pooled = x.gather(1, eot.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
         if isinstance(self.text_projection, nn.Linear):
             return self.text_projection(pooled)
         return pooled @ self.text_projection

@@ -1,5 +1,5 @@
-"""``python -m filo`` — project-level commands: ``doctor``, ``download``, ``serve`` and ``data``
-(the same as ``python -m filo.data``)."""
+"""``python -m filo`` — project-level commands: ``doctor``, ``download``, ``export``, ``serve``
+and ``data`` (the same as ``python -m filo.data``)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="seconds to wait for a connection or for data (default 10); also "
                                "the Hub's metadata and read timeouts unless HF_HUB_ETAG_TIMEOUT / "
                                "HF_HUB_DOWNLOAD_TIMEOUT are set")
+    sub.add_parser("export", add_help=False,
+                   help="write a deploy bundle (ONNX / OpenVINO) that runs without torch; "
+                        "`python -m filo export --help` lists its flags")
     sub.add_parser("serve", add_help=False,
                    help="run the inspection service (REST API and a page); `python -m filo serve "
                         "--help` lists its flags")
@@ -86,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         from filo.cli.data import main as data_main
 
         return data_main(argv[1:])
+    if argv[:1] == ["export"]:  # its flags are the bundle's and the pipeline's (filo.cli.export)
+        from filo.cli.export import main as export_main
+
+        return export_main(argv[1:])
     args = _build_parser().parse_args(argv)
     if args.command == "doctor":
         from filo.doctor import main_doctor
