@@ -10,7 +10,7 @@ runtime (docs/design.md §18).
   numpy aggregation, kNN against the bank, smoothing, image score; the map in the full-image
   geometry (crop placed, the rest at the calibration's pixel mean).
 * fusion ``mean`` / ``max``: both maps and scores as z-scores of their normal-image statistics,
-  combined, squashed by a logistic; calibrated thresholds give the verdict.
+  combined, squashed by 1/2 + z / (2 (1 + |z|)); calibrated thresholds give the verdict.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from filo.calibration import squash, zscore
 from filo.deploy import numerics
 from filo.deploy.bundle import Bundle
 from filo.deploy.runtimes import open_graph
@@ -168,17 +169,16 @@ class BundleInferencer:
         mem_map, mem_score = self.run_memory(img, cls_name)
         cal = self.bundle.manifest["classes"][cls_name]["memory"]["calibration"]
         f_cal = cal["filo"]
-        zf = ((filo_map - f_cal["pixel_mean"]) / max(f_cal["pixel_std"], 1e-12),
-              (filo_score - f_cal["image_mean"]) / max(f_cal["image_std"], 1e-12))
-        zm = ((mem_map - cal["pixel_mean"]) / max(cal["pixel_std"], 1e-12),
-              (mem_score - cal["image_mean"]) / max(cal["image_std"], 1e-12))
+        # the pipeline's normalisation (docs/design.md §13.2): z-scores with floored standard
+        # deviations, combined, then the non-saturating squash
+        zf = (zscore(filo_map, f_cal, "pixel"), zscore(filo_score, f_cal, "image"))
+        zm = (zscore(mem_map, cal, "pixel"), zscore(mem_score, cal, "image"))
         w = self.fusion_weight
         if self.fusion == "mean":
             z_map, z_score = (1 - w) * zf[0] + w * zm[0], (1 - w) * zf[1] + w * zm[1]
         else:
-            z_map, z_score = np.maximum(zf[0], zm[0]), max(zf[1], zm[1])
-        return (numerics.logistic(z_map).astype(np.float32),
-                float(numerics.logistic(z_score)))
+            z_map, z_score = np.maximum(zf[0], zm[0]), np.maximum(zf[1], zm[1])
+        return squash(z_map).astype(np.float32), float(squash(z_score))
 
     def calibration(self, cls_name: str) -> dict | None:
         """Calibrated thresholds, as :meth:`filo.pipeline.Pipeline.calibration`."""
@@ -195,12 +195,10 @@ class BundleInferencer:
         f_scores, m_scores = f_cal.get("image_scores") or [], cal.get("image_scores") or []
         if not f_scores or len(f_scores) != len(m_scores):
             return None
-        zf = (np.asarray(f_scores, np.float64) - f_cal["image_mean"]) / max(f_cal["image_std"],
-                                                                           1e-12)
-        zm = (np.asarray(m_scores, np.float64) - cal["image_mean"]) / max(cal["image_std"], 1e-12)
+        zf, zm = zscore(f_scores, f_cal, "image"), zscore(m_scores, cal, "image")
         w = self.fusion_weight
         z = (1 - w) * zf + w * zm if self.fusion == "mean" else np.maximum(zf, zm)
-        fused = numerics.logistic(z)
+        fused = squash(z)
         return {"image_threshold": float(np.quantile(fused, cal["image_quantile"])),
                 "pixel_threshold": None}
 
