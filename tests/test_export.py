@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import run_cli
 
 from filo.data.synthetic import make_mvtec_like
 
@@ -22,12 +23,7 @@ CLS = "tex_a"
 MAP_TOL = 1e-4  # fp32 bundle vs torch: maps and scores in [0, 1]
 
 
-def _cli(main, argv) -> int:
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    return 0 if rc is None else int(rc)
+_cli = run_cli
 
 
 def _one_line(capsys) -> str:

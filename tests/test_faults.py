@@ -12,18 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 from PIL import Image
 
 from filo.data.synthetic import make_mvtec_like, make_visa_like
 from filo.errors import FiloError
 
-
-def _cli(main, argv) -> int:
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    return 0 if rc is None else int(rc)
+_cli = run_cli
 
 
 def _one_line(capsys) -> str:

@@ -10,18 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_cli
 
 from filo.data.synthetic import make_mvtec_like
 
 CLASSES = ("tex_a", "tex_b")
 
 
-def _cli(main, argv) -> int:
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    return 0 if rc is None else int(rc)
+_cli = run_cli
 
 
 def _one_line(capsys) -> str:

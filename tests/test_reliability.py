@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_cli
 from PIL import Image
 
 from filo.data.synthetic import make_mvtec_like, make_visa_like
@@ -29,12 +30,7 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
-def _cli(main, argv) -> int:
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    return 0 if rc is None else int(rc)
+_cli = run_cli
 
 
 def _one_line(capsys) -> str:

@@ -203,7 +203,7 @@ def try_commands(env_file: Path) -> str:
     models = ('--ckpt_path "$DEMO_FILO_CKPT" --grounded_checkpoint "$DEMO_GROUNDING_CKPT" '
               '--bert_dir "$DEMO_BERT_DIR" --prompts "$DEMO_PROMPTS"')
     return "\n".join([
-        f"[demo] try every tool on these models (README: \"Try every tool on the demo's models\"):",
+        "[demo] try every tool on these models (README: \"Try every tool on the demo's models\"):",
         f"  source env.sh && source {env_file}",
         f'  python -m filo.detect --dataset visa --data_path "$DEMO_TARGET_DATA" '
         f'--grounded_checkpoint "$DEMO_GROUNDING_CKPT" --bert_dir "$DEMO_BERT_DIR" '
