@@ -142,3 +142,24 @@ def test_torchrun_shares_out_whole_classes(setup, tmp_path, monkeypatch):
     entries = [p for p in (tmp_path / "r" / "cache").rglob("*") if p.is_file()]
     names = " ".join(str(p.relative_to(tmp_path / "r" / "cache")) for p in entries)
     assert names.count("obj_b") == 6 and "obj_a" not in names, names
+
+
+def test_the_service_serves_the_classes_that_have_a_pool():
+    """With --musc_pool the service offers exactly the prompt classes that have a pool (a
+    prompt file of many classes and a pool of one serves that one, instead of refusing)."""
+    from types import SimpleNamespace
+
+    from filo.service.engine import Engine
+
+    engine = Engine.__new__(Engine)
+    engine._base_prompts = SimpleNamespace(class_names=["obj a", "obj b", "tex a"])
+    pools = SimpleNamespace(classes=["obj_b"])
+    engine.pipeline = SimpleNamespace(model=None, detector=object(), memory=None,
+                                      musc=SimpleNamespace(pools=pools))
+    assert engine.class_names() == ["obj_b"]
+    engine.pipeline.detector = None  # MuSc alone: the pools' classes
+    pools.classes = ["obj_a", "obj_b"]
+    assert engine.class_names() == ["obj_a", "obj_b"]
+    engine.pipeline.musc = None  # no MuSc: the prompt classes, as before
+    engine.pipeline.detector = object()
+    assert engine.class_names() == ["obj_a", "obj_b", "tex_a"]

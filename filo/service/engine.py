@@ -129,11 +129,14 @@ class Engine:
     def class_names(self) -> list[str]:
         """Classes a request may name (dataset spelling: ``metal_nut``)."""
         p = self.pipeline
+        pools = p.musc.pools if getattr(p, "musc", None) is not None else None
         if p.model is None and p.detector is None:
-            return list(p.memory.classes)
+            return list(pools.classes) if pools is not None else list(p.memory.classes)
         names = [k.replace(" ", "_") for k in self._base_prompts.class_names]
         if p.memory is not None:
             names = [n for n in names if n in p.memory.classes]
+        if pools is not None:  # MuSc scores single images against the classes' pools
+            names = [n for n in names if n in pools.classes]
         return names
 
     def resolve_class(self, name: str) -> str:
