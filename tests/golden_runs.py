@@ -167,6 +167,7 @@ def run_golden(workdir: Path, extra: list[str] | None = None) -> dict:
     printed = _run(detect_main, ["--dataset", "mvtec", "--data_path", str(a["data"]),
                        "--grounded_checkpoint", str(a["gdino"]), "--batch_size", "1",
                        "--image_size", "32", "--pixel_metrics", "--save_boxes", str(det_dir),
+                       "--save_path", str(workdir / "detect_results"),
                        *common])
     boxes = {}
     for p in sorted(det_dir.rglob("*.json")):
