@@ -74,14 +74,11 @@ def _wrn_embedder(quick: bool):
 
     torch.manual_seed(0)
     cfg = MemoryConfig(backbone="wrn50", layers="layer2,layer3", weights=None)
-    emb = PatchEmbedder.__new__(PatchEmbedder)  # random init: no weight file needed
     from filo.memory.features import WideResNetFeatures, build_wide_resnet
 
-    emb.cfg, emb.device = cfg, torch.device("cpu")
-    emb.layers = cfg.layer_list()
-    emb.net = WideResNetFeatures(build_wide_resnet("wrn50", None), emb.layers).eval()
-    emb.mean, emb.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    return emb
+    # random init: no weight file needed
+    return PatchEmbedder.from_network(
+        cfg, WideResNetFeatures(build_wide_resnet("wrn50", None), cfg.layer_list()))
 
 
 def _timed(fn, iters: int) -> tuple[float, object]:

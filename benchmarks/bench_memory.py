@@ -123,17 +123,28 @@ def wrn50():
 # --------------------------------------------------------------------------------------------
 
 
-def features_rows(args, rows, pc) -> None:
+def filo_embedder(model, size: int):
+    from filo.memory import build
+    from filo.memory.config import MemoryConfig
     from filo.memory.features import WideResNetFeatures
+
+    cfg = MemoryConfig(backbone="wrn50", resize=size, imagesize=size)
+    return build.PatchEmbedder.from_network(cfg, WideResNetFeatures(model, ("layer2", "layer3")))
+
+
+def features_rows(args, rows, pc) -> None:
+    from filo.heap import keep_freed_pages
     from filo.memory.patchcore import aggregate
 
     n_img = args.images
     model = wrn50()
-    net = WideResNetFeatures(model, ("layer2", "layer3"))
+    emb = filo_embedder(copy.deepcopy(model), args.size)
     images = torch.randn(n_img, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
 
-    def backbone(bs):
-        return [net(images[i:i + bs]) for i in range(0, n_img, bs)]
+    def backbone(bs):  # as filo's embedder runs it: channels-last, freed pages kept
+        with torch.no_grad(), keep_freed_pages():
+            return [emb.net(images[i:i + bs].contiguous(memory_format=emb.memory_format))
+                    for i in range(0, n_img, bs)]
 
     maps1, maps8 = backbone(1), backbone(8)
 
@@ -153,7 +164,7 @@ def features_rows(args, rows, pc) -> None:
                                                  for i in range(0, n_img, 8)]
     t = alternate(variants, args.repeats)
     got = torch.cat([aggregate(list(m))[0] for m in maps8])
-    want = torch.cat([reference_aggregate(list(m))[0] for m in maps8])
+    want = torch.cat([reference_aggregate([x.contiguous() for x in m])[0] for m in maps8])
     rel = float((got - want).abs().max() / want.abs().max())
     s = f"{args.size} px, {n_img} images"
     for b in (1, 8):
@@ -171,7 +182,7 @@ def features_rows(args, rows, pc) -> None:
     rows.append(("features filo batch 8 / batch 1 (time)", f"{b8 / b1:.2f}", "", "", "-"))
     if orig is not None:
         o_feat = np.asarray(orig._embed(images[:2]))
-        f_feat = torch.cat([aggregate(list(net(images[i:i + 1])))[0] for i in range(2)])
+        f_feat = torch.cat([emb.embed(images[i:i + 1])[0] for i in range(2)])
         orel = float(np.abs(f_feat.numpy() - o_feat).max() / np.abs(o_feat).max())
         for b in (1, 8):
             to = t[f"original embed b{b}"]
@@ -181,6 +192,43 @@ def features_rows(args, rows, pc) -> None:
     else:
         rows.append(("features original PatchCore", "skipped", "pass --original SRC (a copy "
                      "of patchcore-inspection's src folder)", "", "-"))
+
+
+def heap_rows(args, rows) -> None:
+    """Batch 1 against batch 8 at ``--heap_size`` with glibc's default malloc (every big
+    activation mapped afresh and zero-filled by the kernel) and inside filo's
+    ``keep_freed_pages`` (freed pages reused), with the system time each spent."""
+    from filo.heap import keep_freed_pages
+
+    emb = filo_embedder(wrn50(), args.heap_size)
+    n_img = 8
+    images = torch.randn(n_img, 3, args.heap_size, args.heap_size,
+                         generator=torch.Generator().manual_seed(4))
+    sys_time: dict[str, float] = {}
+
+    def run(bs, kept):
+        def go():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+            with torch.no_grad():
+                if kept:
+                    with keep_freed_pages():
+                        for i in range(0, n_img, bs):
+                            emb.embed(images[i:i + bs])
+                else:
+                    for i in range(0, n_img, bs):
+                        emb.embed(images[i:i + bs])
+            sys_time[f"{bs} {kept}"] = resource.getrusage(resource.RUSAGE_SELF).ru_stime - before
+        return go
+
+    variants = {f"{bs} {kept}": run(bs, kept) for kept in (False, True) for bs in (1, 8)}
+    t = alternate(variants, args.repeats)
+    for kept in (False, True):
+        label = "freed pages kept (filo)" if kept else "glibc default malloc"
+        b1, b8 = t[f"1 {kept}"], t[f"8 {kept}"]
+        rows.append((f"features {args.heap_size} px, {label}", f"batch 1 {1e3 * b1 / n_img:.0f} "
+                     f"ms/img, batch 8 {1e3 * b8 / n_img:.0f} ms/img",
+                     f"system time {sys_time[f'1 {kept}']:.1f} s / {sys_time[f'8 {kept}']:.1f} s",
+                     f"batch 8 / batch 1 {b8 / b1:.2f}", "-"))
 
 
 def knn_rows(args, rows) -> None:
@@ -265,12 +313,10 @@ def rss_child(impl: str, size: int, n: int, src: str | None, fraction: float) ->
     if impl.startswith("filo"):
         from filo.memory import build
 
-        emb = build.PatchEmbedder.__new__(build.PatchEmbedder)
         from filo.memory.features import WideResNetFeatures
 
-        emb.cfg, emb.device = cfg, torch.device("cpu")
-        emb.net = WideResNetFeatures(wrn50(), ("layer2", "layer3"))
-        emb.mean, emb.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        emb = build.PatchEmbedder.from_network(
+            cfg, WideResNetFeatures(wrn50(), ("layer2", "layer3")))
         base = peak_rss_mb()
         start = time.perf_counter()
         per_batch = build.images_per_batch(cfg, 8)
@@ -338,7 +384,8 @@ def rss_rows(args, rows) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes (the suite's smoke test)")
-    p.add_argument("--only", nargs="*", choices=("features", "knn", "coreset", "rss"))
+    p.add_argument("--only", nargs="*", choices=("features", "heap", "knn", "coreset", "rss"))
+    p.add_argument("--heap_size", type=int, default=512, help="input size of the heap rows")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--images", type=int, default=None, help="images timed (default 16)")
     p.add_argument("--size", type=int, default=224, help="feature-extraction input size")
@@ -362,7 +409,8 @@ def main() -> int:
     args.queries = args.queries or (1_000 if args.quick else 12_544)
     if args.quick:
         args.repeats = min(args.repeats, 2)
-    only = set(args.only or ("features", "knn", "coreset", "rss"))
+        args.heap_size = min(args.heap_size, 128)
+    only = set(args.only or ("features", "heap", "knn", "coreset", "rss"))
     if args.rss is None:
         only.discard("rss")
     pc = load_original(args.original) if "features" in only else None
@@ -371,6 +419,8 @@ def main() -> int:
           f"{args.repeats} alternated runs after a warm-up", flush=True)
     if "features" in only:
         features_rows(args, rows, pc)
+    if "heap" in only:
+        heap_rows(args, rows)
     if "knn" in only:
         knn_rows(args, rows)
     if "coreset" in only:

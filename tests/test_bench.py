@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -78,10 +80,30 @@ def test_memory_benchmark_table():
             if line.startswith("| ") and "---" not in line][1:]
     cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
     steps = [c[0].split(" ")[0] for c in cells]
-    assert steps.count("features") == 6 and steps[-1] == "coreset"
+    assert steps.count("features") == 8 and steps[-1] == "coreset"
+    heap = [c for c in cells if "freed pages kept" in c[0] or "default malloc" in c[0]]
+    assert len(heap) == 2 and all("batch 8 / batch 1" in c[3] for c in heap)
     assert "original PatchCore" in " ".join(c[0] for c in cells)  # measured or skipped
     for c in cells:
         if c[0].startswith("features filo, batch"):
             assert float(c[4]) <= 1e-6  # against the former unfold aggregation
         if c[0].startswith("kNN"):
             assert float(c[4]) < 1e-3
+
+
+def test_patchcore_peers_benchmark_tables():
+    """benchmarks/bench_patchcore_peers.py on 3 images: filo's and anomalib's rows (the original
+    is skipped without --original), ratios against the faster peer, the ceiling table."""
+    pytest.importorskip("anomalib")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_patchcore_peers.py"),
+                           "--train", "3", "--test", "1", "--repeats", "1", "--fractions", "0.1"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "| step | filo | anomalib | filo vs faster peer |" in out
+    for label in ("features, 3 images", "bank build at 10% (features + coreset)",
+                  "scoring per image"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {label}"))
+        assert row.rstrip().endswith("(anomalib) |")  # a ratio against the only peer
+    assert "GFLOP/s" in out and "original PatchCore skipped" in out

@@ -11,6 +11,7 @@ from filo.baselines.config import CHECKPOINT_NAME, RECORD_NAME, FitConfig
 from filo.baselines.record import BaselineRecord, file_sha256
 from filo.data.layouts import load_split
 from filo.errors import FiloError
+from filo.heap import batch_work
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ def init_args(cfg: FitConfig) -> dict:
     return args
 
 
+@batch_work
 def fit_baselines(cfg: FitConfig, data_path: Path, dataset: str = "auto",
                   classes: list[str] | None = None, *, batch_size: int = 8,
                   num_workers: int = 0, allow_outside_root: bool = False,

@@ -32,6 +32,7 @@ from filo.cli.images import (  # noqa: F401 (re-exported)
 )
 from filo.errors import FiloError, cli_entry
 from filo.settings import add_args, in_range
+from filo.heap import batch_work
 
 
 class _SkipUnreadable:
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@batch_work
 def run_predict(args: argparse.Namespace, pipeline_factory=None, dist=None) -> dict:
     from PIL import Image
     from torch.utils.data import DataLoader

@@ -54,6 +54,7 @@ from filo.evaluation.report import (
 from filo.fileio import atomic_save_npy, atomic_write_text, check_writable_dir, output_file
 from filo.pipeline import Pipeline, PipelineConfig, build_pipeline
 from filo.settings import as_dict, at_least, setting
+from filo.heap import batch_work
 
 logger = logging.getLogger(__name__)
 PIXEL_COLUMNS = ("auroc_px", "f1_px", "ap_px", "aupro", "aupro_exact")
@@ -201,6 +202,7 @@ class _Unreadable(FiloError):
         self.sample = sample
 
 
+@batch_work
 def run_evaluation(run: RunConfig, pipeline: PipelineConfig, *,
                    pipeline_factory: PipelineFactory | None = None,
                    log: Callable[[str], None] = print,

@@ -88,6 +88,10 @@ class MemoryConfig:
         "float32", "precision of the bank images' patch features held while the coreset is "
         "chosen: float16 halves that memory (the bank rows are float16-rounded)",
         choices=FEATURE_DTYPES)
+    channels_last: bool = setting(
+        False, "bank builds run the WideResNet in channels-last layout: 12-20 %% faster on a "
+        "CPU, features move by about 1e-6 of their maximum, so near-tie coreset picks may "
+        "differ from the original PatchCore's (scoring against a bank always uses it)")
     batch_memory_mb: int = setting(
         1024, "working memory of one feature-extraction batch (MB): fewer images per batch "
         "than --batch_size when the images are large", check=at_least(64))

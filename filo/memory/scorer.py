@@ -158,7 +158,8 @@ class MemoryScorer:
             load_bank(self.dir, cls_name, mmap_mode="r")
             self._metas[cls_name] = meta
         self._cfgs = {c: _config_from_meta(m) for c, m in self._metas.items()}
-        self._embedders = EmbedderCache(ckpt_path=ckpt_path, device=device, filo=filo_model)
+        self._embedders = EmbedderCache(ckpt_path=ckpt_path, device=device, filo=filo_model,
+                                        channels_last=True)
         self._banks: dict[str, Any] = {}
         self._load_bank = load_bank
 

@@ -20,6 +20,7 @@ import torch
 
 from filo.errors import FiloError
 from filo.fileio import atomic_save_npy, atomic_write_text
+from filo.heap import batch_work
 
 POOL_FORMAT = 1
 FILES = ("normed.npy", "feats.npy", "raw.npy", "scores.npy")
@@ -145,6 +146,7 @@ class PoolSet:
         return self._pools[cls_name]
 
 
+@batch_work
 def build_pool(scorer, paths, cls_name: str, out: str | Path, *, batch_size: int = 8,
                filo=None, log=print) -> Path:
     """Mutually score the images ``paths`` of one class with ``scorer`` and store them as the
