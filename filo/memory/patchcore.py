@@ -173,7 +173,9 @@ def approximate_greedy_coreset(features: torch.Tensor | np.ndarray, percentage: 
         for i in range(0, n, step):
             chunk = features[i:i + step].to(device=device, dtype=torch.float32)
             proj[i:i + step] = chunk if weight is None else chunk @ weight.T
-        sq = (proj * proj).sum(1)
+        # squared norms as batched dot products, the original's arithmetic: a plain sum rounds
+        # differently in the last bit, enough to flip a near-tie pick
+        sq = torch.bmm(proj.unsqueeze(1), proj.unsqueeze(2)).reshape(-1)
         min_dist = _euclidean_to(proj, sq, starts).mean(1)
         picks = torch.empty(n_pick, dtype=torch.long, device=device)
         steps = range(n_pick)
