@@ -88,12 +88,15 @@ def test_leaving_batch_work_returns_the_kept_pages():
     assert inside - after > 300  # the freed 512 MB stayed while inside, and left on exit
 
 
-def test_batches_follow_the_memory_budget_on_every_device():
+def test_batches_follow_the_memory_budget():
     small = MemoryConfig(backbone="wrn50", imagesize=224)
+    mid = MemoryConfig(backbone="wrn50", imagesize=512, resize=512)
     large = MemoryConfig(backbone="wrn50", imagesize=1024, resize=1024)
-    for device in ("cpu", None):
+    # 600 bytes per input pixel: 224 px is 30 MB per image, 512 px 150 MB, 1024 px 600 MB
+    for device in ("cpu", "cuda", None):
         assert images_per_batch(small, 8, device) == 8
         assert images_per_batch(large, 8, device) == 1
-    mid = MemoryConfig(backbone="wrn50", imagesize=512, resize=512)
-    # 600 bytes per input pixel: 512 px is 150 MB per image, 6 fit the 1,024 MB budget
-    assert images_per_batch(mid, 8, "cpu") == 1024 * 2 ** 20 // (512 * 512 * 600) == 6
+        assert images_per_batch(small, 3, device) == 3  # never more than --batch_size
+    # the 1,024 MB budget holds 6 images of 512 px; a CPU's 256 MB holds one
+    assert images_per_batch(mid, 8, "cuda") == 1024 * 2 ** 20 // (512 * 512 * 600) == 6
+    assert images_per_batch(mid, 8, "cpu") == 1

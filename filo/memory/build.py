@@ -245,6 +245,9 @@ class EmbedderCache:
 # working memory of one image in the WideResNet forward up to layer3, per input pixel (bytes,
 # a bound on the activations alive at once: docs/design.md §13.4), which sizes the batches
 ACTIVATION_BYTES_PER_PIXEL = 600
+# on a CPU, batches beyond this many MB of activations leave the caches: at 512 px a batch of 8
+# took 1.12x the time per image of one image (freed pages kept), at 224 px 0.85x
+CPU_BATCH_MEMORY_MB = 256
 
 
 def feature_dtype(cfg: MemoryConfig) -> torch.dtype:
@@ -254,13 +257,15 @@ def feature_dtype(cfg: MemoryConfig) -> torch.dtype:
 def images_per_batch(cfg: MemoryConfig, batch_size: int,
                      device: torch.device | str | None = None) -> int:
     """``batch_size``, lowered so that one batch's activations stay within
-    ``--batch_memory_mb`` (at least 1): 224 px images run 8 at a time, 1024 px ones one by one.
-    ``device`` is accepted for callers that pass it; the rule is the same on every device (on
-    the CPU, inside :func:`filo.heap.keep_freed_pages`, a batch of 8 is no slower per image
-    than one image: docs/design.md §13.4)."""
+    ``--batch_memory_mb`` (at least 1), and on a CPU device within
+    :data:`CPU_BATCH_MEMORY_MB`: there 224 px images run 8 at a time and 512 px or larger ones
+    one by one, the faster choice at both sizes (docs/design.md §13.4)."""
     side = cfg.tile or cfg.imagesize
     per_image = side * side * ACTIVATION_BYTES_PER_PIXEL
-    return max(1, min(int(batch_size), (cfg.batch_memory_mb << 20) // per_image))
+    budget = cfg.batch_memory_mb
+    if device is not None and torch.device(device).type == "cpu":
+        budget = min(budget, CPU_BATCH_MEMORY_MB)
+    return max(1, min(int(batch_size), (budget << 20) // per_image))
 
 
 def _load_images(root: Path, samples: Sequence[Sample], embedder: PatchEmbedder) -> torch.Tensor:
@@ -529,14 +534,22 @@ def leave_one_out(feats: torch.Tensor, bank_idx: torch.Tensor, grid: tuple[int, 
     for i, (lo, hi) in enumerate(spans):
         owner[lo:hi] = i
     source = owner[bank_idx // p]  # the image each bank row came from
-    maps, scores = [], []
+    maps: list[np.ndarray] = []
+    full: np.ndarray | None = None  # untiled: every map written into one array as it comes
+    scores = []
     for i, (lo, hi) in enumerate(spans):
         keep = bank_idx[source != i]
         lay = None if layouts is None else [TileLayout(0, layouts[i].boxes, layouts[i].size)]
         res = score_units(feats[lo:hi], lay, _scorer(flat[keep], cfg), grid, cfg)
-        maps.append(res.maps if layouts is None else res.maps.reshape(-1))
+        if layouts is None:
+            if full is None:
+                full = np.empty((units, *res.maps.shape[1:]), dtype=res.maps.dtype)
+            full[i] = res.maps[0]
+        else:
+            maps.append(res.maps.reshape(-1))
         scores.append(res.scores)
-    return ScoredImages(np.concatenate(maps), np.concatenate(scores))
+    return ScoredImages(full if layouts is None else np.concatenate(maps),
+                        np.concatenate(scores))
 
 
 def build_class_bank(root: Path, cls_name: str, samples: Sequence[Sample], cfg: MemoryConfig,
@@ -562,6 +575,7 @@ def build_class_bank(root: Path, cls_name: str, samples: Sequence[Sample], cfg: 
     if calib_imgs is None:  # leave one out: each image against the others' bank rows
         if len(bank_imgs) >= 2:
             res = leave_one_out(feats, bank_idx, grid, cfg, layouts)
+            feats = None  # the statistics need only the maps (the peak is the features)
             cal = calibration(res.maps, res.scores, cfg, cls_name)
             used_for_calibration: list[str] = [s.img_path for s in bank_imgs]
         else:
