@@ -312,7 +312,6 @@ def rss_child(impl: str, size: int, n: int, src: str | None, fraction: float) ->
     start = time.perf_counter()
     if impl.startswith("filo"):
         from filo.memory import build
-
         from filo.memory.features import WideResNetFeatures
 
         emb = build.PatchEmbedder.from_network(
@@ -321,20 +320,13 @@ def rss_child(impl: str, size: int, n: int, src: str | None, fraction: float) ->
         start = time.perf_counter()
         per_batch = build.images_per_batch(cfg, 8)
         buf = build.FeatureBuffer(n, build.feature_dtype(cfg))
-        p = d = None
         for i in range(0, n, per_batch):
-            x = torch.stack([emb.preprocess(pil[j % len(pil)])
-                             for j in range(i, min(n, i + per_batch))])
-            if p is None:
-                rows, _ = emb.embed(x[:1])
-                p, d = rows.shape
-                buf.slot(1, p, d).copy_(rows)
-                x = x[1:]
-            if len(x):
-                emb.embed(x, out=buf.slot(len(x), p, d))
+            buf.embed(emb, torch.stack([emb.preprocess(pil[j % len(pil)])
+                                        for j in range(i, min(n, i + per_batch))]))
         t_feat = time.perf_counter() - start
         feat_rss = peak_rss_mb()
-        bank = build._coreset(buf.result().reshape(-1, d), cfg, torch.device("cpu"))
+        bank = build._coreset(buf.result().reshape(-1, buf.data.shape[-1]), cfg,
+                              torch.device("cpu"))
         rows_n = int(bank.shape[0])
     else:
         pc = load_original(src)

@@ -115,16 +115,8 @@ class Filo:
 
         per_batch = images_per_batch(self.cfg, 8, "cpu")
         buf = FeatureBuffer(len(images), feature_dtype(self.cfg))
-        p = None
         for i in range(0, len(images), per_batch):
-            x = images[i:i + per_batch]
-            if p is None:
-                rows, _ = self.embedder.embed(x[:1])
-                p = rows.shape[0]
-                buf.slot(1, p, rows.shape[1]).copy_(rows)
-                x = x[1:]
-            if len(x):
-                self.embedder.embed(x, out=buf.slot(len(x), p, buf.data.shape[-1]))
+            buf.embed(self.embedder, images[i:i + per_batch])
         return buf.result().reshape(-1, buf.data.shape[-1])
 
     def build(self, images: torch.Tensor, fraction: float) -> np.ndarray:
@@ -357,7 +349,7 @@ def main() -> int:
     builds: dict[float, dict[str, float]] = {}
     banks: dict[float, dict[str, np.ndarray]] = {}
     for frac in args.fractions:
-        t, out = median_times({i.name: (lambda i=i: i.build(train, frac)) for i in impls},
+        t, out = median_times({i.name: (lambda i=i, frac=frac: i.build(train, frac)) for i in impls},
                               args.repeats)
         builds[frac], banks[frac] = t, out
         print(f"# bank build {frac:g}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()),

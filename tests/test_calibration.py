@@ -16,6 +16,25 @@ from filo.data.records import Sample
 from filo.memory.config import MemoryConfig
 
 
+class PixelEmbedder:
+    """Patch feature = the pixel's RGB: an image of H x W pixels is an H x W patch grid."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def preprocess(self, img):
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+
+    def embed(self, x, out=None):
+        rows = x.permute(0, 2, 3, 1).reshape(-1, 3)
+        if out is not None:
+            out.copy_(rows)
+            rows = out
+        return rows, (x.shape[2], x.shape[3])
+
+
 def test_image_statistics_match_hand_computed_values():
     st = image_statistics([1.0, 2.0, 3.0, 6.0], 0.5)
     assert st["n_images"] == 4 and st["image_mean"] == pytest.approx(3.0)
@@ -101,22 +120,6 @@ def test_a_four_image_class_keeps_every_patch_and_calibrates_with_spread(tmp_pat
         (tmp_path / s.img_path).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).save(tmp_path / s.img_path)
 
-    class PixelEmbedder:  # patch feature = the pixel's RGB, a 4 x 4 grid
-        device = torch.device("cpu")
-
-        def preprocess(self, img):
-            return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
-
-        def __init__(self, cfg):
-            self.cfg = cfg
-
-        def embed(self, x, out=None):
-            rows = x.permute(0, 2, 3, 1).reshape(-1, 3)
-            if out is not None:
-                out.copy_(rows)
-                rows = out
-            return rows, (4, 4)
-
     cfg = MemoryConfig(coreset=1.0, imagesize=4, nn_backend="torch")
     bank, meta = build_class_bank(tmp_path, "c", samples, cfg, PixelEmbedder(cfg))
     assert bank.shape == (4 * 16, 3) and meta["n_images"] == 4
@@ -145,22 +148,6 @@ def test_calib_dir_images_are_scored_against_the_whole_bank(tmp_path):
     cal_dir.mkdir(parents=True)
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (2, 2, 3), dtype=np.uint8)).save(cal_dir / f"{i}.png")
-
-    class PixelEmbedder:
-        device = torch.device("cpu")
-
-        def preprocess(self, img):
-            return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
-
-        def __init__(self, cfg):
-            self.cfg = cfg
-
-        def embed(self, x, out=None):
-            rows = x.permute(0, 2, 3, 1).reshape(-1, 3)
-            if out is not None:
-                out.copy_(rows)
-                rows = out
-            return rows, (2, 2)
 
     cfg = MemoryConfig(coreset=1.0, imagesize=2, nn_backend="torch",
                        calib_dir=tmp_path / "normal")

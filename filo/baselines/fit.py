@@ -7,8 +7,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from filo.assets import sha256_file
 from filo.baselines.config import CHECKPOINT_NAME, RECORD_NAME, FitConfig
-from filo.baselines.record import BaselineRecord, file_sha256
+from filo.baselines.record import BaselineRecord
 from filo.data.layouts import load_split
 from filo.errors import FiloError
 from filo.heap import batch_work
@@ -74,7 +75,7 @@ def fit_baselines(cfg: FitConfig, data_path: Path, dataset: str = "auto",
             model=cfg.model, class_name=cls_name, init_args=args,
             input_size=backend.model_input_size(model), epochs=cfg.epochs,
             train_images=len(normals), weights=str(cfg.weights) if cfg.weights else None,
-            weights_sha256=file_sha256(Path(cfg.weights)) if cfg.weights else None,
+            weights_sha256=sha256_file(Path(cfg.weights)) if cfg.weights else None,
             anomalib_version=backend.version(), dataset=dataset, data_path=str(data_path))
         rec.write(folder)
         resume = folder / CHECKPOINT_NAME if cfg.resume and (folder / CHECKPOINT_NAME).is_file() \

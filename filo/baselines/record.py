@@ -54,14 +54,6 @@ class BaselineRecord:
                             f"{Path(path).parent.parent}`") from None
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def find_records(target: Path) -> dict[str, tuple[BaselineRecord, Path]]:
     """``--baseline`` -> {class: (record, checkpoint path)}: a folder of class folders, one
     class folder, or one checkpoint file with its record beside it."""

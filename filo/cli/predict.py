@@ -31,8 +31,8 @@ from filo.cli.images import (  # noqa: F401 (re-exported)
     with_ext,
 )
 from filo.errors import FiloError, cli_entry
-from filo.settings import add_args, in_range
 from filo.heap import batch_work
+from filo.settings import add_args, in_range
 
 
 class _SkipUnreadable:

@@ -8,7 +8,6 @@ one :class:`~filo.errors.FiloError` line naming it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,19 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from filo.assets import sha256_file
 from filo.errors import FiloError
 
 MANIFEST = "manifest.json"
 BUNDLE_KIND = "filo-deploy-bundle"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

@@ -52,9 +52,9 @@ from filo.evaluation.report import (
     write_results,
 )
 from filo.fileio import atomic_save_npy, atomic_write_text, check_writable_dir, output_file
+from filo.heap import batch_work
 from filo.pipeline import Pipeline, PipelineConfig, build_pipeline
 from filo.settings import as_dict, at_least, setting
-from filo.heap import batch_work
 
 logger = logging.getLogger(__name__)
 PIXEL_COLUMNS = ("auroc_px", "f1_px", "ap_px", "aupro", "aupro_exact")

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from filo import __version__
-from filo.deploy.bundle import BUNDLE_KIND, FORMAT_VERSION, MANIFEST, sha256_file
+from filo.assets import sha256_file
+from filo.deploy.bundle import BUNDLE_KIND, FORMAT_VERSION, MANIFEST
 from filo.errors import FiloError
 from filo.export.config import ExportConfig
 

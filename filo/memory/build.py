@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from filo.data.records import Sample
 from filo.errors import FiloError
-from filo.memory.config import MemoryConfig
 from filo.heap import batch_work
+from filo.memory.config import MemoryConfig
 
 logger = logging.getLogger(__name__)
 
@@ -331,6 +331,18 @@ class FeatureBuffer:
     def result(self) -> torch.Tensor:
         return self.data[: self.n] if self.data is not None else torch.zeros(0, 0, 0)
 
+    def embed(self, embedder: PatchEmbedder, x: torch.Tensor) -> tuple[int, int]:
+        """Patch features of the batch ``x`` written straight into the buffer (the first image
+        alone the first time: it gives the patch count and dimension); returns the grid."""
+        if self.data is None:
+            rows, grid = embedder.embed(x[:1])
+            self.slot(1, rows.shape[0], rows.shape[1]).copy_(rows)
+            x = x[1:]
+            if not len(x):
+                return grid
+        p, d = self.data.shape[1:]
+        return embedder.embed(x, out=self.slot(len(x), p, d))[1]
+
 
 def embed_units(root: Path, samples: Sequence[Sample], embedder: PatchEmbedder,
                 batch_size: int = 8, desc: str | None = None, dtype: torch.dtype | None = None
@@ -356,17 +368,10 @@ def embed_units(root: Path, samples: Sequence[Sample], embedder: PatchEmbedder,
             return
         x = torch.stack(pending)
         pending.clear()
-        if buf is None:  # the first batch gives the grid and dimension
-            rows, grid = embedder.embed(x[:1])
-            p, d = rows.shape[0], rows.shape[1]
+        if buf is None:
             units_per_image = len(layouts[0].boxes) if layouts else 1
             buf = FeatureBuffer(len(samples) * units_per_image, dtype)
-            buf.slot(1, p, d).copy_(rows)
-            x = x[1:]
-            if not len(x):
-                return
-        p, d = buf.data.shape[1:]
-        embedder.embed(x, out=buf.slot(len(x), p, d))
+        grid = buf.embed(embedder, x)
 
     for x, layout in _units(root, samples, embedder):
         if layout is not None:

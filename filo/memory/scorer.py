@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from filo.deploy.numerics import crop_box  # torch-free; the deployed inferencer shares it
 from filo.errors import FiloError
 from filo.memory.build import USAGE_FIELDS, score_features
 from filo.memory.config import MemoryConfig
@@ -37,19 +38,6 @@ def bank_folder_key(directory: str | Path) -> str:
             st = bank.stat()
             h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
-
-
-def crop_box(orig_size: tuple[int, int], resize: int, imagesize: int
-             ) -> tuple[float, float, float, float]:
-    """Where ``Resize(resize)`` + ``CenterCrop(imagesize)`` looks, as fractions (x0, y0, x1, y1)
-    of the original image."""
-    w, h = orig_size
-    short, long_ = (w, h) if w <= h else (h, w)
-    new_long = int(resize * long_ / short)
-    rw, rh = (resize, new_long) if w <= h else (new_long, resize)
-    left = int(round((rw - imagesize) / 2.0))
-    top = int(round((rh - imagesize) / 2.0))
-    return left / rw, top / rh, (left + imagesize) / rw, (top + imagesize) / rh
 
 
 def to_full_geometry(amap: np.ndarray, size: int, crop: tuple[float, float, float, float] | None,
